@@ -1,0 +1,56 @@
+"""s3jax: face video editing with Diffusion Video Autoencoders and S3Editor in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# The tested dependency set (Python 3.11, CPU). jax[cuda12] / jax[tpu] replace
+# the CPU jaxlib on accelerators: `pip install -e .[cuda]` or `.[tpu]`.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "grain==0.2.18",
+    "array_record==0.8.6",
+    "tensorflow-datasets==4.9.10",
+    # clu.metric_writers imports TensorFlow for its TensorBoard writer.
+    "tensorflow-cpu==2.21.0",
+    "tensorboard==2.21.0",
+    "clu==0.0.12",
+    "ml_collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "scipy==1.17.1",
+    # dlib-bin is the prebuilt wheel; `dlib` from source compiles for 10+ minutes.
+    "dlib-bin==20.0.1.post1",
+    "face_recognition_models==0.3.0",
+    # face_recognition_models imports pkg_resources, removed in setuptools 81.
+    "setuptools<81",
+    "scikit-image==0.26.0",
+    "opencv-python-headless==5.0.0.93",
+    "av==18.1.0",
+    "imageio==2.38.1",
+    "imageio-ffmpeg==0.8.1",
+    "pillow==13.0.0",
+    "matplotlib==3.11.2",
+    "tqdm==4.70.1",
+    "safetensors==0.8.0",
+]
+
+EXTRAS = {
+    # CPU wheel; `pip install torch==2.13.0` takes it from the local disk here.
+    "torch": ["torch==2.13.0"],
+    "test": ["pytest==9.2.0", "torch==2.13.0"],
+    "cuda": ["jax[cuda12]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
+setup(
+    name="s3jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["s3jax", "s3jax.*", "data_prep", "data_prep.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
