@@ -1,0 +1,151 @@
+"""Orbax checkpoints of the train state and the grain iterator.
+
+A checkpoint step holds two items: `state` (params, EMA params, optimizer
+state, step) and `data` (the grain iterator position, one JSON file per
+process). Saves are async and atomic (orbax writes to a tmp dir and renames).
+Restore picks the newest step that loads; a broken newest step falls back to
+the previous one with a warning, never silently to a fresh start.
+"""
+import json
+import logging
+import pathlib
+from typing import Any, Optional
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointShapeError(ValueError):
+  """A checkpoint does not fit the model that tries to load it."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """Checkpoints exist but none of them can be restored."""
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_tree_matches(expected: Any, found: Any, what: str = "checkpoint") -> None:
+  """Raises CheckpointShapeError naming the first parameter whose shape differs."""
+  exp = {_path_str(p): tuple(np.shape(x) if not hasattr(x, "shape") else x.shape)
+         for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  got = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(found)[0]
+         if hasattr(x, "shape")}
+  missing = sorted(set(exp) - set(got))
+  unexpected = sorted(set(got) - set(exp))
+  if missing:
+    raise CheckpointShapeError(f"{what} lacks parameter {missing[0]!r} "
+                               f"({len(missing)} missing in all)")
+  if unexpected:
+    raise CheckpointShapeError(f"{what} has unexpected parameter {unexpected[0]!r} "
+                               f"({len(unexpected)} unexpected in all)")
+  for name in sorted(exp):
+    if exp[name] != got[name]:
+      raise CheckpointShapeError(
+          f"{what}: parameter {name!r} has shape {got[name]} but the model expects "
+          f"{exp[name]}")
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) under `workdir/checkpoints`."""
+
+  def __init__(self, workdir, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        ),
+        item_names=("state", "data"),
+    )
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any):
+    metadata = self.manager.item_metadata(step)
+    state_meta = metadata["state"] if metadata is not None else None
+    if state_meta is None:
+      raise FileNotFoundError(f"checkpoint step {step} has no readable state metadata")
+    check_tree_matches(abstract_state, state_meta, what=f"checkpoint step {step}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None):
+    """Returns (state, step) of the newest loadable checkpoint, or (None, None) if none exist.
+
+    A checkpoint with the wrong shapes raises CheckpointShapeError at once:
+    falling back to an older step of the same run would not help.
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None, None
+    errors = []
+    for step in reversed(steps):
+      try:
+        return self._restore_step(step, abstract_state, data_iterator), step
+      except CheckpointShapeError:
+        raise
+      except Exception as e:  # A truncated or missing file: try the step before.
+        logging.warning("checkpoint step %d could not be restored (%s: %s); trying an "
+                        "earlier one", step, type(e).__name__, e)
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+    raise NoUsableCheckpointError(
+        f"none of the checkpoints in {self.directory} could be restored; refusing to "
+        "start from scratch over them. Move them away to start fresh.\n" + "\n".join(errors))
+
+
+def restore_state_only(workdir, abstract_state: Any, step: Optional[int] = None):
+  """Restores just the train state (for editing/eval), newest step by default."""
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
+    if step is None:
+      state, step = ckpt.restore_latest(abstract_state)
+    else:
+      state = ckpt._restore_step(step, abstract_state, None)
+    return state, step
+  finally:
+    ckpt.close()
+
+
+def write_config(workdir, config) -> None:
+  path = pathlib.Path(workdir) / "config.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json_best_effort(indent=2))
+
+
+def read_config(workdir):
+  import ml_collections
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: is {workdir} an s3jax workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -1,0 +1,69 @@
+"""Trains s3jax models. One entry point, three trainers (`config.trainer`).
+
+  python -m s3jax.train --config configs/voxceleb.py --workdir runs/dva
+  python -m s3jax.train --config configs/voxceleb.py:demo --workdir runs/demo
+  python -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir runs/demo/classifier
+  python -m s3jax.train --config configs/s3editor.py:demo --workdir runs/demo/s3editor
+
+Override config fields with --config.<field>=<value> (unknown fields are an
+error). Re-running with the same --workdir resumes from its newest checkpoint.
+Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
+(or run where jax.distributed auto-detects the cluster, e.g. TPU pods, SLURM).
+"""
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/voxceleb.py:demo",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def maybe_initialize_distributed() -> None:
+  """Initialises jax.distributed when the environment describes a multi-process job."""
+  import jax
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    if os.environ.get("S3JAX_CPU_COLLECTIVES", "gloo") and jax.default_backend() == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]))
+    logging.info("jax.distributed: process %d of %d, %d global devices",
+                 jax.process_index(), jax.process_count(), jax.device_count())
+
+
+def run(config, workdir):
+  """Builds the task named by config.trainer and trains it. Returns the final metrics."""
+  from s3jax.training import loop, state
+  mesh = state.make_mesh(config.mesh)
+  if config.trainer == "dva":
+    from s3jax.training.dva import DVATask
+    task = DVATask(config, mesh, workdir)
+  elif config.trainer == "classifier":
+    from s3jax.training.classifier import ClassifierTask
+    task = ClassifierTask(config, mesh, workdir)
+  elif config.trainer == "s3editor":
+    from s3jax.training.s3editor import S3EditorTask
+    task = S3EditorTask(config, mesh, workdir)
+  else:
+    raise ValueError(f"config.trainer={config.trainer!r}; expected dva | classifier | s3editor")
+  return loop.train(config, workdir, task)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  maybe_initialize_distributed()
+  config = _CONFIG.value
+  if config.get("data", {}).get("build_sample_if_missing"):
+    from data_prep.sample import ensure_sample_dataset
+    ensure_sample_dataset(config.data.data_dir, config.data.image_size)
+  run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

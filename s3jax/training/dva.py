@@ -1,0 +1,155 @@
+"""The DVA trainer task: init, the pure train step, and the sample grids."""
+import functools
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from s3jax import diffusion, input_pipeline, losses, optim
+from s3jax.models.autoencoder import LND_DIM, id_dim, make_dva
+from s3jax.training import state as state_lib
+from s3jax.training.state import TrainState
+
+BATCH_KEYS = ("image", "mask", "z_id", "z_lnd")
+
+
+def flatten_frames(batch):
+  """(B, k, ...) items of k frames -> (B*k, ...) frames."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+class DVATask:
+  def __init__(self, config, mesh, workdir, data_iterator=None):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.mesh = mesh
+    self.model = make_dva(config.model)
+    self.schedule = diffusion.make_schedule(config.diffusion.num_timesteps)
+    self.tx = optim.make_optimizer(config.optim)
+    self.rng = jax.random.key(config.seed)
+    size = config.model.unet.image_size
+    self._dummy = (jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
+                   jnp.zeros((1, id_dim(config.model))), jnp.zeros((1, LND_DIM)))
+
+    self.abstract_state = jax.eval_shape(self._init, self.rng)
+    self.state_sharding = state_lib.param_sharding(mesh, self.abstract_state)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.abstract_state, self.state_sharding)
+    self._batch_sharding = state_lib.batch_sharding(mesh)
+    self.init_state = functools.partial(
+        jax.jit(self._init, out_shardings=self.state_sharding), self.rng)
+    self.train_step = jax.jit(
+        self._train_step,
+        in_shardings=(self.state_sharding, self._batch_sharding),
+        out_shardings=(self.state_sharding, state_lib.replicated(mesh)),
+        donate_argnums=0)
+    self.data_iterator = data_iterator if data_iterator is not None else (
+        input_pipeline.make_train_iterator(config.data, seed=config.seed))
+    self._sample_fn = None
+
+  # -- state ---------------------------------------------------------------
+  def _init(self, rng):
+    params = self.model.init({"params": rng}, *self._dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=self.tx.init(params))
+
+  def global_batch(self, batch):
+    local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+    return input_pipeline.to_global_arrays(local, self.mesh)
+
+  # -- the pure train step -------------------------------------------------
+  def _train_step(self, state: TrainState, batch):
+    cfg = self.config
+    frames = flatten_frames(batch)
+    x0 = frames["image"]
+    n = x0.shape[0]
+    rng = jax.random.fold_in(self.rng, state.step)
+    rng_t, rng_n1, rng_n2, rng_drop = jax.random.split(rng, 4)
+    t = jax.random.randint(rng_t, (n,), 0, cfg.diffusion.num_timesteps)
+    noise1 = jax.random.normal(rng_n1, x0.shape)
+    noise2 = jax.random.normal(rng_n2, x0.shape)
+    z_id2 = jnp.concatenate([frames["z_id"]] * 2)
+    z_lnd2 = jnp.concatenate([frames["z_lnd"]] * 2)
+
+    def loss_fn(params):
+      def eps_fn(x_t, t2):
+        return self.model.apply({"params": params}, x_t, t2, z_id2, z_lnd2, train=True,
+                                rngs={"dropout": rng_drop})
+      return losses.dva_loss(eps_fn, x0, t, frames["mask"], noise1, noise2, self.schedule,
+                             cfg.loss.reg_coef)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+    new_params = jax.tree.map(jnp.add, state.params, updates)
+    new_ema = state_lib.ema_update(state.ema_params, new_params, cfg.ema_decay)
+    finite = state_lib.all_finite(grads) & jnp.isfinite(metrics["loss"])
+    # A non-finite step leaves the state untouched; the loop then stops the run.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1,
+                           params=keep(new_params, state.params),
+                           ema_params=keep(new_ema, state.ema_params),
+                           opt_state=keep(new_opt, state.opt_state))
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   lr=optim.learning_rate(cfg.optim, state.step),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  # -- sample grids ----------------------------------------------------------
+  def _build_sample_fn(self):
+    steps = self.config.diffusion.eval_steps
+
+    def sample(params, image, z_id, z_lnd):
+      def eps_fn(x, t, z_face):
+        return self.model.apply({"params": params}, x, t, z_face, method="denoise")
+      z_face = self.model.apply({"params": params}, z_id, z_lnd, method="z_face")
+      x_t = diffusion.ddim_invert(eps_fn, image, z_face, steps)
+      recon = diffusion.ddim_sample(eps_fn, x_t, z_face, steps)
+      # Identity swap: another row's z_id with this frame's motion and noise map.
+      z_id_swap = jnp.roll(z_id, 1, axis=0)
+      id_swap = diffusion.ddim_sample(
+          eps_fn, x_t, self.model.apply({"params": params}, z_id_swap, z_lnd,
+                                        method="z_face"), steps)
+      # Motion swap: this identity with another row's landmarks.
+      motion_swap = diffusion.ddim_sample(
+          eps_fn, x_t, self.model.apply({"params": params}, z_id, jnp.roll(z_lnd, 1, axis=0),
+                                        method="z_face"), steps)
+      return jnp.stack([image, recon, id_swap, motion_swap])
+
+    return jax.jit(sample)
+
+  def write_samples(self, state, step, writer):
+    if self._sample_fn is None:
+      self._sample_fn = self._build_sample_fn()
+    batch = flatten_frames(self._sample_batch(state))
+    rows = self._sample_fn(state.ema_params, batch["image"], batch["z_id"], batch["z_lnd"])
+    grid = make_grid(np.asarray(jax.device_get(rows)))
+    if jax.process_index() == 0:
+      writer.write_images(step, {"samples/real_recon_idswap_motionswap": grid[None]})
+      path = self.workdir / "samples" / f"step_{step:07d}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      save_png(path, grid)
+      logging.info("wrote sample grid %s", path)
+
+  def _sample_batch(self, state):
+    if not hasattr(self, "_fixed_sample_batch"):
+      it = input_pipeline.make_eval_iterator(self.config.data, seed=self.config.seed,
+                                             batch_size=self.config.num_sample_rows)
+      b = next(it)
+      self._fixed_sample_batch = {k: jnp.asarray(b[k][:, :1]) for k in BATCH_KEYS}
+    return self._fixed_sample_batch
+
+
+def make_grid(rows):
+  """(R, N, H, W, 3) in [-1,1] -> one uint8 image, rows stacked vertically."""
+  r, n, h, w, _ = rows.shape
+  img = np.clip((rows + 1) * 127.5, 0, 255).round().astype(np.uint8)
+  return img.transpose(0, 2, 1, 3, 4).reshape(r * h, n * w, 3)
+
+
+def save_png(path, image):
+  from PIL import Image
+  Image.fromarray(image).save(path)

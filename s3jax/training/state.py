@@ -1,0 +1,71 @@
+"""Train state, device mesh and shardings shared by every trainer."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_mesh(mesh_config) -> Mesh:
+  """A (data, fsdp) mesh over all devices; `data=-1` takes what fsdp leaves."""
+  devices = jax.devices()
+  fsdp = int(mesh_config.get("fsdp", 1))
+  data = int(mesh_config.get("data", -1))
+  if data == -1:
+    if len(devices) % fsdp:
+      raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
+    data = len(devices) // fsdp
+  if data * fsdp != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} != {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 16) -> Any:
+  """FSDP: split each large parameter on its largest axis divisible by the fsdp size.
+
+  With fsdp=1 everything is replicated (pure data parallelism).
+  """
+  fsdp = mesh.shape["fsdp"]
+
+  def spec(x):
+    shape = x.shape
+    if fsdp == 1 or int(np.prod(shape)) < min_size:
+      return NamedSharding(mesh, P())
+    for axis in np.argsort(shape)[::-1]:
+      if shape[axis] % fsdp == 0:
+        parts = [None] * len(shape)
+        parts[axis] = "fsdp"
+        return NamedSharding(mesh, P(*parts))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(spec, tree)
+
+
+def ema_update(ema, params, decay):
+  return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, ema, params)
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves))
