@@ -438,14 +438,16 @@ def _segments(mask: np.ndarray):
 
 def align_video(frames, size: int = 256, detector: str = "hog", max_gap: int = 5,
                 sigma_center: float = 1.0, sigma_xy: float = 3.0, upsample: Optional[int] = None,
-                progress: bool = False, border: str = "reflect", **detect_kwargs) -> AlignResult:
+                progress: bool = False, border: str = "reflect", scale: float = 1.0,
+                **detect_kwargs) -> AlignResult:
     """Detect, build quads, fill gaps, smooth (STIT) and crop every frame.
 
     Smoothing runs separately over each run of usable frames (detected or
     interpolated); long gaps split runs.  ``landmarks_crop`` is the detected
     landmarks mapped through the *smoothed* quad; for frames without a
     detection it comes from the shape predictor run on the crop inside
-    ``CANONICAL_FACE_RECT``.  Raises ``NoFaceError`` if no frame has a face.
+    ``CANONICAL_FACE_RECT``.  ``scale`` enlarges the FFHQ quad (STIT's
+    ``scale``).  Raises ``NoFaceError`` if no frame has a face.
     """
     import time
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
@@ -457,7 +459,7 @@ def align_video(frames, size: int = 256, detector: str = "hog", max_gap: int = 5
     has_face = np.array([lm is not None for lm in lms], bool)
     if not has_face.any():
         raise NoFaceError(f"no face found in any of the {n} frames (detector={detector!r})")
-    per_frame = [ffhq_quad(lm) if lm is not None else None for lm in lms]
+    per_frame = [ffhq_quad(lm, scale=scale) if lm is not None else None for lm in lms]
     filled = fill_face_gaps(per_frame, max_gap=max_gap)
     raw = filled.quads
     usable = np.ones(n, bool)
