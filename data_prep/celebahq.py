@@ -43,16 +43,20 @@ CELEBA_TEST_START = 182637  # first 0-based CelebA index of the official test pa
 INDEX_SPLIT = 27000
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("images", None, "Folder of CelebA-HQ images (<idx>.jpg).")
-flags.DEFINE_string("attributes", None, "CelebAMask-HQ-attribute-anno.txt")
-flags.DEFINE_string("mapping", None, "Optional CelebA-HQ-to-CelebA-mapping.txt (official split).")
-flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("size", 256, "Crop size (px).")
-flags.DEFINE_integer("workers", 1, "Parallel worker processes.")
-flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
-flags.DEFINE_integer("limit", None, "Only the first N annotated images (smoke tests).")
-flags.DEFINE_bool("retry_failed", False, "Re-run images that failed before.")
-flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+
+
+def define_flags():
+    """CLI flags (defined only when run as a program, so modules import together)."""
+    flags.DEFINE_string("images", None, "Folder of CelebA-HQ images (<idx>.jpg).")
+    flags.DEFINE_string("attributes", None, "CelebAMask-HQ-attribute-anno.txt")
+    flags.DEFINE_string("mapping", None, "Optional CelebA-HQ-to-CelebA-mapping.txt (official split).")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_integer("size", 256, "Crop size (px).")
+    flags.DEFINE_integer("workers", 1, "Parallel worker processes.")
+    flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
+    flags.DEFINE_integer("limit", None, "Only the first N annotated images (smoke tests).")
+    flags.DEFINE_bool("retry_failed", False, "Re-run images that failed before.")
+    flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 
 
 def parse_attributes(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -165,4 +169,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

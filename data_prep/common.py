@@ -50,39 +50,23 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_video_or_folder(path: str | os.PathLike, max_frames: Optional[int] = None):
-    """-> list of RGB uint8 frames. Folders: sorted image files."""
+    """-> (N, H, W, 3) uint8 RGB frames of a video file or a folder of images.
+
+    Uses ``s3jax.video.read_frames`` (PyAV; folders in natural sort order).
+    Every failure becomes a ``PrepError`` with the reason.
+    """
+    from s3jax.video import read_frames  # pylint: disable=g-import-not-at-top
     path = pathlib.Path(path)
     if not path.exists():
         raise PrepError(f"path does not exist: {path}")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-        if max_frames:
-            files = files[:max_frames]
-        if not files:
-            raise PrepError(f"no image files in folder {path}")
-        return [read_image(p) for p in files]
-    try:
-        from s3jax.video import read_frames
-    except ImportError:  # s3jax.video not available: imageio fallback
-        read_frames = _read_frames_imageio
     try:
         frames, _ = read_frames(os.fspath(path), max_frames=max_frames)
-    except Exception as e:  # corrupt container, unknown codec, ...
-        raise PrepError(f"cannot decode video {path}: {type(e).__name__}: {e}") from e
-    frames = list(frames)
-    if not frames:
-        raise PrepError(f"video has no frames: {path}")
+    except Exception as e:  # corrupt container, unknown codec, unreadable image, ...
+        kind = "folder" if path.is_dir() else "video"
+        raise PrepError(f"cannot read {kind} {path}: {type(e).__name__}: {e}") from e
+    if len(frames) == 0:
+        raise PrepError(f"no frames in {path}")
     return frames
-
-
-def _read_frames_imageio(path, max_frames=None):
-    import imageio.v3 as iio
-    frames = []
-    for i, f in enumerate(iio.imiter(path)):
-        if max_frames and i >= max_frames:
-            break
-        frames.append(np.asarray(f)[..., :3])
-    return frames, None
 
 
 # ----------------------------------------------------------------------------

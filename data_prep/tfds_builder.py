@@ -314,6 +314,7 @@ def build_dataset(data_dir: str | os.PathLike,
     if version_dir.exists():
         shutil.rmtree(version_dir)
         builder = builder_cls(units=units, z_id_dim=z_id_dim, data_dir=os.fspath(data_dir))
+    tfds.disable_progress_bar()  # data_prep shows its own tqdm bar
     with tempfile.TemporaryDirectory() as dl_dir:
         builder.download_and_prepare(download_dir=dl_dir)
     # Record ranges per video, in record order, for the input pipeline.

@@ -32,20 +32,24 @@ from absl import app, flags
 from data_prep import common, tfds_builder
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("videos", None, "A video file, a folder of frames, or a VoxCeleb tree "
-                    "(id*/video_id/*.mp4).")
-flags.DEFINE_string("out", None, "Output directory (units, report.json, TFDS dataset).")
-flags.DEFINE_integer("size", 256, "Crop size of the stored frames (px).")
-flags.DEFINE_integer("workers", 1, "Parallel worker processes (videos in flight).")
-flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
-flags.DEFINE_float("test_fraction", 0.1, "Fraction of identities held out as the test split.")
-flags.DEFINE_integer("max_frames", None, "Read at most this many frames per video.")
-flags.DEFINE_integer("max_gap", 5, "Longest run of face-less frames that is interpolated.")
-flags.DEFINE_bool("retry_failed", False, "Re-run videos that failed in an earlier run.")
-flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
-flags.DEFINE_alias("test-fraction", "test_fraction")
-flags.DEFINE_alias("max-frames", "max_frames")
-flags.DEFINE_alias("retry-failed", "retry_failed")
+
+
+def define_flags():
+    """CLI flags (defined only when run as a program, so modules import together)."""
+    flags.DEFINE_string("videos", None, "A video file, a folder of frames, or a VoxCeleb tree "
+                        "(id*/video_id/*.mp4).")
+    flags.DEFINE_string("out", None, "Output directory (units, report.json, TFDS dataset).")
+    flags.DEFINE_integer("size", 256, "Crop size of the stored frames (px).")
+    flags.DEFINE_integer("workers", 1, "Parallel worker processes (videos in flight).")
+    flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
+    flags.DEFINE_float("test_fraction", 0.1, "Fraction of identities held out as the test split.")
+    flags.DEFINE_integer("max_frames", None, "Read at most this many frames per video.")
+    flags.DEFINE_integer("max_gap", 5, "Longest run of face-less frames that is interpolated.")
+    flags.DEFINE_bool("retry_failed", False, "Re-run videos that failed in an earlier run.")
+    flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+    flags.DEFINE_alias("test-fraction", "test_fraction")
+    flags.DEFINE_alias("max-frames", "max_frames")
+    flags.DEFINE_alias("retry-failed", "retry_failed")
 
 
 def _load_video(path, max_frames):
@@ -103,7 +107,10 @@ def prepare(videos: str, out: str, *, size: int = 256, workers: int = 1,
     os.makedirs(out, exist_ok=True)
     statuses = common.run_jobs(jobs, out, size=size, detector=detector, max_gap=max_gap,
                                workers=workers, retry_failed=retry_failed, progress=progress)
-    test_ids = tfds_builder.split_identities([j.identity for j in jobs], test_fraction)
+    # Split over the identities that have at least one usable video, so a
+    # failed identity cannot take a test slot (train always keeps one).
+    ok_ids = [j.identity for j, st in zip(jobs, statuses) if st and st["status"] == "ok"]
+    test_ids = tfds_builder.split_identities(ok_ids, test_fraction)
     dataset_dir = common.build_from_statuses(out, jobs, statuses,
                                              lambda j: j.identity in test_ids,
                                              tfds_builder.VoxcelebFaces)
@@ -133,4 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
