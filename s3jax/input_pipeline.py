@@ -210,6 +210,7 @@ class CorruptCounter:
         self.reads = 0          # corrupt reads (a record met twice counts twice)
         self.records = set()    # distinct (shard file, index in shard)
         self.items_skipped = 0
+        self.consecutive = 0    # items skipped in a row (guards against spinning)
         self.last_error = ""
 
     @property
@@ -223,7 +224,7 @@ class CorruptCounter:
             self.last_error = str(err)
 
     def __getstate__(self):
-        return {"reads": self.reads, "records": self.records,
+        return {"reads": self.reads, "records": self.records, "consecutive": 0,
                 "items_skipped": self.items_skipped, "last_error": self.last_error}
 
     def __setstate__(self, d):
@@ -284,6 +285,12 @@ class _ItemLoader:
                 self.counter.add(self.source, int(r), e)
                 with self.counter._lock:  # pylint: disable=protected-access
                     self.counter.items_skipped += 1
+                    self.counter.consecutive += 1
+                    stuck = self.counter.consecutive > max(100, 2 * len(self.item_video))
+                if stuck:  # e.g. every shard truncated: do not spin forever
+                    raise CorruptRecordError(
+                        f"{self.counter.consecutive} items in a row skipped as corrupt "
+                        f"(skip_corrupt=True); last: {e}") from e
                 return None
             size = img.shape[0]
             lnd = rec["landmarks"].astype(np.float32)
@@ -303,6 +310,7 @@ class _ItemLoader:
             if "attributes" in rec:
                 frame["attributes"] = rec["attributes"].astype(np.int32)
             frames.append(frame)
+        self.counter.consecutive = 0
         item_dict = {k: np.stack([f[k] for f in frames]) for k in frames[0]}
         item_dict["video_id"] = np.asarray(self.video_ids[int(self.item_video[item])])
         return item_dict

@@ -235,3 +235,11 @@ def test_make_train_iterator_from_config(synth_dataset):
     ev = ip.make_eval_iterator(cfg, seed=0, batch_size=1)
     b = next(ev)
     assert b["video_id"][0].startswith("idC") and not b["flipped"].any()
+
+
+def test_skip_corrupt_does_not_spin_on_a_dead_shard(synth_dataset, tmp_path):
+    _corrupt_copy(synth_dataset, tmp_path / "ds", "trunc")
+    pipe = _pipe(tmp_path / "ds", global_batch_size=1, skip_corrupt=True)  # infinite
+    with pytest.raises(ip.CorruptRecordError, match="in a row"):
+        next(iter(pipe))
+    assert pipe.corrupt_count == 16
