@@ -31,7 +31,6 @@ source" (values above 1 are possible).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -44,6 +43,7 @@ __all__ = [
     "psnr",
     "ssim",
     "ms_ssim",
+    "ms_ssim_min_size",
     "gaussian_kernel_1d",
     "lpips",
     "tl_id",
@@ -128,7 +128,6 @@ def _ssim_components(x, y, data_range, win_size, sigma, k1, k2):
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
     # Filter the five moments in one convolution pass.
-    n, _, _, c = x.shape
     stacked = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
     f = _filter_valid(stacked, taps)
     mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(f, 5, axis=-1)
