@@ -118,6 +118,7 @@ def test_part_and_attribute_tables():
     # With a majority-style threshold mouth-only regions do not count as jaw.
     strict = E.part_regions(reg, min_fraction=0.25)
     assert set(strict["jaw"]) <= set(pr["jaw"])
+    assert all(strict[name] for name in E.SEMANTIC_PARTS)  # no part left without a region
     targets = E.attribute_target_regions(reg)
     assert len(targets) == 40
     assert targets[E.CELEBA_ATTRIBUTES.index("Big_Lips")] == frozenset(pr["mouth"])

@@ -300,7 +300,8 @@ def part_regions(region_of_landmark, parts: Mapping[str, Sequence[int]] = None,
     landmarks. The defaults (any landmark) follow the letter of "which
     landmarks fall in each region"; since the 17 jaw points spread over the
     whole outline, ``min_fraction`` around 0.25 keeps regions that are mostly
-    eyes/brows from also counting as "jaw".
+    eyes/brows from also counting as "jaw". A part that would get no region
+    gets the one holding most of its landmarks.
     """
     parts = SEMANTIC_PARTS if parts is None else parts
     reg = np.asarray(region_of_landmark)
@@ -308,8 +309,11 @@ def part_regions(region_of_landmark, parts: Mapping[str, Sequence[int]] = None,
     out = {}
     for name, idx in parts.items():
         r, counts = np.unique(reg[list(idx)], return_counts=True)
-        out[name] = tuple(int(v) for v, c in zip(r, counts)
-                          if c >= min_points and c >= min_fraction * region_size[v])
+        keep = tuple(int(v) for v, c in zip(r, counts)
+                     if c >= min_points and c >= min_fraction * region_size[v])
+        # Never leave a part without a region: fall back to the region that
+        # holds most of its landmarks.
+        out[name] = keep if keep else (int(r[np.argmax(counts)]),)
     return out
 
 
