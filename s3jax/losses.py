@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from s3jax import diffusion
 
 
-def dva_loss(eps_fn, x0, t, mask, noise1, noise2, schedule, reg_coef: float = 1.0):
+def dva_loss(eps_fn, x0, t, mask, noise1, noise2, reg_coef: float = 1.0):
   """L1(eps1) + L1(eps2) + reg_coef * mean|m*x0_hat(eps1) - m*x0_hat(eps2)|.
 
   `eps_fn(x_t, t)` gets both noisy copies as ONE batched call of 2B so the
@@ -12,14 +12,14 @@ def dva_loss(eps_fn, x0, t, mask, noise1, noise2, schedule, reg_coef: float = 1.
   Returns (loss, metrics dict).
   """
   b = x0.shape[0]
-  x_t = jnp.concatenate([diffusion.q_sample(schedule, x0, t, noise1),
-                         diffusion.q_sample(schedule, x0, t, noise2)], axis=0)
+  x_t = jnp.concatenate([diffusion.q_sample(x0, t, noise1),
+                         diffusion.q_sample(x0, t, noise2)], axis=0)
   t2 = jnp.concatenate([t, t], axis=0)
   eps_hat = eps_fn(x_t, t2).astype(jnp.float32)
   noise = jnp.concatenate([noise1, noise2], axis=0)
   l1 = jnp.mean(jnp.abs(eps_hat - noise), axis=(1, 2, 3))
   l1_1, l1_2 = jnp.mean(l1[:b]), jnp.mean(l1[b:])
-  x0_hat = diffusion.pred_x0_from_eps(schedule, x_t, t2, eps_hat)
+  x0_hat = diffusion.pred_x0_from_eps(x_t, t2, eps_hat)
   reg = jnp.mean(jnp.abs(mask * x0_hat[:b] - mask * x0_hat[b:]))
   loss = l1_1 + l1_2 + reg_coef * reg
   return loss, {"loss": loss, "l1_eps1": l1_1, "l1_eps2": l1_2, "l_reg": reg}

@@ -27,7 +27,6 @@ class DVATask:
     self.workdir = pathlib.Path(workdir)
     self.mesh = mesh
     self.model = make_dva(config.model)
-    self.schedule = diffusion.make_schedule(config.diffusion.num_timesteps)
     self.tx = optim.make_optimizer(config.optim)
     self.rng = jax.random.key(config.seed)
     size = config.model.unet.image_size
@@ -79,7 +78,7 @@ class DVATask:
       def eps_fn(x_t, t2):
         return self.model.apply({"params": params}, x_t, t2, z_id2, z_lnd2, train=True,
                                 rngs={"dropout": rng_drop})
-      return losses.dva_loss(eps_fn, x0, t, frames["mask"], noise1, noise2, self.schedule,
+      return losses.dva_loss(eps_fn, x0, t, frames["mask"], noise1, noise2,
                              cfg.loss.reg_coef)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -94,7 +93,7 @@ class DVATask:
                            ema_params=keep(new_ema, state.ema_params),
                            opt_state=keep(new_opt, state.opt_state))
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   lr=optim.learning_rate(cfg.optim, state.step),
+                   lr=_lr_at(cfg.optim, state.step),
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
 
@@ -143,6 +142,11 @@ class DVATask:
     return self._fixed_sample_batch
 
 
+def _lr_at(optim_config, step):
+  sched = optim.learning_rate_schedule(optim_config)
+  return sched(step) if callable(sched) else jnp.asarray(sched, jnp.float32)
+
+
 def make_grid(rows):
   """(R, N, H, W, 3) in [-1,1] -> one uint8 image, rows stacked vertically."""
   r, n, h, w, _ = rows.shape
@@ -153,3 +157,27 @@ def make_grid(rows):
 def save_png(path, image):
   from PIL import Image
   Image.fromarray(image).save(path)
+
+
+def restore_dva(workdir, step=None, ema: bool = True):
+  """Loads a trained DVA from a workdir: returns (model, params, config, step).
+
+  `ema=True` gives the EMA weights (what editing and evaluation use). The
+  model config comes from `workdir/config.json`, so no flags are needed.
+  """
+  from s3jax.checkpointing import read_config, restore_state_only
+  config = read_config(workdir)
+  model = make_dva(config.model)
+  size = config.model.unet.image_size
+  dummy = (jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
+           jnp.zeros((1, id_dim(config.model))), jnp.zeros((1, LND_DIM)))
+  tx = optim.make_optimizer(config.optim)
+
+  def init(rng):
+    params = model.init({"params": rng}, *dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state, step = restore_state_only(workdir, abstract, step)
+  return model, (state.ema_params if ema else state.params), config, step
