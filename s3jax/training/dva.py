@@ -21,6 +21,16 @@ def flatten_frames(batch):
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
 
+def init_train_state(model, tx, config, rng) -> TrainState:
+  """Fresh params (EMA starts equal to them) and optimizer state."""
+  size = config.model.unet.image_size
+  dummy = (jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
+           jnp.zeros((1, id_dim(config.model))), jnp.zeros((1, LND_DIM)))
+  params = model.init({"params": rng}, *dummy)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
 class DVATask:
   def __init__(self, config, mesh, workdir, data_iterator=None):
     self.config = config
@@ -29,9 +39,6 @@ class DVATask:
     self.model = make_dva(config.model)
     self.tx = optim.make_optimizer(config.optim)
     self.rng = jax.random.key(config.seed)
-    size = config.model.unet.image_size
-    self._dummy = (jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
-                   jnp.zeros((1, id_dim(config.model))), jnp.zeros((1, LND_DIM)))
 
     self.abstract_state = jax.eval_shape(self._init, self.rng)
     self.state_sharding = state_lib.param_sharding(mesh, self.abstract_state)
@@ -52,9 +59,7 @@ class DVATask:
 
   # -- state ---------------------------------------------------------------
   def _init(self, rng):
-    params = self.model.init({"params": rng}, *self._dummy)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=self.tx.init(params))
+    return init_train_state(self.model, self.tx, self.config, rng)
 
   def global_batch(self, batch):
     local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
@@ -168,16 +173,8 @@ def restore_dva(workdir, step=None, ema: bool = True):
   from s3jax.checkpointing import read_config, restore_state_only
   config = read_config(workdir)
   model = make_dva(config.model)
-  size = config.model.unet.image_size
-  dummy = (jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
-           jnp.zeros((1, id_dim(config.model))), jnp.zeros((1, LND_DIM)))
   tx = optim.make_optimizer(config.optim)
-
-  def init(rng):
-    params = model.init({"params": rng}, *dummy)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=tx.init(params))
-
+  init = functools.partial(init_train_state, model, tx, config)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state, step = restore_state_only(workdir, abstract, step)
   return model, (state.ema_params if ema else state.params), config, step
