@@ -63,7 +63,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         ),
-        item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()},
     )
 
   def all_steps(self):
