@@ -333,7 +333,7 @@ def init_params(config: UNetConfig, rng: jax.Array | int = 0, batch: int = 1):
     x = jnp.zeros((batch, s, s, config.in_channels), jnp.float32)
     t = jnp.zeros((batch,), jnp.int32)
     cond = jnp.zeros((batch, config.embed_channels), jnp.float32)
-    return UNet(config).init(rng, x, t, cond)["params"]
+    return jax.jit(UNet(config).init)(rng, x, t, cond)["params"]
 
 
 def abstract_params(config: UNetConfig):
