@@ -46,6 +46,7 @@ The iterator is a ``grain.DatasetIterator``: ``get_state()`` / ``set_state()``
 from __future__ import annotations
 
 import dataclasses
+import sys
 import json
 import os
 import pathlib
@@ -327,6 +328,31 @@ class _WithEpoch:
         return (index // self.items_per_epoch, item)
 
 
+class _ProcessBlock(grain.MapDataset):
+    """This process's contiguous block of every global batch of the parent's order."""
+
+    def __init__(self, parent, global_batch: int, local_batch: int, process_index: int):
+        super().__init__(parent)
+        self._global, self._local, self._pi = global_batch, local_batch, process_index
+        n = len(parent)
+        self._length = n if n >= sys.maxsize else (n // global_batch) * local_batch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, j: int) -> int:
+        b, o = divmod(j, self._local)
+        return b * self._global + self._pi * self._local + o
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessBlock(global={self._global}, local={self._local}, p={self._pi})"
+
+
 @dataclasses.dataclass
 class Pipeline:
     """A built pipeline: ``iter(pipeline)`` gives a fresh checkpointable iterator."""
@@ -367,7 +393,9 @@ def build_pipeline(path: str | os.PathLike, split: str = "train", *,
       flip: random horizontal flip per frame (p=0.5).
       items_per_video: items per video per epoch (None: ``max(1, n // k)``).
       process_index / process_count: default ``jax.process_index/count()``.
-        Process p takes items ``p, p+P, p+2P, ...`` of the global order.
+        Process p takes slots ``[p*Bp, (p+1)*Bp)`` of every global batch, so
+        the global batch assembled from all processes equals the batch one
+        process would build alone (same order, same per-position noise).
       skip_corrupt: drop items with a corrupt record and count it
         (``pipeline.corrupt``) instead of raising ``CorruptRecordError``.
       num_workers: grain worker processes (0 = in-process; on 2 cores extra
@@ -406,7 +434,7 @@ def build_pipeline(path: str | os.PathLike, split: str = "train", *,
         ds = ds.shuffle(seed=int(seed))
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_WithEpoch(n_items))
-    ds = ds[process_index::process_count]
+    ds = _ProcessBlock(ds, global_batch_size, batch_size, process_index)
     ds = ds.map(loader)
     buf = prefetch_buffer_size or max(2 * batch_size, 4)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,

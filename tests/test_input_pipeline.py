@@ -243,3 +243,14 @@ def test_skip_corrupt_does_not_spin_on_a_dead_shard(synth_dataset, tmp_path):
     with pytest.raises(ip.CorruptRecordError, match="in a row"):
         next(iter(pipe))
     assert pipe.corrupt_count == 16
+
+
+def test_process_blocks_assemble_the_single_process_batch(synth_dataset):
+    """Multi-host: [process 0 | process 1] of each batch equals what one process builds alone."""
+    whole = _take(iter(_pipe(synth_dataset, global_batch_size=4, flip=True)), 5)
+    parts = [_take(iter(_pipe(synth_dataset, global_batch_size=4, process_index=p,
+                              process_count=2, flip=True)), 5) for p in range(2)]
+    for step, batch in enumerate(whole):
+        for key in ("record_index", "image", "z_id", "flipped"):
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
