@@ -189,6 +189,7 @@ def main():
                          "fwd + input grad + weight grad) / time. A backend using a reduced-FLOP "
                          "algorithm (e.g. Winograd) can exceed the matmul rate."),
         loadavg_before=load0, loadavg_after=os.getloadavg(),
+        contended=bool(max(load0[0], os.getloadavg()[0]) > ARGS.threads + 0.5),
         note="2-core CPU shared with other jobs; compare numbers from the same run only.",
     )
     out = pathlib.Path(ARGS.out)
