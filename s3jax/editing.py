@@ -1,0 +1,550 @@
+"""Editing face videos with a trained DVA: classifier directions, batched DDIM, paste-back.
+
+The procedure (DVA's classifier editing, STIT's video path):
+
+1. ``align_video`` (dlib, smoothed FFHQ quads) at ``max(size, 256)`` px, the
+   size the dlib descriptor and z_lnd are defined on (as ``data_prep`` does);
+   crops, landmarks and masks are then resized to the model size.
+2. Per-frame z_lnd; per-frame dlib z_id averaged over the frames with a
+   detected face and L2-normalised: ``z̄_id``. (The reference averages
+   without renormalising; we renormalise so that ``z̄_id`` lies on the unit
+   sphere like every training z_id, and so that strength 0 decodes exactly
+   the DDIM reconstruction.)
+3. Batched deterministic DDIM inversion x0 -> x_T conditioned on
+   ``z_face(z̄_id, z_lnd_i)``: one jitted ``lax.scan``, frames in fixed-size
+   chunks (the last one padded), sharded over all devices, compiled once per
+   chunk shape.
+4. ``edit_z_id``: ``l2norm(denorm(norm(z̄_id) + s·√D·w/‖w‖))`` with the
+   classifier's weight column ``w`` and D the z_id width (128 dlib, 512 ArcFace).
+5. Batched DDIM decoding from x_T with ``z_face(z̄'_id, z_lnd_i)``.
+6. ``video.paste_back`` with the landmark-hull video mask (hard / feather / poisson).
+
+The encoding (aligned crops, quads, masks, z_lnd, per-frame and averaged z_id,
+x_T) is cached per (video content hash, model parameter hash, steps, size,
+alignment options) in ``<checkpoint>/edit_cache`` by default, so further
+edits of the same clip skip alignment, features and inversion.
+
+Public API: ``Classifier``, ``load_classifier``, ``UnknownAttributeError``,
+``edit_z_id``, ``classifier_edit_fn``, ``VideoCode``, ``VideoEditor``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+FEATURE_SIZE = 256   # alignment/feature size, as data_prep.common.FEATURE_SIZE
+CACHE_VERSION = 1
+DEFAULT_CHUNK = 8
+
+EditFn = Callable[[np.ndarray, str, float], np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# Classifier directions
+# ---------------------------------------------------------------------------
+class UnknownAttributeError(ValueError):
+  """The attribute is not one the classifier (or editor) knows; the message lists valid names."""
+
+
+@dataclasses.dataclass
+class Classifier:
+  """Linear attribute classifiers on normalised z_id: logits = ((z - mean) / std) @ weight + bias."""
+  names: list
+  weight: np.ndarray   # (D, A)
+  bias: np.ndarray     # (A,)
+  mean: np.ndarray     # (D,)
+  std: np.ndarray      # (D,)
+  auc: np.ndarray      # (A,) test AUC (NaN: undefined)
+  path: Optional[str] = None
+
+  @property
+  def dim(self) -> int:
+    return int(self.weight.shape[0])
+
+  def index(self, attribute: str) -> int:
+    try:
+      return list(self.names).index(attribute)
+    except ValueError:
+      raise UnknownAttributeError(
+          f"unknown attribute {attribute!r}; valid attributes: {', '.join(self.names)}") from None
+
+  def direction(self, attribute: str) -> np.ndarray:
+    """The weight column of ``attribute`` (in normalised z space), (D,)."""
+    return np.asarray(self.weight[:, self.index(attribute)], np.float64)
+
+  def logits(self, z_id) -> np.ndarray:
+    z = np.asarray(z_id, np.float64)
+    return ((z - self.mean) / self.std) @ self.weight + self.bias
+
+
+def load_classifier(directory) -> Classifier:
+  """Loads ``classifier.npz`` from a classifier workdir (or the npz path itself)."""
+  p = pathlib.Path(directory)
+  f = p / "classifier.npz" if p.is_dir() else p
+  if not f.exists():
+    raise FileNotFoundError(
+        f"no classifier at {f}; train one with `python -m s3jax.train --config "
+        f"configs/celebahq_classifier.py:demo --workdir {p}` (or pass --classifier)")
+  with np.load(f, allow_pickle=False) as z:
+    missing = {"names", "weight", "bias", "mean", "std", "auc"} - set(z.files)
+    if missing:
+      raise ValueError(f"{f} lacks {sorted(missing)}")
+    return Classifier(names=[str(n) for n in z["names"]],
+                      weight=np.asarray(z["weight"], np.float64),
+                      bias=np.asarray(z["bias"], np.float64),
+                      mean=np.asarray(z["mean"], np.float64),
+                      std=np.asarray(z["std"], np.float64),
+                      auc=np.asarray(z["auc"], np.float64), path=str(f))
+
+
+def l2norm(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def edit_z_id(z_id, classifier: Classifier, attribute: str, strength: float) -> np.ndarray:
+  """DESIGN's edit: ``l2norm(denorm(norm(z̄) + s·√D·w/‖w‖))``; z_id (D,) or (N, D) -> same, f32.
+
+  ``norm``/``denorm`` use the classifier's mean/std; ``w`` is its weight column
+  for ``attribute``; D is the z_id width. Raises ``UnknownAttributeError``.
+  """
+  z = np.asarray(z_id, np.float64)
+  d = z.shape[-1]
+  if d != classifier.dim:
+    raise ValueError(f"z_id has width {d} but the classifier was trained on {classifier.dim}-d "
+                     "features (dlib 128 / ArcFace 512): use a classifier of the same path")
+  w = classifier.direction(attribute)
+  zn = (z - classifier.mean) / classifier.std
+  zn = zn + float(strength) * math.sqrt(d) * w / max(np.linalg.norm(w), 1e-12)
+  return l2norm(zn * classifier.std + classifier.mean).astype(np.float32)
+
+
+def classifier_edit_fn(classifier: Classifier) -> EditFn:
+  """An ``edit_fn(z (N, D), attribute, strength) -> (N, D)`` from a classifier."""
+  def fn(z, attribute, strength):
+    return edit_z_id(z, classifier, attribute, strength)
+  fn.names = list(classifier.names)
+  return fn
+
+
+# ---------------------------------------------------------------------------
+# Encoded videos
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class VideoCode:
+  """What ``VideoEditor.encode`` returns (and caches). ``M`` = edited frames, ``N`` = all."""
+  num_frames: int                # N
+  frame_shape: tuple             # (H, W, 3)
+  frame_indices: np.ndarray      # (M,) frames that are edited (not passthrough)
+  quads: np.ndarray              # (N, 4, 2) smoothed quads
+  crops: np.ndarray              # (M, S, S, 3) uint8 aligned crops at the model size
+  masks: np.ndarray              # (M, S, S) uint8 {0,1} video face masks
+  landmarks: np.ndarray          # (M, 68, 2) crop landmarks at FEATURE_SIZE px
+  z_lnd: np.ndarray              # (M, 102)
+  z_id_frames: np.ndarray        # (M, D) per-frame z_id
+  z_id: np.ndarray               # (D,) averaged, L2-normalised
+  x_T: np.ndarray                # (M, S, S, 3) float32 inverted noise maps
+  has_face: np.ndarray           # (N,) bool detected
+  interpolated: np.ndarray       # (N,) bool short gap
+  passthrough: list              # frames left unedited (long gaps)
+  align_report: dict
+  key: str = ""
+  cache_hit: bool = False
+  cache_path: Optional[str] = None
+  timings: dict = dataclasses.field(default_factory=dict)
+
+  _ARRAYS = ("frame_indices", "quads", "crops", "masks", "landmarks", "z_lnd", "z_id_frames",
+             "z_id", "x_T", "has_face", "interpolated")
+
+  def save(self, path) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"num_frames": self.num_frames, "frame_shape": list(self.frame_shape),
+            "passthrough": [int(i) for i in self.passthrough],
+            "align_report": self.align_report, "key": self.key, "version": CACHE_VERSION}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, meta=np.asarray(json.dumps(meta)),
+             **{k: np.asarray(getattr(self, k)) for k in self._ARRAYS})
+    tmp.replace(path)
+
+  @classmethod
+  def load(cls, path) -> "VideoCode":
+    with np.load(path, allow_pickle=False) as z:
+      meta = json.loads(str(z["meta"]))
+      if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"cache {path} has version {meta.get('version')}")
+      arrays = {k: np.asarray(z[k]) for k in cls._ARRAYS}
+    return cls(num_frames=int(meta["num_frames"]), frame_shape=tuple(meta["frame_shape"]),
+               passthrough=list(meta["passthrough"]), align_report=meta["align_report"],
+               key=meta["key"], cache_hit=True, cache_path=str(path), **arrays)
+
+
+def video_hash(frames: np.ndarray) -> str:
+  h = hashlib.sha256()
+  h.update(repr((frames.shape, str(frames.dtype))).encode())
+  h.update(np.ascontiguousarray(frames).data)
+  return h.hexdigest()
+
+
+def params_hash(params, config=None) -> str:
+  """sha256 over the parameter leaves (sorted by path) and the model config."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  if config is not None:
+    h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config,
+                        sort_keys=True, default=str).encode())
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  for k in sorted(flat):
+    v = np.ascontiguousarray(np.asarray(jax.device_get(flat[k])))
+    h.update("/".join(map(str, k)).encode())
+    h.update(repr((v.shape, str(v.dtype))).encode())
+    h.update(v.data)
+  return h.hexdigest()
+
+
+def _to_model(crops_u8: np.ndarray) -> np.ndarray:
+  return crops_u8.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _progress(it, desc, total, enabled):
+  if not enabled:
+    return it
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(it, desc=desc, total=total, leave=False)
+
+
+# ---------------------------------------------------------------------------
+# The editor
+# ---------------------------------------------------------------------------
+class VideoEditor:
+  """Encodes a video once, then edits it with batched DDIM (see the module docstring).
+
+  Args:
+    checkpoint_dir: a DVA workdir (``config.json`` + ``checkpoints/``).
+    steps: DDIM steps for inversion and decoding (must divide 1000, e.g. 20, 100).
+    mesh: a ``jax.sharding.Mesh``; frames are split over all of its axes. Default:
+      one axis over every device.
+    chunk: frames per jitted call (rounded up to a multiple of the device count;
+      a shorter video uses a smaller chunk).
+    cache: cache encodings (``encode(cache_dir=...)``, default ``<checkpoint>/edit_cache``).
+    max_gap / detector: alignment options (``alignment.align_video``).
+    model: optional ``(model, params, config)`` to skip ``restore_dva`` (tests, benchmarks).
+  """
+
+  def __init__(self, checkpoint_dir, steps: int = 100, mesh=None, chunk: int = DEFAULT_CHUNK,
+               cache: bool = True, max_gap: int = 5, detector: str = "hog", progress: bool = False,
+               model=None, step: Optional[int] = None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    from s3jax import diffusion  # pylint: disable=g-import-not-at-top
+    from s3jax.models.autoencoder import id_dim  # pylint: disable=g-import-not-at-top
+
+    self.checkpoint_dir = pathlib.Path(checkpoint_dir)
+    diffusion.respaced_timesteps(steps)  # validates the step count early
+    self.steps = int(steps)
+    t0 = time.perf_counter()
+    if model is None:
+      from s3jax.training.dva import restore_dva  # pylint: disable=g-import-not-at-top
+      self.model, params, self.config, self.ckpt_step = restore_dva(self.checkpoint_dir, step=step)
+    else:
+      self.model, params, self.config = model
+      self.ckpt_step = None
+    if self.config.model.face_features != "dlib":
+      raise NotImplementedError(
+          f"the checkpoint uses face_features={self.config.model.face_features!r}: editing "
+          "computes z_id with the dlib descriptor only (the ArcFace/MobileNet encoders need their "
+          "published weights, which this editor does not load yet)")
+    self.size = int(self.config.model.unet.image_size)
+    self.id_dim = id_dim(self.config.model)
+    self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
+    self.num_devices = int(self.mesh.size)
+    self._repl = NamedSharding(self.mesh, P())
+    self._batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
+    self.params = jax.device_put(params, self._repl)
+    self.model_hash = params_hash(params, self.config.model)
+    self.chunk = int(chunk)
+    self.cache = bool(cache)
+    self.max_gap = int(max_gap)
+    self.detector = detector
+    self.progress = progress
+    self.load_seconds = time.perf_counter() - t0
+    self._compiled = {}
+
+    model_ = self.model
+    steps_ = self.steps
+
+    def _eps_fn(params):
+      def eps(x, t, z_face):
+        return model_.apply({"params": params}, x, t, z_face, method="denoise")
+      return eps
+
+    def invert(params, x0, z_id, z_lnd):
+      z_face = model_.apply({"params": params}, z_id, z_lnd, method="z_face")
+      return diffusion.ddim_invert(_eps_fn(params), x0, z_face, steps_)
+
+    def decode(params, x_T, z_id, z_lnd):
+      z_face = model_.apply({"params": params}, z_id, z_lnd, method="z_face")
+      return diffusion.ddim_sample(_eps_fn(params), x_T, z_face, steps_)
+
+    shard = (self._repl, self._batch, self._batch, self._batch)
+    self._jit = {
+        "invert": jax.jit(invert, in_shardings=shard, out_shardings=self._batch),
+        "decode": jax.jit(decode, in_shardings=shard, out_shardings=self._batch),
+    }
+
+  # -- compiled functions ----------------------------------------------------
+  def chunk_size(self, num_frames: int) -> int:
+    """Frames per call for a video of ``num_frames``: fixed per video shape."""
+    n = min(self.chunk, max(int(num_frames), 1))
+    return -(-n // self.num_devices) * self.num_devices
+
+  def compiled(self, kind: str, chunk: int):
+    """AOT-compiled invert/decode for ``chunk`` frames; returns (fn, compile seconds)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    key = (kind, chunk)
+    if key not in self._compiled:
+      t0 = time.perf_counter()
+      s = self.size
+      args = (self.params,
+              jax.ShapeDtypeStruct((chunk, s, s, 3), jnp.float32, sharding=self._batch),
+              jax.ShapeDtypeStruct((chunk, self.id_dim), jnp.float32, sharding=self._batch),
+              jax.ShapeDtypeStruct((chunk, 102), jnp.float32, sharding=self._batch))
+      fn = self._jit[kind].lower(*args).compile()
+      self._compiled[key] = (fn, time.perf_counter() - t0)
+      return fn, self._compiled[key][1]
+    return self._compiled[key][0], 0.0
+
+  def _run_chunks(self, kind: str, x: np.ndarray, z_id: np.ndarray, z_lnd: np.ndarray,
+                  timings: dict) -> np.ndarray:
+    import jax  # pylint: disable=g-import-not-at-top
+    m = len(x)
+    chunk = self.chunk_size(m)
+    fn, compile_s = self.compiled(kind, chunk)
+    timings[f"compile_{kind}"] = timings.get(f"compile_{kind}", 0.0) + compile_s
+    t0 = time.perf_counter()
+    outs = []
+    n_chunks = -(-m // chunk)
+    for c in _progress(range(n_chunks), kind, n_chunks, self.progress):
+      sl = slice(c * chunk, min((c + 1) * chunk, m))
+      pad = chunk - (sl.stop - sl.start)
+
+      def padded(a):
+        a = np.asarray(a[sl], np.float32)
+        return np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
+
+      args = [jax.device_put(padded(a), self._batch) for a in (x, z_id, z_lnd)]
+      outs.append((fn(self.params, *args), sl.stop - sl.start))
+    result = np.concatenate([np.asarray(jax.device_get(o))[:k] for o, k in outs])
+    timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - t0
+    return result
+
+  # -- encode / decode -------------------------------------------------------
+  def cache_key(self, frames: np.ndarray) -> str:
+    opts = f"steps={self.steps};size={self.size};gap={self.max_gap};det={self.detector}"
+    return f"{video_hash(frames)[:20]}-{self.model_hash[:20]}-s{self.steps}-{self.size}-" + \
+        hashlib.sha256(opts.encode()).hexdigest()[:8]
+
+  def default_cache_dir(self) -> pathlib.Path:
+    return self.checkpoint_dir / "edit_cache"
+
+  def encode(self, video_frames, cache_dir=None) -> VideoCode:
+    """Align, compute features and invert ``video_frames`` (N, H, W, 3) uint8 -> VideoCode.
+
+    Raises ``alignment.NoFaceError`` when no frame has a face.
+    """
+    from s3jax import alignment, face_features  # pylint: disable=g-import-not-at-top
+    frames = np.asarray(video_frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+      raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    timings = {}
+    t0 = time.perf_counter()
+    key = self.cache_key(frames)
+    timings["hash"] = time.perf_counter() - t0
+    cache_path = None
+    if self.cache:
+      cache_path = pathlib.Path(cache_dir or self.default_cache_dir()) / f"{key}.npz"
+      if cache_path.exists():
+        try:
+          code = VideoCode.load(cache_path)
+          code.timings = dict(timings, cache_load=time.perf_counter() - t0 - timings["hash"])
+          return code
+        except Exception as e:  # pylint: disable=broad-except
+          logging.warning("ignoring unreadable edit cache %s: %s", cache_path, e)
+
+    t0 = time.perf_counter()
+    fsize = max(self.size, FEATURE_SIZE)
+    res = alignment.align_video(frames, size=fsize, detector=self.detector,
+                                max_gap=self.max_gap, progress=self.progress)
+    timings["align"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    usable = np.ones(len(frames), bool)
+    usable[list(res.passthrough)] = False
+    idx = np.flatnonzero(usable)
+    lnd = np.asarray(res.landmarks_crop[idx], np.float64)
+    z_frames = face_features.dlib_descriptor(res.crops[idx], landmarks_crop=lnd)
+    z_lnd = face_features.z_lnd_from_landmarks(lnd, fsize)
+    detected = np.asarray(res.has_face, bool)[idx]
+    z_mean = l2norm(z_frames[detected].mean(0)).astype(np.float32)
+    import cv2  # pylint: disable=g-import-not-at-top
+    s = self.size
+    if s != fsize:
+      crops = np.stack([cv2.resize(c, (s, s), interpolation=cv2.INTER_AREA)
+                        for c in res.crops[idx]])
+      lnd_s = (lnd + 0.5) * (s / fsize) - 0.5
+    else:
+      crops, lnd_s = res.crops[idx], lnd
+    masks = np.stack([face_features.hull_mask(l, s, for_video=True) for l in lnd_s])
+    timings["features"] = time.perf_counter() - t0
+
+    z_rep = np.repeat(z_mean[None], len(idx), 0)
+    x_T = self._run_chunks("invert", _to_model(crops), z_rep, z_lnd, timings)
+    code = VideoCode(
+        num_frames=len(frames), frame_shape=tuple(frames.shape[1:]), frame_indices=idx,
+        quads=np.asarray(res.quads), crops=crops, masks=masks.astype(np.uint8),
+        landmarks=lnd.astype(np.float32), z_lnd=z_lnd.astype(np.float32),
+        z_id_frames=z_frames.astype(np.float32), z_id=z_mean, x_T=x_T.astype(np.float32),
+        has_face=np.asarray(res.has_face, bool), interpolated=np.asarray(res.interpolated, bool),
+        passthrough=list(res.passthrough), align_report=_jsonable(res.report), key=key,
+        cache_hit=False, cache_path=str(cache_path) if cache_path else None, timings=timings)
+    if cache_path is not None:
+      try:
+        code.save(cache_path)
+      except OSError as e:
+        logging.warning("could not write the edit cache %s: %s", cache_path, e)
+        code.cache_path = None
+    return code
+
+  def decode(self, code: VideoCode, z_id, timings: Optional[dict] = None) -> np.ndarray:
+    """Decode ``code.x_T`` with ``z_id`` ((D,) or (M, D)) -> aligned crops (M, S, S, 3) uint8."""
+    z = np.asarray(z_id, np.float32)
+    m = len(code.frame_indices)
+    if z.ndim == 1:
+      z = np.repeat(z[None], m, 0)
+    if z.shape != (m, self.id_dim):
+      raise ValueError(f"z_id must be ({self.id_dim},) or ({m}, {self.id_dim}), got {z.shape}")
+    timings = {} if timings is None else timings
+    x0 = self._run_chunks("decode", code.x_T, z, code.z_lnd, timings)
+    return _to_uint8(x0)
+
+  def reconstruct(self, code: VideoCode) -> np.ndarray:
+    """The DDIM reconstruction (decode with the unedited averaged z_id)."""
+    return self.decode(code, code.z_id)
+
+  # -- the whole edit --------------------------------------------------------
+  def paste(self, frames, code: VideoCode, crops, blend: str = "hard") -> np.ndarray:
+    from s3jax import video  # pylint: disable=g-import-not-at-top
+    out = np.array(frames, copy=True)
+    for j, i in enumerate(code.frame_indices):
+      out[i] = video.paste_back(frames[i], crops[j], code.quads[i], code.masks[j], blend=blend)
+    return out
+
+  def identity_metrics(self, original, edited, code: VideoCode) -> dict:
+    """TL-ID/TG-ID (dlib descriptors on the re-aligned frames), normalised by the original's."""
+    from s3jax import alignment, face_features, metrics  # pylint: disable=g-import-not-at-top
+    idx = [int(i) for i in code.frame_indices if code.has_face[i]]
+    if len(idx) < 2:
+      return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
+    def embs(frames):
+      crops = np.stack([alignment.crop_from_quad(frames[i], code.quads[i], FEATURE_SIZE)
+                        for i in idx])
+      return face_features.identity_embeddings(crops)
+    e_orig, e_edit = embs(original), embs(edited)
+    return {
+        "tl_id": float(metrics.tl_id_normalised(e_edit, e_orig)),
+        "tg_id": float(metrics.tg_id_normalised(e_edit, e_orig)),
+        "tl_id_edited": float(metrics.tl_id(e_edit)), "tg_id_edited": float(metrics.tg_id(e_edit)),
+        "tl_id_original": float(metrics.tl_id(e_orig)),
+        "tg_id_original": float(metrics.tg_id(e_orig)),
+        "identity_preservation": float(metrics.identity_preservation(e_edit, e_orig)),
+        "embedding": "dlib descriptor (128-d), frames re-cropped with the smoothed quads",
+        "num_frames": len(idx),
+    }
+
+  def edit_video(self, frames, attribute: str, strength: float, blend: str = "hard",
+                 classifier: Optional[Classifier] = None, edit_fn: Optional[EditFn] = None,
+                 cache_dir=None, compute_metrics: bool = True, return_crops: bool = False):
+    """Edits ``frames`` (N, H, W, 3) uint8 -> ``(frames_out, report)`` (+ crops if asked).
+
+    Give a ``classifier`` (DVA classifier directions) or an ``edit_fn(z (N, D),
+    attribute, strength) -> (N, D)`` (e.g. S3Editor's). Frames in long face
+    gaps pass through unedited and are listed in the report.
+    """
+    from s3jax import video  # pylint: disable=g-import-not-at-top
+    if blend not in video.BLEND_DEFAULTS:
+      raise ValueError(f"blend must be one of {sorted(video.BLEND_DEFAULTS)}, got {blend!r}")
+    if edit_fn is None:
+      if classifier is None:
+        raise ValueError("edit_video needs a classifier or an edit_fn")
+      classifier.index(attribute)   # unknown attribute: fail before any work
+      edit_fn = classifier_edit_fn(classifier)
+    frames = np.asarray(frames)
+    t_all = time.perf_counter()
+    code = self.encode(frames, cache_dir=cache_dir)
+    timings = dict(code.timings)
+    t0 = time.perf_counter()
+    z_new = np.asarray(edit_fn(code.z_id[None].astype(np.float32), attribute, float(strength)),
+                       np.float32).reshape(-1)
+    timings["edit_z"] = time.perf_counter() - t0
+    crops = self.decode(code, z_new, timings)
+    t0 = time.perf_counter()
+    out = self.paste(frames, code, crops, blend)
+    timings["paste"] = time.perf_counter() - t0
+    ident = None
+    if compute_metrics:
+      t0 = time.perf_counter()
+      ident = self.identity_metrics(frames, out, code)
+      timings["metrics"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+    n = len(frames)
+    report = {
+        "num_frames": n,
+        "frame_size": [int(frames.shape[2]), int(frames.shape[1])],
+        "attribute": attribute, "strength": float(strength), "blend": blend,
+        "steps": self.steps, "model_size": self.size,
+        "checkpoint": str(self.checkpoint_dir), "checkpoint_step": self.ckpt_step,
+        "model_hash": self.model_hash[:20],
+        "frames_without_face": [int(i) for i in np.flatnonzero(~code.has_face)],
+        "interpolated": [int(i) for i in np.flatnonzero(code.interpolated)],
+        "passthrough": [int(i) for i in code.passthrough],
+        "long_gaps": code.align_report.get("long_gaps", []),
+        "edited_frames": int(len(code.frame_indices)),
+        "cache": {"hit": bool(code.cache_hit), "path": code.cache_path, "key": code.key},
+        "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
+        "identity": ident,
+        "z_id_cosine_to_original": float(np.dot(l2norm(z_new), l2norm(code.z_id))),
+        "devices": self.num_devices, "chunk": self.chunk_size(len(code.frame_indices)),
+        "alignment": {k: code.align_report.get(k) for k in
+                      ("detected", "face_found_fraction", "jitter_raw", "jitter_smoothed",
+                       "detector")},
+    }
+    if return_crops:
+      return out, report, crops
+    return out, report
+
+
+def _jsonable(obj):
+  """Tuples -> lists, numpy scalars -> Python (for the cache metadata and reports)."""
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  return obj

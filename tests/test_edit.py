@@ -1,0 +1,231 @@
+"""End-to-end video editing on the real office clip with a tiny DVA (s3jax.editing, s3jax.edit).
+
+One tiny checkpoint (a freshly initialised 32 px DVA whose zero-initialised convs are
+replaced by small random weights, so eps depends on z_face) and one VideoEditor (10 DDIM
+steps) are shared by every test through session fixtures.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 10
+NUM_FRAMES = 5
+WIDTH = 384  # 384x216: even, as H.264 yuv420p needs (odd sizes are padded by 1 px)
+
+
+def _tiny_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("voxceleb_cfg", REPO / "configs" / "voxceleb.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config("demo")
+  cfg.model.unet.image_size = 32
+  cfg.model.unet.model_channels = 32
+  cfg.model.unet.channel_mult = (1, 1)
+  cfg.model.unet.num_res_blocks = 1
+  cfg.model.unet.attention_resolutions = ()
+  cfg.model.unet.embed_channels = 64
+  cfg.data.image_size = 32
+  return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+  import jax
+  from s3jax import optim
+  from s3jax.checkpointing import Checkpointer, write_config
+  from s3jax.models.autoencoder import make_dva
+  from s3jax.training.classifier import save_classifier_npz
+  from s3jax.training.dva import init_train_state
+  cfg = _tiny_config()
+  workdir = tmp_path_factory.mktemp("tiny_dva")
+  model = make_dva(cfg.model)
+  state = init_train_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))
+  r = np.random.default_rng(0)
+  # Random (not zero) output conv so eps, and hence the decode, depends on z_face.
+  # The zero-initialised convs (ResBlock out convs and the output conv) get small random
+  # weights, so eps -- and hence the decode -- depends on x_t and z_face.
+  params = jax.tree.map(
+      lambda x: (0.05 * r.standard_normal(x.shape)).astype(np.float32)
+      if x.ndim == 4 and not np.asarray(x).any() else x, state.params)
+  params = jax.tree.map(np.asarray, params)
+  state = state.replace(params=params, ema_params=params)
+  write_config(workdir, cfg)
+  ck = Checkpointer(workdir, async_save=False)
+  ck.save(0, state, force=True)
+  ck.close()
+  # A classifier with two random directions on the 128-d dlib z_id.
+  d = 128
+  save_classifier_npz(workdir / "classifier" / "classifier.npz", ["Smiling", "Eyeglasses"],
+                      r.standard_normal((d, 2)), np.zeros(2), np.zeros(d), np.full(d, 0.09),
+                      np.array([0.9, 0.8]))
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def office_frames(office_clip_dir, tmp_path_factory):
+  from s3jax import video
+  frames, _ = video.read_frames(office_clip_dir, max_frames=NUM_FRAMES, resize_width=WIDTH)
+  out = tmp_path_factory.mktemp("office_small")
+  import cv2
+  for i, f in enumerate(frames):
+    cv2.imwrite(str(out / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+  frames, _ = video.read_frames(out)
+  return out, frames
+
+
+@pytest.fixture(scope="session")
+def editor(tiny_checkpoint):
+  from s3jax import editing
+  return editing.VideoEditor(tiny_checkpoint, steps=STEPS, chunk=8)
+
+
+@pytest.fixture(scope="session")
+def hard_edit(editor, tiny_checkpoint, office_frames):
+  from s3jax import editing
+  _, frames = office_frames
+  clf = editing.load_classifier(tiny_checkpoint / "classifier")
+  out, report, crops = editor.edit_video(frames, "Smiling", 1.0, blend="hard", classifier=clf,
+                                         return_crops=True)
+  return frames, out, report, crops
+
+
+def test_output_shape_and_edit_changes_face(hard_edit):
+  frames, out, report, _ = hard_edit
+  assert out.shape == frames.shape and out.dtype == np.uint8
+  assert report["num_frames"] == NUM_FRAMES
+  assert report["frame_size"] == [frames.shape[2], frames.shape[1]]
+  assert report["edited_frames"] == NUM_FRAMES
+  assert np.abs(out.astype(int) - frames.astype(int)).sum() > 0
+
+
+@pytest.mark.parametrize("blend", ["hard", "feather"])
+def test_outside_dilated_mask_unchanged(blend, editor, hard_edit, tiny_checkpoint):
+  from s3jax import editing, video
+  frames, out_hard, _, crops = hard_edit
+  code = editor.encode(frames)
+  assert code.cache_hit  # the second encode of the clip comes from the cache
+  out = out_hard if blend == "hard" else editor.paste(frames, code, crops, blend)
+  for j, i in enumerate(code.frame_indices):
+    _, _, support = video.paste_back(frames[i], crops[j], code.quads[i], code.masks[j],
+                                     blend=blend, return_mask=True)
+    assert support.any() and not support.all()
+    np.testing.assert_array_equal(out[i][~support], frames[i][~support])
+
+
+def test_strength_zero_is_ddim_reconstruction(editor, office_frames, tiny_checkpoint):
+  from s3jax import editing
+  _, frames = office_frames
+  clf = editing.load_classifier(tiny_checkpoint / "classifier")
+  code = editor.encode(frames)
+  recon = editor.reconstruct(code)
+  out0, report0, crops0 = editor.edit_video(frames, "Eyeglasses", 0.0, classifier=clf,
+                                            compute_metrics=False, return_crops=True)
+  assert np.abs(crops0.astype(int) - recon.astype(int)).max() <= 1
+  pasted = editor.paste(frames, code, recon, "hard")
+  assert np.abs(out0.astype(int) - pasted.astype(int)).max() <= 1
+  assert report0["z_id_cosine_to_original"] == pytest.approx(1.0, abs=1e-6)
+  # A non-zero strength does change the decoded crops.
+  crops1 = editor.decode(code, editing.edit_z_id(code.z_id, clf, "Eyeglasses", 2.0))
+  assert np.abs(crops1.astype(int) - recon.astype(int)).max() > 1
+
+
+def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_checkpoint,
+                                                  tmp_path):
+  from s3jax import edit, video
+  folder, frames = office_frames
+  out = tmp_path / "edited.mp4"
+  png_dir = tmp_path / "png"
+  report = edit.run_edit(tiny_checkpoint, str(folder), "Smiling", 0.5, str(out), steps=STEPS,
+                         blend="feather", side_by_side=True, png_dir=str(png_dir),
+                         video_editor=editor)
+  written, fps = video.read_frames(out)
+  assert written.shape == frames.shape
+  assert fps == pytest.approx(video.DEFAULT_FOLDER_FPS, rel=1e-3)
+  assert (tmp_path / "edited.side_by_side.mp4").exists()
+  assert len(list(png_dir.glob("*.png"))) == NUM_FRAMES
+  rpath = edit.report_path(out)
+  assert rpath.exists() and rpath == tmp_path / "edited.report.json"
+  rep = json.loads(rpath.read_text())
+  for key in ("num_frames", "frame_size", "fps", "attribute", "strength", "steps", "blend",
+              "frames_without_face", "interpolated", "passthrough", "cache", "timings_s",
+              "identity", "input", "output", "checkpoint", "model_hash"):
+    assert key in rep, key
+  for stage in ("read", "align", "features", "invert", "decode", "paste", "write", "total"):
+    assert stage in rep["timings_s"] or rep["cache"]["hit"] and stage in ("align", "features",
+                                                                         "invert"), stage
+  assert rep["cache"]["hit"] is True   # encoded by the earlier tests
+  assert rep["identity"]["tl_id"] > 0 and rep["identity"]["tg_id"] > 0
+  assert rep["frames_without_face"] == [] and rep["passthrough"] == []
+
+
+def test_unknown_attribute_lists_valid(tiny_checkpoint, office_frames, tmp_path):
+  from s3jax import edit
+  folder, _ = office_frames
+  with pytest.raises(edit.EditError, match="valid attributes: Smiling, Eyeglasses"):
+    edit.run_edit(tiny_checkpoint, str(folder), "Bald", 1.0, str(tmp_path / "x.mp4"))
+
+
+def test_missing_input_and_editor(tiny_checkpoint, tmp_path):
+  from s3jax import edit
+  with pytest.raises(edit.EditError, match="no such video"):
+    edit.run_edit(tiny_checkpoint, str(tmp_path / "nope.mp4"), "Smiling", 1.0,
+                  str(tmp_path / "x.mp4"))
+  with pytest.raises(edit.EditError, match="no classifier"):
+    edit.run_edit(tiny_checkpoint, str(tmp_path), "Smiling", 1.0, str(tmp_path / "x.mp4"),
+                  classifier=str(tmp_path / "absent"))
+  with pytest.raises(edit.EditError, match="S3Editor|s3editor"):
+    edit.run_edit(tiny_checkpoint, str(tmp_path), "Smiling", 1.0, str(tmp_path / "x.mp4"),
+                  editor="s3editor", s3editor=str(tmp_path / "absent"))
+
+
+def test_no_face_video_is_a_clear_error(editor, tiny_checkpoint, tmp_path):
+  import cv2
+  import skimage.data
+  from s3jax import edit
+  coins = skimage.data.coins()
+  folder = tmp_path / "coins"
+  folder.mkdir()
+  for i in range(3):
+    cv2.imwrite(str(folder / f"{i}.png"), np.roll(coins, 5 * i, axis=1))
+  with pytest.raises(edit.EditError, match="no face"):
+    edit.run_edit(tiny_checkpoint, str(folder), "Smiling", 1.0, str(tmp_path / "x.mp4"),
+                  video_editor=editor)
+  # As a program: exit status 1, one line on stderr, no traceback.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "s3jax.edit", "--checkpoint", str(tiny_checkpoint), "--input",
+       str(folder), "--attribute", "Smiling", "--strength", "1", "--out", str(tmp_path / "y.mp4"),
+       "--steps", str(STEPS), "--noprogress"],
+      capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  assert proc.returncode == 1, proc.stderr
+  assert "no face" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  # --list-attributes prints one name a line.
+  proc = subprocess.run(
+      [sys.executable, "-m", "s3jax.edit", "--checkpoint", str(tiny_checkpoint),
+       "--list-attributes"], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["Smiling", "Eyeglasses"]
+
+
+def test_long_gap_passes_through(editor, office_frames, tiny_checkpoint):
+  """Blank frames in a long run pass through unedited and are listed; a short gap is filled."""
+  from s3jax import editing
+  _, frames = office_frames
+  blank = np.full_like(frames[0], 128)
+  # frames: F F B F B B B B B B F  -> frame 2 interpolated, 4..9 a long gap (6 > max_gap 5)
+  seq = np.stack([frames[0], frames[1], blank, frames[2]] + [blank] * 6 + [frames[3]])
+  clf = editing.load_classifier(tiny_checkpoint / "classifier")
+  out, report = editor.edit_video(seq, "Smiling", 1.0, classifier=clf, compute_metrics=False)
+  assert report["passthrough"] == list(range(4, 10))
+  assert 2 in report["interpolated"]
+  assert report["frames_without_face"] == [2, 4, 5, 6, 7, 8, 9]
+  for i in range(4, 10):
+    np.testing.assert_array_equal(out[i], seq[i])
