@@ -27,3 +27,20 @@ def office_clip_dir():
     if not path.is_dir():
         pytest.skip(f"real clip not found at {path} (../shared is absent)")
     return path
+
+
+# Compiled XLA programs are cached on disk for the whole session, so tests (and
+# the subprocesses they start) that build the same jitted function compile once.
+_JAX_CACHE = pathlib.Path(os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax_cache")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+@pytest.fixture(scope="session")
+def sample_data_32(tmp_path_factory):
+    """The embedded sample dataset at 32 px (real faces, dlib features), built once."""
+    from data_prep.sample import ensure_sample_dataset
+    root = tmp_path_factory.mktemp("sample32")
+    ensure_sample_dataset(root, 32)
+    return root

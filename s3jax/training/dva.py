@@ -97,7 +97,7 @@ class DVATask:
                            params=keep(new_params, state.params),
                            ema_params=keep(new_ema, state.ema_params),
                            opt_state=keep(new_opt, state.opt_state))
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    lr=_lr_at(cfg.optim, state.step),
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
@@ -109,19 +109,18 @@ class DVATask:
     def sample(params, image, z_id, z_lnd):
       def eps_fn(x, t, z_face):
         return self.model.apply({"params": params}, x, t, z_face, method="denoise")
-      z_face = self.model.apply({"params": params}, z_id, z_lnd, method="z_face")
-      x_t = diffusion.ddim_invert(eps_fn, image, z_face, steps)
-      recon = diffusion.ddim_sample(eps_fn, x_t, z_face, steps)
-      # Identity swap: another row's z_id with this frame's motion and noise map.
-      z_id_swap = jnp.roll(z_id, 1, axis=0)
-      id_swap = diffusion.ddim_sample(
-          eps_fn, x_t, self.model.apply({"params": params}, z_id_swap, z_lnd,
-                                        method="z_face"), steps)
-      # Motion swap: this identity with another row's landmarks.
-      motion_swap = diffusion.ddim_sample(
-          eps_fn, x_t, self.model.apply({"params": params}, z_id, jnp.roll(z_lnd, 1, axis=0),
-                                        method="z_face"), steps)
-      return jnp.stack([image, recon, id_swap, motion_swap])
+
+      def z_face(zi, zl):
+        return self.model.apply({"params": params}, zi, zl, method="z_face")
+
+      x_t = diffusion.ddim_invert(eps_fn, image, z_face(z_id, z_lnd), steps)
+      # One decode of 3N rows: reconstruction; identity swap (another row's z_id
+      # with this frame's motion and noise map); motion swap (another row's landmarks).
+      conds = jnp.concatenate([z_face(z_id, z_lnd),
+                               z_face(jnp.roll(z_id, 1, axis=0), z_lnd),
+                               z_face(z_id, jnp.roll(z_lnd, 1, axis=0))])
+      decoded = diffusion.ddim_sample(eps_fn, jnp.concatenate([x_t] * 3), conds, steps)
+      return jnp.concatenate([image[None], decoded.reshape((3,) + image.shape)])
 
     return jax.jit(sample)
 

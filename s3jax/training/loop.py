@@ -45,7 +45,10 @@ def _to_host(metrics):
 
 
 def train(config, workdir, task) -> dict:
-  """Runs (or resumes) training to `config.total_steps`. Returns the last logged metrics."""
+  """Runs (or resumes) training to `config.total_steps`.
+
+  Returns {"step", "history": [(step, metrics) at each log point], **last metrics}.
+  """
   is_main = jax.process_index() == 0
   if is_main:
     write_config(workdir, config)
@@ -68,6 +71,7 @@ def train(config, workdir, task) -> dict:
 
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   last_metrics = {}
+  logged = []  # (step, metrics) at every log point, returned to the caller
   pending = None  # (step, metrics) of the step before: checked one step late to keep dispatch async
   history = []
   step = start_step
@@ -100,6 +104,7 @@ def train(config, workdir, task) -> dict:
           last_metrics = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
           last_metrics.pop("finite", None)
           writer.write_scalars(step, last_metrics)
+          logged.append((step, last_metrics))
           history = []
         if getattr(task, "write_samples", None) and (step % config.sample_every == 0 or last):
           task.write_samples(state, step, writer)
@@ -114,7 +119,7 @@ def train(config, workdir, task) -> dict:
     finally:
       checkpointer.close()
       writer.flush()
-  return {"step": step, **last_metrics}
+  return {"step": step, "history": logged, **last_metrics}
 
 
 def _flat_hparams(config):
