@@ -81,7 +81,7 @@ def load_edit_fn(editor: str, checkpoint, classifier_dir=None, s3editor_dir=None
     if not d.exists():
       raise EditError(f"no S3Editor at {d}; train one (configs/s3editor.py) or pass --s3editor")
     fn = load_editor(str(d))
-    names = getattr(fn, "names", None)
+    names = getattr(fn, "names", None) or getattr(fn, "attributes", None)
     return fn, (list(names) if names is not None else None), str(d)
   raise EditError(f"--editor must be classifier or s3editor, got {editor!r}")
 
@@ -145,6 +145,10 @@ def run_edit(checkpoint, input, attribute, strength, out, steps: int = 100,  # p
     raise EditError(f"{input}: {e}") from None
   except editing.UnknownAttributeError as e:
     raise EditError(str(e)) from None
+  except KeyError as e:  # e.g. S3Editor's edit_fn on an attribute outside its pool
+    if "attribute" not in str(e):
+      raise
+    raise EditError(str(e.args[0]) if e.args else str(e)) from None
 
   stage(f"writing {out}")
   t0 = time.perf_counter()
@@ -214,6 +218,12 @@ def main(argv):
   try:
     if FLAGS.checkpoint is None:
       raise EditError("--checkpoint is required")
+    if FLAGS.cache and pathlib.Path(FLAGS.checkpoint).is_dir():
+      # Persist compiled DDIM programs too, so a sweep of CLI runs compiles once.
+      import jax
+      root = pathlib.Path(FLAGS["cache-dir"].value or pathlib.Path(FLAGS.checkpoint) / "edit_cache")
+      jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if FLAGS["list-attributes"].value:
       _, names, source = load_edit_fn(FLAGS.editor, FLAGS.checkpoint, FLAGS.classifier,
                                       FLAGS.s3editor)

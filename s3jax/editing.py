@@ -13,7 +13,8 @@ The procedure (DVA's classifier editing, STIT's video path):
 3. Batched deterministic DDIM inversion x0 -> x_T conditioned on
    ``z_face(z̄_id, z_lnd_i)``: one jitted ``lax.scan``, frames in fixed-size
    chunks (the last one padded), sharded over all devices, compiled once per
-   chunk shape.
+   chunk shape. Inversion and decoding run the same compiled program
+   (``ddim_scan``; the step constants are arguments), so one compile serves both.
 4. ``edit_z_id``: ``l2norm(denorm(norm(z̄_id) + s·√D·w/‖w‖))`` with the
    classifier's weight column ``w`` and D the z_id width (128 dlib, 512 ArcFace).
 5. Batched DDIM decoding from x_T with ``z_face(z̄'_id, z_lnd_i)``.
@@ -228,6 +229,63 @@ def _progress(it, desc, total, enabled):
 
 
 # ---------------------------------------------------------------------------
+# DDIM with the step constants as arguments
+# ---------------------------------------------------------------------------
+def ddim_constants(steps: int, kind: str) -> dict:
+  """Per-step constants of ``diffusion.ddim_invert`` (kind='invert') or ``ddim_sample``
+  ('decode'), in scan order, as numpy arrays of length ``steps``.
+
+  The same float32 values as ``s3jax.diffusion`` uses. Inversion has ``steps - 1`` real
+  steps; a final padding step with ``valid = 0`` leaves x unchanged, so both kinds have
+  the same shapes and share one compiled program.
+  """
+  from s3jax import diffusion  # pylint: disable=g-import-not-at-top
+  sched = diffusion.respaced_schedule(steps)
+  ac = sched["alphas_cumprod"]
+  f32 = lambda a: np.asarray(a, np.float64).astype(np.float32)  # noqa: E731
+  if kind == "invert":
+    idx = np.append(np.arange(steps - 1), steps - 1 if steps > 1 else 0)
+    valid = np.append(np.ones(steps - 1, np.int32), 0)
+    target = f32(sched["alphas_cumprod_next"])
+  elif kind == "decode":
+    idx = np.arange(steps)[::-1]
+    valid = np.ones(steps, np.int32)
+    target = f32(sched["alphas_cumprod_prev"])
+  else:
+    raise ValueError(f"kind must be 'invert' or 'decode', got {kind!r}")
+  return {"t": np.asarray(sched["timesteps"], np.int32)[idx],
+          "sqrt_recip": f32(np.sqrt(1.0 / ac))[idx],
+          "sqrt_recipm1": f32(np.sqrt(1.0 / ac - 1.0))[idx],
+          "a_target": target[idx], "valid": valid}
+
+
+def ddim_scan(eps_fn, x, cond, consts, clip: bool = True):
+  """Deterministic DDIM over ``consts`` (from ``ddim_constants``) in one ``lax.scan``.
+
+  The step is ``s3jax.diffusion``'s: predict eps, x0 (clipped), re-derive eps, move to the
+  target alpha. Steps with ``valid == 0`` are skipped (``lax.cond``, no UNet call).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bshape = (x.shape[0],)
+
+  def step(x, c):
+    def do(x):
+      t = jnp.full(bshape, c["t"], jnp.int32)
+      eps = eps_fn(x, t, cond).astype(x.dtype)
+      x0 = c["sqrt_recip"] * x - c["sqrt_recipm1"] * eps
+      if clip:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = (c["sqrt_recip"] * x - x0) / c["sqrt_recipm1"]
+      a = c["a_target"]
+      return x0 * jnp.sqrt(a) + jnp.sqrt(1.0 - a) * eps
+    return jax.lax.cond(c["valid"] > 0, do, lambda x: x, x), None
+
+  x, _ = jax.lax.scan(step, x, consts)
+  return x
+
+
+# ---------------------------------------------------------------------------
 # The editor
 # ---------------------------------------------------------------------------
 class VideoEditor:
@@ -285,26 +343,20 @@ class VideoEditor:
     self._compiled = {}
 
     model_ = self.model
-    steps_ = self.steps
 
-    def _eps_fn(params):
-      def eps(x, t, z_face):
+    def ddim(params, x, z_id, z_lnd, consts):
+      z_face = model_.apply({"params": params}, z_id, z_lnd, method="z_face")
+
+      def eps_fn(x, t, z_face):
         return model_.apply({"params": params}, x, t, z_face, method="denoise")
-      return eps
+      return ddim_scan(eps_fn, x, z_face, consts)
 
-    def invert(params, x0, z_id, z_lnd):
-      z_face = model_.apply({"params": params}, z_id, z_lnd, method="z_face")
-      return diffusion.ddim_invert(_eps_fn(params), x0, z_face, steps_)
-
-    def decode(params, x_T, z_id, z_lnd):
-      z_face = model_.apply({"params": params}, z_id, z_lnd, method="z_face")
-      return diffusion.ddim_sample(_eps_fn(params), x_T, z_face, steps_)
-
-    shard = (self._repl, self._batch, self._batch, self._batch)
-    self._jit = {
-        "invert": jax.jit(invert, in_shardings=shard, out_shardings=self._batch),
-        "decode": jax.jit(decode, in_shardings=shard, out_shardings=self._batch),
-    }
+    # Inversion and decoding are one program (the step constants are arguments; the
+    # inversion's N-1 steps are padded to N with a skipped step), so one compile serves both.
+    batch = self._batch
+    self._jit = jax.jit(ddim, in_shardings=(self._repl, batch, batch, batch, self._repl),
+                        out_shardings=batch)
+    self._consts = {k: ddim_constants(self.steps, k) for k in ("invert", "decode")}
 
   # -- compiled functions ----------------------------------------------------
   def chunk_size(self, num_frames: int) -> int:
@@ -313,21 +365,26 @@ class VideoEditor:
     return -(-n // self.num_devices) * self.num_devices
 
   def compiled(self, kind: str, chunk: int):
-    """AOT-compiled invert/decode for ``chunk`` frames; returns (fn, compile seconds)."""
+    """The AOT-compiled DDIM scan for ``chunk`` frames (shared by invert and decode).
+
+    Returns (fn, compile seconds spent now); ``kind`` only labels the timing.
+    """
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    key = (kind, chunk)
-    if key not in self._compiled:
+    if chunk not in self._compiled:
       t0 = time.perf_counter()
       s = self.size
+      consts = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
+                            self._consts["decode"])
       args = (self.params,
               jax.ShapeDtypeStruct((chunk, s, s, 3), jnp.float32, sharding=self._batch),
               jax.ShapeDtypeStruct((chunk, self.id_dim), jnp.float32, sharding=self._batch),
-              jax.ShapeDtypeStruct((chunk, 102), jnp.float32, sharding=self._batch))
-      fn = self._jit[kind].lower(*args).compile()
-      self._compiled[key] = (fn, time.perf_counter() - t0)
-      return fn, self._compiled[key][1]
-    return self._compiled[key][0], 0.0
+              jax.ShapeDtypeStruct((chunk, 102), jnp.float32, sharding=self._batch),
+              consts)
+      fn = self._jit.lower(*args).compile()
+      self._compiled[chunk] = fn
+      return fn, time.perf_counter() - t0
+    return self._compiled[chunk], 0.0
 
   def _run_chunks(self, kind: str, x: np.ndarray, z_id: np.ndarray, z_lnd: np.ndarray,
                   timings: dict) -> np.ndarray:
@@ -335,7 +392,9 @@ class VideoEditor:
     m = len(x)
     chunk = self.chunk_size(m)
     fn, compile_s = self.compiled(kind, chunk)
-    timings[f"compile_{kind}"] = timings.get(f"compile_{kind}", 0.0) + compile_s
+    if compile_s:
+      timings["compile"] = timings.get("compile", 0.0) + compile_s
+    consts = jax.device_put(self._consts[kind], self._repl)
     t0 = time.perf_counter()
     outs = []
     n_chunks = -(-m // chunk)
@@ -348,7 +407,7 @@ class VideoEditor:
         return np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
 
       args = [jax.device_put(padded(a), self._batch) for a in (x, z_id, z_lnd)]
-      outs.append((fn(self.params, *args), sl.stop - sl.start))
+      outs.append((fn(self.params, *args, consts), sl.stop - sl.start))
     result = np.concatenate([np.asarray(jax.device_get(o))[:k] for o, k in outs])
     timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - t0
     return result
@@ -446,11 +505,24 @@ class VideoEditor:
     return self.decode(code, code.z_id)
 
   # -- the whole edit --------------------------------------------------------
+  def blend_params(self, blend: str) -> dict:
+    """``paste_back``'s dilate/blur for this model size.
+
+    ``video.BLEND_DEFAULTS`` are in crop pixels of a 256 px crop; they are scaled to the
+    model's crop size so the feather band covers the same part of the face at any size.
+    """
+    from s3jax import video  # pylint: disable=g-import-not-at-top
+    d = video.BLEND_DEFAULTS[blend]
+    return {"dilate": d["dilate"] * self.size / 256.0, "blur": d["blur"] * self.size / 256.0}
+
   def paste(self, frames, code: VideoCode, crops, blend: str = "hard") -> np.ndarray:
+    """Pastes edited crops into copies of ``frames`` (frames not in the code pass through)."""
     from s3jax import video  # pylint: disable=g-import-not-at-top
     out = np.array(frames, copy=True)
+    bp = self.blend_params(blend)
     for j, i in enumerate(code.frame_indices):
-      out[i] = video.paste_back(frames[i], crops[j], code.quads[i], code.masks[j], blend=blend)
+      out[i] = video.paste_back(frames[i], crops[j], code.quads[i], code.masks[j], blend=blend,
+                                **bp)
     return out
 
   def identity_metrics(self, original, edited, code: VideoCode) -> dict:

@@ -114,7 +114,8 @@ def test_outside_dilated_mask_unchanged(blend, editor, hard_edit, tiny_checkpoin
   out = out_hard if blend == "hard" else editor.paste(frames, code, crops, blend)
   for j, i in enumerate(code.frame_indices):
     _, _, support = video.paste_back(frames[i], crops[j], code.quads[i], code.masks[j],
-                                     blend=blend, return_mask=True)
+                                     blend=blend, return_mask=True,
+                                     **editor.blend_params(blend))
     assert support.any() and not support.all()
     np.testing.assert_array_equal(out[i][~support], frames[i][~support])
 
@@ -229,3 +230,26 @@ def test_long_gap_passes_through(editor, office_frames, tiny_checkpoint):
   assert report["frames_without_face"] == [2, 4, 5, 6, 7, 8, 9]
   for i in range(4, 10):
     np.testing.assert_array_equal(out[i], seq[i])
+
+
+def test_ddim_scan_matches_diffusion():
+  """The editor's argument-constant DDIM equals s3jax.diffusion's invert and sample."""
+  import jax
+  import jax.numpy as jnp
+  from s3jax import diffusion, editing
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+  cond = jnp.asarray(r.standard_normal((2, 1, 1, 3)), jnp.float32)
+
+  def eps_fn(x, t, c):
+    return jnp.tanh(0.7 * x + c + t[:, None, None, None] / 1000.0)
+
+  for steps in (10, 20):
+    want_inv = diffusion.ddim_invert(eps_fn, x, cond, steps)
+    got_inv = jax.jit(lambda x, c: editing.ddim_scan(eps_fn, x, cond, c))(
+        x, editing.ddim_constants(steps, "invert"))
+    np.testing.assert_allclose(got_inv, want_inv, atol=1e-5)
+    want_dec = diffusion.ddim_sample(eps_fn, want_inv, cond, steps)
+    got_dec = jax.jit(lambda x, c: editing.ddim_scan(eps_fn, x, cond, c))(
+        want_inv, editing.ddim_constants(steps, "decode"))
+    np.testing.assert_allclose(got_dec, want_dec, atol=1e-5)
