@@ -45,27 +45,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from s3jax.models.unet import UNet, UNetConfig, abstract_params  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_util import conv3x3_rates, timed_rounds  # noqa: E402
 from s3jax.porting.unet_keys import unet_params_to_torch  # noqa: E402
 from s3jax.torch_twin.unet import from_state_dict  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 torch.set_num_interop_threads(1)
-
-
-def timed_rounds(fn, repeats: int, min_time: float) -> list[float]:
-    """Calls/s of `fn` (which blocks) for each of `repeats` rounds, after warm-up."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-6)
-    n = max(1, int(min_time / one))
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rates.append(n / (time.perf_counter() - t0))
-    return rates
 
 
 def random_params(cfg, seed=0):
@@ -109,40 +96,8 @@ def bench_unet(name, cfg, batch):
                 jax_compile_s=compile_s, outputs_rel_diff=agree)
 
 
-def bench_conv(batch=8, ch=64, size=64, layers=2):
-    """Forward+backward of a stack of 3x3 convs (stride 1, same padding, ReLU between)."""
-    r = np.random.default_rng(2)
-    x = r.standard_normal((batch, size, size, ch)).astype(np.float32)
-    ws = [r.standard_normal((3, 3, ch, ch)).astype(np.float32) * 0.05 for _ in range(layers)]
-    flop = 3 * layers * 2 * batch * size * size * ch * ch * 9  # fwd + dgrad + wgrad
-
-    def f(ws, x):
-        h = x
-        for w in ws:
-            h = jax.nn.relu(jax.lax.conv_general_dilated(
-                h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-        return jnp.sum(h)
-
-    g = jax.jit(jax.grad(f, argnums=(0, 1)))
-    jws, jx = [jnp.asarray(w) for w in ws], jnp.asarray(x)
-    xla = timed_rounds(lambda: jax.block_until_ready(g(jws, jx)), ARGS.repeats, ARGS.min_time)
-
-    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-    tws = [torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_(True) for w in ws]
-
-    def tstep():
-        h = tx
-        for w in tws:
-            h = torch.relu(torch.nn.functional.conv2d(h, w, padding=1))
-        grads = torch.autograd.grad(h.sum(), [*tws, tx])
-        return grads
-
-    tor = timed_rounds(tstep, ARGS.repeats, ARGS.min_time)
-    return dict(batch=batch, channels=ch, size=size, layers=layers,
-                gflop_per_step=flop / 1e9,
-                xla_gflops=statistics.median(xla) * flop / 1e9,
-                torch_gflops=statistics.median(tor) * flop / 1e9,
-                xla_steps_per_s=xla, torch_steps_per_s=tor)
+def bench_conv():
+    return conv3x3_rates(ARGS.repeats, ARGS.min_time)
 
 
 def bench_matmul(n=2048):

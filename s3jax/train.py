@@ -26,8 +26,9 @@ def maybe_initialize_distributed() -> None:
   """Initialises jax.distributed when the environment describes a multi-process job."""
   import jax
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    if os.environ.get("S3JAX_CPU_COLLECTIVES", "gloo") and jax.default_backend() == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Only affects the CPU backend (multi-process CPU runs need gloo collectives);
+    # the backend must not be touched before initialize(), so set it unconditionally.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
