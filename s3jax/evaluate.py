@@ -26,7 +26,8 @@ is the DDIM reconstruction. Metrics per cell (mean over the video's frames):
   classifier, applied to the *re-encoded* z_id (the dlib descriptor of the output
   crop, i.e. exactly the z_id encoder), puts on the side of the edit
   (logit > 0 for strength > 0, < 0 for strength < 0); ``attr_logit_gain`` is the
-  mean logit change in the direction of the edit;
+  mean logit change in the direction of the edit relative to the *reconstruction*
+  (so that reconstruction error, which moves the logit too, is not credited to the edit);
 * ``locality``: mean |output - input| outside the landmark-hull video mask, in
   [-1, 1] units (0 = nothing changed outside the face);
 * ``sec_per_frame``: DDIM decoding wall time per frame (compilation excluded),
@@ -253,16 +254,17 @@ def identity_metrics(e_orig: np.ndarray, e_out: np.ndarray) -> dict:
           "id_preservation": float(metrics.identity_preservation(e_out, e_orig))}
 
 
-def attribute_metrics(classifier, attribute: str, strength: float, e_orig, e_out) -> dict:
-  """Classifier verdict on re-encoded output z_id (see the module docstring)."""
+def attribute_metrics(classifier, attribute: str, strength: float, e_recon, e_out) -> dict:
+  """Classifier verdict on re-encoded output z_id (see the module docstring); the logit gain
+  is measured against the reconstruction's descriptors ``e_recon``."""
   j = classifier.index(attribute)
-  lo = classifier.logits(e_orig)[:, j]
+  lr = classifier.logits(e_recon)[:, j]
   le = classifier.logits(e_out)[:, j]
   sign = float(np.sign(strength))
   if sign == 0:
     return {"attr_success": float("nan"), "attr_logit_gain": float("nan")}
   return {"attr_success": float(np.mean(np.sign(le) == sign)),
-          "attr_logit_gain": float(np.mean((le - lo) * sign))}
+          "attr_logit_gain": float(np.mean((le - lr) * sign))}
 
 
 def locality(orig_u8, out_u8, masks) -> float:
@@ -306,7 +308,10 @@ def _nan_to_none(d: dict) -> dict:
   return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config) -> dict:
+def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config, e_recon=None):
+  """Decodes one cell and measures it -> (metrics dict, output crops).
+
+  ``e_recon``: a callable giving the reconstruction's descriptors (edit cells)."""
   from s3jax import editing
   timings: dict = {}
   if cell.is_recon:
@@ -326,7 +331,7 @@ def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config) -> 
       res["sec_per_frame_encode"] = code.timings["invert"] / m
     res["attr_success"] = res["attr_logit_gain"] = float("nan")
   else:
-    res.update(attribute_metrics(classifier, cell.attribute, cell.strength, e_orig, e_out))
+    res.update(attribute_metrics(classifier, cell.attribute, cell.strength, e_recon(), e_out))
   return res, out
 
 
@@ -392,6 +397,9 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
           else:
             code = code_from_records(editor, clip, timings)
           e_orig = identity_embeddings(code.crops)
+          recon_cell = Cell(label, path, step, clip_name, steps, RECON, 0.0)
+          e_recon = _ReconEmbeddings(workdir / "embeddings" / f"{recon_cell.key(fp)}.npy",
+                                     editor, code)
         except Exception as e:  # pylint: disable=broad-except
           logging.exception("encoding %s failed", clip_name)
           for c in todo:
@@ -403,7 +411,9 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
           if bar:
             bar.set_postfix_str(f"{c.checkpoint} T={c.steps} {c.attribute} {c.strength:+g}")
           try:
-            res, out = run_cell(c, editor, code, classifier, e_orig, lpips_fn, config)
+            res, out = run_cell(c, editor, code, classifier, e_orig, lpips_fn, config, e_recon)
+            if c.is_recon:
+              e_recon.store(out)
             res["status"] = "ok"
             if config.save_samples:
               _save_sample(workdir / "samples" / f"{c.key(fp)}.png", code.crops, out)
@@ -420,6 +430,27 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
   write_outputs(workdir, rows, config)
   logging.info("sweep: ran %d cells; outputs in %s", ran, workdir)
   return rows
+
+
+class _ReconEmbeddings:
+  """Descriptors of the reconstruction of one (checkpoint, video, steps), kept on disk so a
+  resumed sweep need not decode the reconstruction again."""
+
+  def __init__(self, path: pathlib.Path, editor, code):
+    self.path, self.editor, self.code, self.value = path, editor, code, None
+
+  def store(self, recon_crops) -> None:
+    self.value = identity_embeddings(recon_crops)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(self.path, self.value)
+
+  def __call__(self) -> np.ndarray:
+    if self.value is None:
+      if self.path.exists():
+        self.value = np.load(self.path)
+      else:
+        self.store(self.editor.decode(self.code, self.code.z_id))
+    return self.value
 
 
 def _write_cell(path: pathlib.Path, cell: Cell, res: dict) -> None:
