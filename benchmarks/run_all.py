@@ -45,8 +45,10 @@ NOT_HEADLINE = re.compile(r"(^|\.)(config|threads|versions|machine|args)(\.|$)|_
 
 
 def discover(only=None) -> list[str]:
+  # A benchmark is a script: helper modules (no __main__ block) are not run.
   names = sorted(p.stem for p in BENCH_DIR.glob("*.py")
-                 if p.name != SELF and not p.name.startswith("_"))
+                 if p.name != SELF and not p.name.startswith("_")
+                 and "__main__" in p.read_text(errors="replace"))
   names = sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
   if only:
     unknown = set(only) - set(names)
