@@ -33,6 +33,7 @@ def _same(a, b):
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
         assert np.asarray(a[k]).dtype == np.asarray(b[k]).dtype, k
+        assert np.shape(a[k]) == np.shape(b[k]), k
 
 
 # ------------------------------------------------------------------ formats

@@ -153,7 +153,8 @@ def save_state_dict(sd: Mapping[str, Any], path, lightning: bool = False) -> pat
     """
     path = pathlib.Path(path)
     suf = _suffix(path)
-    arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in sd.items()}
+    # np.ascontiguousarray would turn 0-d tensors (num_batches_tracked) into shape (1,).
+    arrays = {k: np.require(_to_numpy(v), requirements="C") for k, v in sd.items()}
     if lightning:
         arrays = _wrap_lightning(arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
