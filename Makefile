@@ -13,10 +13,19 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# Compiled XLA programs are cached here so the later demo steps reuse them.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/runs/.jax_cache
+
 # Train the demo DVA on the embedded sample, then the demo attribute classifier,
-# then edit a sample clip with it.
+# then edit a held-out sample clip with it (input | edit side by side).
 demo: install
 	$(PY) -m s3jax.train --config configs/voxceleb.py:demo --workdir $(DEMO)
+	$(PY) -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir $(DEMO)/classifier
+	$(PY) -m data_prep.sample --clip $(DEMO)/edit/sample_clip.mp4 --frames 24
+	$(PY) -m s3jax.edit --checkpoint $(DEMO) --input $(DEMO)/edit/sample_clip.mp4 \
+	    --attribute Mouth_Wide --strength 1.5 --steps 20 --blend feather --side-by-side \
+	    --out $(DEMO)/edit/edited.mp4
+	@echo "demo outputs: $(DEMO)/samples/, $(DEMO)/classifier/classifier.json, $(DEMO)/edit/"
 
 test: install
 	$(PY) -m pytest -q
