@@ -114,21 +114,25 @@ def _ddim_step_consts(sched: dict, target: str) -> dict:
     }
 
 
+def ddim_step(eps_fn: EpsFn, x: jax.Array, cond, c: dict, clip: bool = True) -> jax.Array:
+    """One deterministic DDIM move of x from timestep c["t"] to the alpha c["a_target"].
+
+    Predicts eps, then x0 (clamped to [-1, 1] when `clip`), re-derives eps from that x0
+    (as the reference does), and steps. `c` holds scalars: t, sqrt_recip, sqrt_recipm1,
+    a_target.
+    """
+    t = jnp.full((x.shape[0],), c["t"], jnp.int32)
+    eps = eps_fn(x, t, cond).astype(x.dtype)
+    x0 = c["sqrt_recip"] * x - c["sqrt_recipm1"] * eps
+    if clip:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (c["sqrt_recip"] * x - x0) / c["sqrt_recipm1"]
+    a = c["a_target"]
+    return x0 * jnp.sqrt(a) + jnp.sqrt(1.0 - a) * eps
+
+
 def _ddim_scan(eps_fn: EpsFn, x: jax.Array, cond, consts: dict, clip: bool) -> jax.Array:
-    bshape = (x.shape[0],)
-
-    def step(x, c):
-        t = jnp.full(bshape, c["t"], jnp.int32)
-        eps = eps_fn(x, t, cond).astype(x.dtype)
-        x0 = c["sqrt_recip"] * x - c["sqrt_recipm1"] * eps
-        if clip:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-        eps = (c["sqrt_recip"] * x - x0) / c["sqrt_recipm1"]
-        a = c["a_target"]
-        x = x0 * jnp.sqrt(a) + jnp.sqrt(1.0 - a) * eps
-        return x, None
-
-    x, _ = jax.lax.scan(step, x, consts)
+    x, _ = jax.lax.scan(lambda x, c: (ddim_step(eps_fn, x, cond, c, clip), None), x, consts)
     return x
 
 

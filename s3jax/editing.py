@@ -262,24 +262,16 @@ def ddim_constants(steps: int, kind: str) -> dict:
 def ddim_scan(eps_fn, x, cond, consts, clip: bool = True):
   """Deterministic DDIM over ``consts`` (from ``ddim_constants``) in one ``lax.scan``.
 
-  The step is ``s3jax.diffusion``'s: predict eps, x0 (clipped), re-derive eps, move to the
-  target alpha. Steps with ``valid == 0`` are skipped (``lax.cond``, no UNet call).
+  Each step is ``s3jax.diffusion.ddim_step``; steps with ``valid == 0`` are skipped
+  (``lax.cond``, no UNet call), so inversion (N-1 steps) and decoding (N steps) have the
+  same shapes and share one compiled program.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  bshape = (x.shape[0],)
+  from s3jax import diffusion  # pylint: disable=g-import-not-at-top
 
   def step(x, c):
-    def do(x):
-      t = jnp.full(bshape, c["t"], jnp.int32)
-      eps = eps_fn(x, t, cond).astype(x.dtype)
-      x0 = c["sqrt_recip"] * x - c["sqrt_recipm1"] * eps
-      if clip:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-      eps = (c["sqrt_recip"] * x - x0) / c["sqrt_recipm1"]
-      a = c["a_target"]
-      return x0 * jnp.sqrt(a) + jnp.sqrt(1.0 - a) * eps
-    return jax.lax.cond(c["valid"] > 0, do, lambda x: x, x), None
+    move = lambda x: diffusion.ddim_step(eps_fn, x, cond, c, clip)  # noqa: E731
+    return jax.lax.cond(c["valid"] > 0, move, lambda x: x, x), None
 
   x, _ = jax.lax.scan(step, x, consts)
   return x

@@ -39,20 +39,8 @@ def maybe_initialize_distributed() -> None:
 
 def run(config, workdir):
   """Builds the task named by config.trainer and trains it. Returns the final metrics."""
-  from s3jax.training import loop, state
-  mesh = state.make_mesh(config.mesh)
-  if config.trainer == "dva":
-    from s3jax.training.dva import DVATask
-    task = DVATask(config, mesh, workdir)
-  elif config.trainer == "classifier":
-    from s3jax.training.classifier import ClassifierTask
-    task = ClassifierTask(config, mesh, workdir)
-  elif config.trainer == "s3editor":
-    from s3jax.training.s3editor import S3EditorTask
-    task = S3EditorTask(config, mesh, workdir)
-  else:
-    raise ValueError(f"config.trainer={config.trainer!r}; expected dva | classifier | s3editor")
-  return loop.train(config, workdir, task)
+  from s3jax.training import runner
+  return runner.run(config, workdir)
 
 
 def main(argv):

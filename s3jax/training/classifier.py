@@ -291,10 +291,9 @@ class ClassifierTask:
     decay = float(self.config.get("ema_decay", 0.0))
     ema = state_lib.ema_update(state.ema_params, params, decay) if decay > 0 else params
     finite = state_lib.all_finite(grads) & jnp.isfinite(loss)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new = TrainState(step=state.step + 1, params=keep(params, state.params),
-                     ema_params=keep(ema, state.ema_params),
-                     opt_state=keep(opt_state, state.opt_state))
+    new = state_lib.keep_if_finite(
+        finite, TrainState(step=state.step + 1, params=params, ema_params=ema,
+                           opt_state=opt_state), state)
     return new, {"loss": loss, "accuracy": acc, "finite": finite.astype(jnp.float32)}
 
   # -- evaluation and export -------------------------------------------------

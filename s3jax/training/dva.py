@@ -40,14 +40,9 @@ class DVATask:
     self.tx = optim.make_optimizer(config.optim)
     self.rng = jax.random.key(config.seed)
 
-    self.abstract_state = jax.eval_shape(self._init, self.rng)
-    self.state_sharding = state_lib.param_sharding(mesh, self.abstract_state)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        self.abstract_state, self.state_sharding)
+    self.abstract_state, self.state_sharding, self.init_state = state_lib.sharded_init(
+        self._init, self.rng, mesh)
     self._batch_sharding = state_lib.batch_sharding(mesh)
-    self.init_state = functools.partial(
-        jax.jit(self._init, out_shardings=self.state_sharding), self.rng)
     self.train_step = jax.jit(
         self._train_step,
         in_shardings=(self.state_sharding, self._batch_sharding),
@@ -92,11 +87,9 @@ class DVATask:
     new_ema = state_lib.ema_update(state.ema_params, new_params, cfg.ema_decay)
     finite = state_lib.all_finite(grads) & jnp.isfinite(metrics["loss"])
     # A non-finite step leaves the state untouched; the loop then stops the run.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + 1,
-                           params=keep(new_params, state.params),
-                           ema_params=keep(new_ema, state.ema_params),
-                           opt_state=keep(new_opt, state.opt_state))
+    new_state = state_lib.keep_if_finite(
+        finite, TrainState(step=state.step + 1, params=new_params, ema_params=new_ema,
+                           opt_state=new_opt), state)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    lr=_lr_at(cfg.optim, state.step),
                    finite=finite.astype(jnp.float32))

@@ -144,29 +144,14 @@ def mean_landmarks_of_data(data_config, max_records: int = 512) -> np.ndarray:
   return (lm.mean(0) + 0.5) / float(data_config.image_size)
 
 
-def _run_trainer(config, workdir):
-  """``s3jax.train.run`` without importing ``s3jax.train`` (its absl flags would be
-  defined twice when it is already running as ``__main__``)."""
-  from s3jax.training import loop  # pylint: disable=g-import-not-at-top
-  mesh = state_lib.make_mesh(config.mesh)
-  if config.trainer == "dva":
-    from s3jax.training.dva import DVATask  # pylint: disable=g-import-not-at-top
-    task = DVATask(config, mesh, workdir)
-  elif config.trainer == "classifier":
-    from s3jax.training.classifier import ClassifierTask  # pylint: disable=g-import-not-at-top
-    task = ClassifierTask(config, mesh, workdir)
-  else:
-    raise ValueError(f"cannot train prerequisite {config.trainer!r}")
-  return loop.train(config, workdir, task)
-
-
 def _train_prereq(config, workdir):
   _ensure_data(config.data)
   workdir = pathlib.Path(workdir)
   logging.info("training prerequisite %s into %s", config.trainer, workdir)
   print(f"s3editor: training prerequisite '{config.trainer}' into {workdir} "
         f"({config.total_steps} steps)", flush=True)
-  _run_trainer(config, str(workdir))
+  from s3jax.training import runner  # pylint: disable=g-import-not-at-top
+  runner.run(config, str(workdir))
   (workdir / DONE_FILE).write_text("done\n")
 
 
@@ -417,14 +402,9 @@ class S3EditorTask:
       frozen["dva"] = p.dva_params
     self.frozen = jax.device_put(frozen, state_lib.replicated(mesh))
 
-    self.abstract_state = jax.eval_shape(self._init, self.rng)
-    self.state_sharding = state_lib.param_sharding(mesh, self.abstract_state)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        self.abstract_state, self.state_sharding)
+    self.abstract_state, self.state_sharding, self.init_state = state_lib.sharded_init(
+        self._init, self.rng, mesh)
     self._batch_sharding = state_lib.batch_sharding(mesh)
-    self.init_state = functools.partial(
-        jax.jit(self._init, out_shardings=self.state_sharding), self.rng)
     self._jit_step = jax.jit(
         self._train_step,
         in_shardings=(self.state_sharding, self._batch_sharding, None),
@@ -613,13 +593,11 @@ class S3EditorTask:
     new_ema = state_lib.ema_update(state.ema_params, new_params, cfg.ema_decay)
     new_ema = optim.zero_groups_like(new_ema, new_params, self.group_spec)
     finite = state_lib.all_finite(grads) & jnp.isfinite(metrics["loss"])
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = TrainState(step=state.step + 1,
-                           params=keep(new_params, state.params),
-                           ema_params=keep(new_ema, state.ema_params),
-                           opt_state=keep(new_opt, state.opt_state))
+    new_state = state_lib.keep_if_finite(
+        finite, TrainState(step=state.step + 1, params=new_params, ema_params=new_ema,
+                           opt_state=new_opt), state)
     metrics = dict(metrics, **extra, **self._sparsity_metrics(new_state.params),
-                   grad_norm=optax.global_norm(grads),
+                   grad_norm=optax.tree.norm(grads),
                    lr=_lr_at(cfg.optim, state.step), finite=finite.astype(jnp.float32))
     return new_state, metrics
 

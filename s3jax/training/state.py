@@ -69,3 +69,27 @@ def ema_update(ema, params, decay):
 def all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves))
+
+
+def keep_if_finite(finite, new_state, old_state):
+  """`new_state` if `finite`, else `old_state` with only its step advanced.
+
+  One `lax.cond` over the whole state: a per-leaf `jnp.where` gives the same
+  result but made XLA's CPU compile of the train step ~8x slower.
+  """
+  return jax.lax.cond(finite, lambda: new_state,
+                      lambda: old_state.replace(step=new_state.step))
+
+
+def sharded_init(init_fn, rng, mesh):
+  """Abstract state (with shardings), its shardings, and a jitted `init_state()`.
+
+  `init_fn(rng) -> TrainState` is traced once abstractly; `init_state()` then
+  creates the state directly in its sharded layout (no host copy).
+  """
+  abstract = jax.eval_shape(init_fn, rng)
+  sharding = param_sharding(mesh, abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, sharding)
+  init_jit = jax.jit(init_fn, out_shardings=sharding)
+  return abstract, sharding, lambda: init_jit(rng)
