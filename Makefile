@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := runs/demo
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo demo-s3editor test bench clean-demo
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: install
 	    --attribute Mouth_Wide --strength 1.5 --steps 20 --blend feather --side-by-side \
 	    --out $(DEMO)/edit/edited.mp4
 	@echo "demo outputs: $(DEMO)/samples/, $(DEMO)/classifier/classifier.json, $(DEMO)/edit/"
+
+# After `make demo`: S3Editor on top of the demo DVA and classifier, then an edit with it.
+demo-s3editor: demo
+	$(PY) -m s3jax.train --config configs/s3editor.py:demo --workdir $(DEMO)/s3editor
+	$(PY) -m s3jax.edit --checkpoint $(DEMO) --input $(DEMO)/edit/sample_clip.mp4 \
+	    --attribute Eyes_Open --strength 1.5 --steps 20 --blend feather --side-by-side \
+	    --editor s3editor --s3editor $(DEMO)/s3editor --out $(DEMO)/edit/edited_s3editor.mp4
 
 test: install
 	$(PY) -m pytest -q
