@@ -548,6 +548,16 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
   return {"summary": agg, "plots": plots}
 
 
+def _save_plot(fig, ax, path: pathlib.Path) -> str:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return str(path)
+
+
 def write_plots(plot_dir: pathlib.Path, agg: Sequence[dict]) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -576,13 +586,7 @@ def write_plots(plot_dir: pathlib.Path, agg: Sequence[dict]) -> list[str]:
     ax.set_xlabel("edit strength")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs strength")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = plot_dir / f"{metric}_vs_strength.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    written.append(str(p))
+    written.append(_save_plot(fig, ax, plot_dir / f"{metric}_vs_strength.png"))
   for metric in ("ssim", "ms_ssim", "psnr", "mse", "lpips", "id_preservation", "tl_id",
                  "sec_per_frame", "attr_success"):
     lines = {}
@@ -603,13 +607,7 @@ def write_plots(plot_dir: pathlib.Path, agg: Sequence[dict]) -> list[str]:
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs DDIM steps" + (" (reconstruction)" if metric != "attr_success"
                                                 else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = plot_dir / f"{metric}_vs_steps.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    written.append(str(p))
+    written.append(_save_plot(fig, ax, plot_dir / f"{metric}_vs_steps.png"))
   return written
 
 
