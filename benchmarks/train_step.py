@@ -45,7 +45,6 @@ ARGS = parse()
 os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import flags  # noqa: E402

@@ -161,6 +161,12 @@ def write_sample_clip(path, identity: str = "grace_hopper", n_frames: int = 24,
     return path
 
 
+def ensure_sample_for(data_config) -> None:
+    """Builds the sample into `data_config.data_dir` when the config asks for it and it is missing."""
+    if data_config.get("build_sample_if_missing"):
+        ensure_sample_dataset(data_config.data_dir, data_config.image_size)
+
+
 def main(argv):
     from absl import flags  # pylint: disable=g-import-not-at-top
     del argv

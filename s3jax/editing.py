@@ -38,7 +38,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 

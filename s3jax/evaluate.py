@@ -50,7 +50,7 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -661,9 +661,9 @@ def main(argv):
   config = flags.FLAGS.config
   if config is None or flags.FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required (see --help)")
-  if config.data.get("build_sample_if_missing") and not config.data.videos:
-    from data_prep.sample import ensure_sample_dataset
-    ensure_sample_dataset(config.data.data_dir, config.data.image_size)
+  if not config.data.videos:
+    from data_prep.sample import ensure_sample_for
+    ensure_sample_for(config.data)
   t0 = time.perf_counter()
   rows = run_sweep(config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
   ok = sum(r.get("status") == "ok" for r in rows)

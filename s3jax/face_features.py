@@ -8,7 +8,6 @@ All landmark inputs are in pixel-index coordinates of the aligned crop (as
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import numpy as np
 

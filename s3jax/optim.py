@@ -384,6 +384,12 @@ def learning_rate_schedule(config):
     return float(lr)
 
 
+def learning_rate_at(config, step):
+    """The learning rate at `step` as a float32 array (for logging inside jit)."""
+    sched = learning_rate_schedule(config)
+    return sched(step) if callable(sched) else jnp.asarray(sched, jnp.float32)
+
+
 def make_optimizer(config, group_spec: Optional[SpecLike] = None,
                    group_lam=None) -> optax.GradientTransformation:
     """The DVA chain: ``clip_by_global_norm(grad_clip)`` then ``adam``.

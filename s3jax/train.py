@@ -48,9 +48,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   maybe_initialize_distributed()
   config = _CONFIG.value
-  if config.get("data", {}).get("build_sample_if_missing"):
-    from data_prep.sample import ensure_sample_dataset
-    ensure_sample_dataset(config.data.data_dir, config.data.image_size)
+  if "data" in config:
+    from data_prep.sample import ensure_sample_for
+    ensure_sample_for(config.data)
   run(config, _WORKDIR.value)
 
 

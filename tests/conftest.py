@@ -13,26 +13,26 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("S3JAX_SHARED", REPO.parent / "shared"))
 
 
+def _shared_or_skip(relative, what):
+    path = SHARED / relative
+    if not path.is_dir():
+        pytest.skip(f"{what} not found at {path} (../shared is absent)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def golden_dir():
-    path = SHARED / "golden" / "dva"
-    if not path.is_dir():
-        pytest.skip(f"golden vectors not found at {path} (../shared is absent)")
-    return path
+    return _shared_or_skip("golden/dva", "golden vectors")
 
 
 @pytest.fixture(scope="session")
 def office_clip_dir():
-    path = SHARED / "data" / "office_clip"
-    if not path.is_dir():
-        pytest.skip(f"real clip not found at {path} (../shared is absent)")
-    return path
+    return _shared_or_skip("data/office_clip", "real clip")
 
 
 # Compiled XLA programs are cached on disk for the whole session, so tests (and
 # the subprocesses they start) that build the same jitted function compile once.
-_JAX_CACHE = pathlib.Path(os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax_cache")))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 

@@ -18,7 +18,7 @@ one-to-one to the reference's ``state_dict`` keys.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -34,7 +34,6 @@ import logging
 import pathlib
 from typing import Any, Mapping, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,17 +179,8 @@ class ExportResult:
 
 def checkpoint_state_dicts(checkpoint_dir, step: Optional[int] = None):
     """(config, step, params sd, EMA sd, frozen-encoder sd) of a workdir, reference names."""
-    import functools
-    from s3jax import optim
-    from s3jax.checkpointing import read_config, restore_state_only
-    from s3jax.training.dva import init_train_state
-    config = read_config(checkpoint_dir)
-    model = make_dva(config.model)
-    tx = optim.make_optimizer(config.optim)
-    abstract = jax.eval_shape(functools.partial(init_train_state, model, tx, config),
-                              jax.random.key(0))
-    state, step = restore_state_only(checkpoint_dir, abstract, step)
-    # Like restore_dva, but both param sets are needed at once.
+    from s3jax.training.dva import restore_dva_state
+    _, state, config, step = restore_dva_state(checkpoint_dir, step)
     params_sd = params_to_torch(state.params, config.model)
     ema_sd = params_to_torch(state.ema_params, config.model)
     frozen = load_frozen_encoders(checkpoint_dir)

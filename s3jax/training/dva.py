@@ -91,7 +91,7 @@ class DVATask:
         finite, TrainState(step=state.step + 1, params=new_params, ema_params=new_ema,
                            opt_state=new_opt), state)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   lr=_lr_at(cfg.optim, state.step),
+                   lr=optim.learning_rate_at(cfg.optim, state.step),
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
 
@@ -139,11 +139,6 @@ class DVATask:
     return self._fixed_sample_batch
 
 
-def _lr_at(optim_config, step):
-  sched = optim.learning_rate_schedule(optim_config)
-  return sched(step) if callable(sched) else jnp.asarray(sched, jnp.float32)
-
-
 def make_grid(rows):
   """(R, N, H, W, 3) in [-1,1] -> one uint8 image, rows stacked vertically."""
   r, n, h, w, _ = rows.shape
@@ -156,11 +151,10 @@ def save_png(path, image):
   Image.fromarray(image).save(path)
 
 
-def restore_dva(workdir, step=None, ema: bool = True):
-  """Loads a trained DVA from a workdir: returns (model, params, config, step).
+def restore_dva_state(workdir, step=None):
+  """Loads a DVA workdir: returns (model, train state, config, step).
 
-  `ema=True` gives the EMA weights (what editing and evaluation use). The
-  model config comes from `workdir/config.json`, so no flags are needed.
+  The model config comes from `workdir/config.json`, so no flags are needed.
   """
   from s3jax.checkpointing import read_config, restore_state_only
   config = read_config(workdir)
@@ -169,4 +163,10 @@ def restore_dva(workdir, step=None, ema: bool = True):
   init = functools.partial(init_train_state, model, tx, config)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state, step = restore_state_only(workdir, abstract, step)
+  return model, state, config, step
+
+
+def restore_dva(workdir, step=None, ema: bool = True):
+  """(model, params, config, step); `ema=True` gives the EMA weights (editing, evaluation)."""
+  model, state, config, step = restore_dva_state(workdir, step)
   return model, (state.ema_params if ema else state.params), config, step

@@ -44,7 +44,6 @@ import optax
 from s3jax import diffusion, input_pipeline, losses, optim
 from s3jax.models import editor as E
 from s3jax.models import id_standin
-from s3jax.models.autoencoder import make_dva
 from s3jax.training import state as state_lib
 from s3jax.training.dva import flatten_frames, make_grid, save_png
 from s3jax.training.state import TrainState
@@ -123,9 +122,8 @@ def _has_checkpoint(workdir) -> bool:
 
 
 def _ensure_data(data_config):
-  if data_config.get("build_sample_if_missing"):
-    from data_prep.sample import ensure_sample_dataset  # pylint: disable=g-import-not-at-top
-    ensure_sample_dataset(data_config.data_dir, data_config.image_size)
+  from data_prep.sample import ensure_sample_for  # pylint: disable=g-import-not-at-top
+  ensure_sample_for(data_config)
 
 
 def _dataset_z_stats(data_config, max_records: int = 512):
@@ -598,7 +596,7 @@ class S3EditorTask:
                            opt_state=new_opt), state)
     metrics = dict(metrics, **extra, **self._sparsity_metrics(new_state.params),
                    grad_norm=optax.tree.norm(grads),
-                   lr=_lr_at(cfg.optim, state.step), finite=finite.astype(jnp.float32))
+                   lr=optim.learning_rate_at(cfg.optim, state.step), finite=finite.astype(jnp.float32))
     return new_state, metrics
 
   def _sparsity_metrics(self, params):
@@ -747,11 +745,6 @@ class S3EditorTask:
              centroids=np.asarray(st.centroids), region_of_landmark=self.region_of_landmark,
              attr_targets=self.attr_target_table, mean_landmarks=self.mean_landmarks,
              hparams=np.asarray(json.dumps(hp)))
-
-
-def _lr_at(optim_config, step):
-  sched = optim.learning_rate_schedule(optim_config)
-  return sched(step) if callable(sched) else jnp.asarray(sched, jnp.float32)
 
 
 # ---------------------------------------------------------------------------
