@@ -1,4 +1,5 @@
 """s3jax: face video editing with Diffusion Video Autoencoders and S3Editor in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 # The tested dependency set (Python 3.11, CPU). jax[cuda12] / jax[tpu] replace

@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmark scripts (medians over rounds, same-run comparisons)."""
+
 from __future__ import annotations
 
 import os
@@ -10,73 +11,93 @@ import time
 
 
 def timed_rounds(fn, repeats: int, min_time: float) -> list[float]:
-    """Calls/s of `fn` (which blocks) for each of `repeats` rounds, after warm-up."""
-    fn()
+  """Calls/s of `fn` (which blocks) for each of `repeats` rounds, after warm-up."""
+  fn()
+  t0 = time.perf_counter()
+  fn()
+  one = max(time.perf_counter() - t0, 1e-6)
+  n = max(1, int(min_time / one))
+  rates = []
+  for _ in range(repeats):
     t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-6)
-    n = max(1, int(min_time / one))
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rates.append(n / (time.perf_counter() - t0))
-    return rates
+    for _ in range(n):
+      fn()
+    rates.append(n / (time.perf_counter() - t0))
+  return rates
 
 
 def conv3x3_rates(repeats: int, min_time: float, batch=8, ch=64, size=64, layers=2) -> dict:
-    """Forward+backward of a stack of 3x3 convs: XLA vs PyTorch GFLOP/s, nominal FLOPs."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-    r = np.random.default_rng(2)
-    x = r.standard_normal((batch, size, size, ch)).astype(np.float32)
-    ws = [r.standard_normal((3, 3, ch, ch)).astype(np.float32) * 0.05 for _ in range(layers)]
-    flop = 3 * layers * 2 * batch * size * size * ch * ch * 9  # fwd + dgrad + wgrad
+  """Forward+backward of a stack of 3x3 convs: XLA vs PyTorch GFLOP/s, nominal FLOPs."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
 
-    def f(ws, x):
-        h = x
-        for w in ws:
-            h = jax.nn.relu(jax.lax.conv_general_dilated(
-                h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-        return jnp.sum(h)
+  r = np.random.default_rng(2)
+  x = r.standard_normal((batch, size, size, ch)).astype(np.float32)
+  ws = [r.standard_normal((3, 3, ch, ch)).astype(np.float32) * 0.05 for _ in range(layers)]
+  flop = 3 * layers * 2 * batch * size * size * ch * ch * 9  # fwd + dgrad + wgrad
 
-    g = jax.jit(jax.grad(f, argnums=(0, 1)))
-    jws, jx = [jnp.asarray(w) for w in ws], jnp.asarray(x)
-    xla = timed_rounds(lambda: jax.block_until_ready(g(jws, jx)), repeats, min_time)
+  def f(ws, x):
+    h = x
+    for w in ws:
+      h = jax.nn.relu(
+          jax.lax.conv_general_dilated(
+              h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+          )
+      )
+    return jnp.sum(h)
 
-    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-    tws = [torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_(True) for w in ws]
+  g = jax.jit(jax.grad(f, argnums=(0, 1)))
+  jws, jx = [jnp.asarray(w) for w in ws], jnp.asarray(x)
+  xla = timed_rounds(lambda: jax.block_until_ready(g(jws, jx)), repeats, min_time)
 
-    def tstep():
-        h = tx
-        for w in tws:
-            h = torch.relu(torch.nn.functional.conv2d(h, w, padding=1))
-        return torch.autograd.grad(h.sum(), [*tws, tx])
+  tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+  tws = [torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_(True) for w in ws]
 
-    tor = timed_rounds(tstep, repeats, min_time)
-    return dict(batch=batch, channels=ch, size=size, layers=layers,
-                gflop_per_step=flop / 1e9,
-                xla_gflops=statistics.median(xla) * flop / 1e9,
-                torch_gflops=statistics.median(tor) * flop / 1e9,
-                xla_steps_per_s=xla, torch_steps_per_s=tor)
+  def tstep():
+    h = tx
+    for w in tws:
+      h = torch.relu(torch.nn.functional.conv2d(h, w, padding=1))
+    return torch.autograd.grad(h.sum(), [*tws, tx])
+
+  tor = timed_rounds(tstep, repeats, min_time)
+  return dict(
+      batch=batch,
+      channels=ch,
+      size=size,
+      layers=layers,
+      gflop_per_step=flop / 1e9,
+      xla_gflops=statistics.median(xla) * flop / 1e9,
+      torch_gflops=statistics.median(tor) * flop / 1e9,
+      xla_steps_per_s=xla,
+      torch_steps_per_s=tor,
+  )
 
 
 def run_info(threads: int) -> dict:
-    import jax
-    import numpy as np
-    import torch
-    return dict(
-        command=" ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
-        when=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        versions=dict(python=platform.python_version(), jax=jax.__version__,
-                      torch=torch.__version__, numpy=np.__version__),
-        threads=dict(requested=threads, torch=torch.get_num_threads(),
-                     xla_flags=os.environ.get("XLA_FLAGS", ""), cpu_count=os.cpu_count()),
-        loadavg_before=os.getloadavg())
+  import jax
+  import numpy as np
+  import torch
+
+  return dict(
+      command=" ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+      when=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      versions=dict(
+          python=platform.python_version(),
+          jax=jax.__version__,
+          torch=torch.__version__,
+          numpy=np.__version__,
+      ),
+      threads=dict(
+          requested=threads,
+          torch=torch.get_num_threads(),
+          xla_flags=os.environ.get("XLA_FLAGS", ""),
+          cpu_count=os.cpu_count(),
+      ),
+      loadavg_before=os.getloadavg(),
+  )
 
 
 def contended(info: dict, threads: int) -> bool:
-    return bool(max(info["loadavg_before"][0], os.getloadavg()[0]) > threads + 0.5)
+  return bool(max(info["loadavg_before"][0], os.getloadavg()[0]) > threads + 0.5)

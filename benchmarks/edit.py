@@ -23,6 +23,7 @@ Three measurements, all on the demo-size DVA (64 px, model_channels 32, mult (1,
 
 `--large` uses more frames and 100 steps for the sweep (takes much longer on a CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--checkpoint", default=None, help="DVA workdir (default: random demo model)")
   p.add_argument("--frames", type=int, default=8, help="frames for fps and the sweep")
@@ -51,11 +53,15 @@ def parse():
   p.add_argument("--strengths", default="-1,-0.5,0.5,1,1.5")
   p.add_argument("--chunk", type=int, default=8)
   p.add_argument("--clip", default=str(ROOT.parent / "shared" / "data" / "office_clip"))
-  p.add_argument("--large", action="store_true",
-                 help="16 frames and a 100-step sweep (slow on a CPU)")
+  p.add_argument(
+      "--large", action="store_true", help="16 frames and a 100-step sweep (slow on a CPU)"
+  )
   p.add_argument("--skip-projection", action="store_true")
-  p.add_argument("--parts", default="single,sweep,projection",
-                 help="subset to run; a subset updates those keys of an existing --out file")
+  p.add_argument(
+      "--parts",
+      default="single,sweep,projection",
+      help="subset to run; a subset updates those keys of an existing --out file",
+  )
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "edit.json"))
   a = p.parse_args()
   if a.large:
@@ -64,9 +70,10 @@ def parse():
 
 
 ARGS = parse()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_multi_thread_eigen=true"
-                           f" intra_op_parallelism_threads={ARGS.threads}").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
+    f" intra_op_parallelism_threads={ARGS.threads}"
+).strip()
 os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
 # Without this, libgomp threads spin-wait and torch runs up to 100x slower on a loaded CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -83,7 +90,7 @@ from s3jax.torch_twin.unet import from_state_dict  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 torch.set_num_interop_threads(1)
-H100_BF16_PEAK = 989.4e12   # dense bf16 TFLOP/s, H100 SXM5
+H100_BF16_PEAK = 989.4e12  # dense bf16 TFLOP/s, H100 SXM5
 UTILISATION = 0.5
 
 
@@ -94,6 +101,7 @@ def demo_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
   from s3jax.checkpointing import Checkpointer, write_config
   from s3jax.models.autoencoder import make_dva
   from s3jax.training.dva import init_train_state
+
   spec = importlib.util.spec_from_file_location("voxceleb_cfg", ROOT / "configs" / "voxceleb.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -101,9 +109,12 @@ def demo_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
   model = make_dva(cfg.model)
   state = init_train_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))
   r = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: (0.05 * r.standard_normal(x.shape)).astype(np.float32)
-                        if x.ndim == 4 and not np.asarray(x).any() else np.asarray(x),
-                        state.params)
+  params = jax.tree.map(
+      lambda x: (0.05 * r.standard_normal(x.shape)).astype(np.float32)
+      if x.ndim == 4 and not np.asarray(x).any()
+      else np.asarray(x),
+      state.params,
+  )
   state = state.replace(params=params, ema_params=params)
   write_config(workdir, cfg)
   ck = Checkpointer(workdir, async_save=False)
@@ -116,6 +127,7 @@ def demo_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
 # The twin: the same DDIM on the PyTorch UNet
 # ---------------------------------------------------------------------------
 class TwinDDIM:
+
   def __init__(self, params, config):
     ucfg = UNetConfig(**{k: v for k, v in dict(config.model.unet).items()})
     self.unet = from_state_dict(ucfg, unet_params_to_torch(params["unet"], ucfg))
@@ -140,7 +152,7 @@ class TwinDDIM:
       x0 = (float(rec[i]) * x - float(recm1[i]) * eps).clamp(-1.0, 1.0)
       eps = (float(rec[i]) * x - x0) / float(recm1[i])
       a = float(tgt[i])
-      x = x0 * a ** 0.5 + (1.0 - a) ** 0.5 * eps
+      x = x0 * a**0.5 + (1.0 - a) ** 0.5 * eps
     return x
 
   @torch.no_grad()
@@ -164,13 +176,18 @@ def _median(xs):
 
 def bench_single_edit(ed: editing.VideoEditor, twin: TwinDDIM, code, steps: int, repeats=2):
   """frames/s of one edit (invert + decode) at `steps`, JAX batched vs twin."""
-  ed_s = editing.VideoEditor(ed.checkpoint_dir, steps=steps, chunk=ed.chunk, cache=False,
-                             model=(ed.model, ed.params, ed.config))
+  ed_s = editing.VideoEditor(
+      ed.checkpoint_dir,
+      steps=steps,
+      chunk=ed.chunk,
+      cache=False,
+      model=(ed.model, ed.params, ed.config),
+  )
   n = len(code.frame_indices)
   x0 = code.crops.astype(np.float32) / 127.5 - 1.0
   z = np.repeat(code.z_id[None], n, 0)
   timings = {}
-  ed_s._run_chunks("invert", x0, z, code.z_lnd, timings)   # compile + warm-up
+  ed_s._run_chunks("invert", x0, z, code.z_lnd, timings)  # compile + warm-up
   ed_s._run_chunks("decode", x0, z, code.z_lnd, timings)
   compile_s = timings.get("compile", 0.0)
   jax_times = []
@@ -183,22 +200,25 @@ def bench_single_edit(ed: editing.VideoEditor, twin: TwinDDIM, code, steps: int,
   # Twin, one frame at a time (the reference procedure).
   t0 = time.perf_counter()
   for i in range(n):
-    xt = twin.invert(x0[i:i + 1], zf[i:i + 1], steps)
-    twin.decode(xt, zf[i:i + 1], steps)
+    xt = twin.invert(x0[i : i + 1], zf[i : i + 1], steps)
+    twin.decode(xt, zf[i : i + 1], steps)
   twin_single = time.perf_counter() - t0
   # Twin batched like the JAX chunks.
   chunk = ed_s.chunk_size(n)
   t0 = time.perf_counter()
   for c in range(0, n, chunk):
-    xt = twin.invert(x0[c:c + chunk], zf[c:c + chunk], steps)
-    twin.decode(xt, zf[c:c + chunk], steps)
+    xt = twin.invert(x0[c : c + chunk], zf[c : c + chunk], steps)
+    twin.decode(xt, zf[c : c + chunk], steps)
   twin_batched = time.perf_counter() - t0
   # Agreement of the two implementations (x_T of the first chunk).
   xt_j = x_T[:chunk]
   xt_t = twin.invert(x0[:chunk], zf[:chunk], steps).numpy().transpose(0, 2, 3, 1)
   jax_t = _median(jax_times)
   return {
-      "steps": steps, "frames": n, "unet_calls_per_frame": 2 * steps - 1, "chunk": chunk,
+      "steps": steps,
+      "frames": n,
+      "unet_calls_per_frame": 2 * steps - 1,
+      "chunk": chunk,
       "jax_batched_frames_per_s": n / jax_t,
       "twin_one_frame_at_a_time_frames_per_s": n / twin_single,
       "twin_batched_frames_per_s": n / twin_batched,
@@ -216,8 +236,9 @@ def _ours_sweep(ckpt, model, frames, strengths, steps, chunk, cache_dir, clf):
   per_edit, reports = [], []
   for s in strengths:
     t1 = time.perf_counter()
-    _, rep = ours.edit_video(frames, "Probe", s, classifier=clf, cache_dir=cache_dir,
-                             compute_metrics=False)
+    _, rep = ours.edit_video(
+        frames, "Probe", s, classifier=clf, cache_dir=cache_dir, compute_metrics=False
+    )
     per_edit.append(time.perf_counter() - t1)
     reports.append(rep)
   return time.perf_counter() - t0, reports, per_edit, ours
@@ -234,8 +255,8 @@ def _reference_sweep(twin, ours, code, frames, strengths, steps, clf):
     zf_new = twin.z_face(np.repeat(z_new[None], n, 0), code.z_lnd)
     crops = []
     for i in range(n):
-      xt = twin.invert(x0[i:i + 1], zf_avg[i:i + 1], steps)
-      crops.append(editing._to_uint8(twin.decode(xt, zf_new[i:i + 1], steps))[0])  # pylint: disable=protected-access
+      xt = twin.invert(x0[i : i + 1], zf_avg[i : i + 1], steps)
+      crops.append(editing._to_uint8(twin.decode(xt, zf_new[i : i + 1], steps))[0])  # pylint: disable=protected-access
     ours.paste(frames, code, np.stack(crops), "hard")
   return time.perf_counter() - t0
 
@@ -255,42 +276,61 @@ def bench_sweep(ckpt, model, frames, strengths, steps, chunk, tmp, rounds=2):
   align_features = code.timings["align"] + code.timings["features"]
   ours_t, ref_t, first = [], [], None
   for r in range(rounds):
-    ref_t.append(_reference_sweep(twin, prep, code, frames, strengths, steps, clf)
-                 + align_features)
-    t, reports, per_edit, _ = _ours_sweep(ckpt, model, frames, strengths, steps, chunk,
-                                          tmp / f"cache{r}", clf)
-    compile_s = sum(v for rep in reports for k, v in rep["timings_s"].items()
-                    if k.startswith("compile"))
+    ref_t.append(_reference_sweep(twin, prep, code, frames, strengths, steps, clf) + align_features)
+    t, reports, per_edit, _ = _ours_sweep(
+        ckpt, model, frames, strengths, steps, chunk, tmp / f"cache{r}", clf
+    )
+    compile_s = sum(
+        v for rep in reports for k, v in rep["timings_s"].items() if k.startswith("compile")
+    )
     ours_t.append(t - compile_s)
     if first is None:
-      first = {"compile_s": compile_s, "reports": reports, "per_edit": per_edit,
-               "total_with_compile": t}
+      first = {
+          "compile_s": compile_s,
+          "reports": reports,
+          "per_edit": per_edit,
+          "total_with_compile": t,
+      }
   ours, ref = _median(ours_t), _median(ref_t)
   return {
-      "frames": len(code.frame_indices), "frame_size": [int(frames.shape[2]), int(frames.shape[1])],
-      "steps": steps, "strengths": strengths, "blend": "hard", "rounds": rounds,
-      "ours_total_s": ours, "ours_rounds_s": ours_t,
+      "frames": len(code.frame_indices),
+      "frame_size": [int(frames.shape[2]), int(frames.shape[1])],
+      "steps": steps,
+      "strengths": strengths,
+      "blend": "hard",
+      "rounds": rounds,
+      "ours_total_s": ours,
+      "ours_rounds_s": ours_t,
       "ours_compile_s (first round, excluded)": first["compile_s"],
       "ours_first_round_total_with_compile_s": first["total_with_compile"],
       "ours_per_edit_s (first round)": first["per_edit"],
       "ours_first_edit_timings_s": first["reports"][0]["timings_s"],
       "ours_cached_edit_timings_s": first["reports"][-1]["timings_s"],
-      "reference_total_s": ref, "reference_rounds_s": ref_t,
+      "reference_total_s": ref,
+      "reference_rounds_s": ref_t,
       "align_features_s (counted once in both)": align_features,
       "ratio_reference_over_ours": ref / ours,
-      "ratio_reference_over_ours_first_round_with_compile":
-          ref_t[0] / first["total_with_compile"],
-      "unet_calls_per_frame": {"ours": (steps - 1) + len(strengths) * steps,
-                               "reference": len(strengths) * (2 * steps - 1)},
+      "ratio_reference_over_ours_first_round_with_compile": ref_t[0] / first["total_with_compile"],
+      "unet_calls_per_frame": {
+          "ours": (steps - 1) + len(strengths) * steps,
+          "reference": len(strengths) * (2 * steps - 1),
+      },
   }
 
 
 def sweep_classifier(config):
   from s3jax.models.autoencoder import id_dim
+
   d = id_dim(config.model)
   r = np.random.default_rng(0)
-  return editing.Classifier(names=["Probe"], weight=r.standard_normal((d, 1)), bias=np.zeros(1),
-                            mean=np.zeros(d), std=np.full(d, 0.09), auc=np.full(1, np.nan))
+  return editing.Classifier(
+      names=["Probe"],
+      weight=r.standard_normal((d, 1)),
+      bias=np.zeros(1),
+      mean=np.zeros(d),
+      std=np.full(d, 0.09),
+      auc=np.full(1, np.nan),
+  )
 
 
 def projection():
@@ -298,6 +338,7 @@ def projection():
   sys.path.insert(0, str(ROOT))
   import importlib.util
   from s3jax.models.autoencoder import make_dva
+
   spec = importlib.util.spec_from_file_location("voxceleb_cfg", ROOT / "configs" / "voxceleb.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -307,9 +348,15 @@ def projection():
   x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   zf = jax.ShapeDtypeStruct((1, cfg.model.unet.embed_channels), jnp.float32)
-  params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1,), jnp.int32),
-      jnp.zeros((1, 128)), jnp.zeros((1, 102)))["params"])
+  params = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0),
+          jnp.zeros((1, s, s, 3)),
+          jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1, 128)),
+          jnp.zeros((1, 102)),
+      )["params"]
+  )
 
   def fwd(p, x, t, zf):
     return model.apply({"params": p}, x, t, zf, method="denoise")
@@ -322,18 +369,22 @@ def projection():
     cost = cost[0]
   flops = float(cost["flops"])
   n_frames, steps = 300, 100
-  calls_edit = 2 * steps - 1         # inversion N-1 + decoding N
+  calls_edit = 2 * steps - 1  # inversion N-1 + decoding N
   first = n_frames * calls_edit * flops
-  again = n_frames * steps * flops   # a further edit of a cached video: decoding only
+  again = n_frames * steps * flops  # a further edit of a cached video: decoding only
   rate = UTILISATION * H100_BF16_PEAK
   return {
       "unet_forward_flops_per_image": flops,
       "unet_forward_gflop_per_image": flops / 1e9,
       "design_md_figure_gflop": 771,
       "xla_compile_s": compile_s,
-      "video": {"frames": n_frames, "size": s, "steps": steps,
-                "unet_calls_per_frame_first_edit": calls_edit,
-                "unet_calls_per_frame_cached_edit": steps},
+      "video": {
+          "frames": n_frames,
+          "size": s,
+          "steps": steps,
+          "unet_calls_per_frame_first_edit": calls_edit,
+          "unet_calls_per_frame_cached_edit": steps,
+      },
       "first_edit_pflop": first / 1e15,
       "first_edit_seconds_h100": first / rate,
       "cached_edit_seconds_h100": again / rate,
@@ -360,12 +411,20 @@ def main():
   result = {
       "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
       "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "torch": torch.__version__, "numpy": np.__version__},
-      "threads": {"requested": ARGS.threads, "torch": torch.get_num_threads(),
-                  "cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
-                  "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                  "xla_flags": os.environ.get("XLA_FLAGS")},
+      "versions": {
+          "python": platform.python_version(),
+          "jax": jax.__version__,
+          "torch": torch.__version__,
+          "numpy": np.__version__,
+      },
+      "threads": {
+          "requested": ARGS.threads,
+          "torch": torch.get_num_threads(),
+          "cpu_count": os.cpu_count(),
+          "loadavg_at_start": os.getloadavg(),
+          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+          "xla_flags": os.environ.get("XLA_FLAGS"),
+      },
       "devices": [str(d) for d in jax.devices()],
   }
   with tempfile.TemporaryDirectory() as tmp:
@@ -390,17 +449,22 @@ def main():
       result["single_edit"].append(r)
     if "sweep" in parts:
       print(f"sweep of {len(strengths)} strengths at {ARGS.sweep_steps} steps ...", flush=True)
-      result["sweep"] = bench_sweep(ckpt, model, frames, strengths, ARGS.sweep_steps, ARGS.chunk,
-                                    tmp)
-      print(json.dumps({k: v for k, v in result["sweep"].items()
-                        if "ratio" in k or "total" in k}), flush=True)
+      result["sweep"] = bench_sweep(
+          ckpt, model, frames, strengths, ARGS.sweep_steps, ARGS.chunk, tmp
+      )
+      print(
+          json.dumps({k: v for k, v in result["sweep"].items() if "ratio" in k or "total" in k}),
+          flush=True,
+      )
   if not result["single_edit"]:
     del result["single_edit"]
   if "projection" in parts:
     print("projection (compiling the paper-size UNet forward) ...", flush=True)
     result["h100_projection"] = projection()
-    print(json.dumps({k: v for k, v in result["h100_projection"].items()
-                      if k != "assumptions"}), flush=True)
+    print(
+        json.dumps({k: v for k, v in result["h100_projection"].items() if k != "assumptions"}),
+        flush=True,
+    )
   result["threads"]["loadavg_at_end"] = os.getloadavg()
   result["notes"] = [
       "2-core CPU shared with other jobs: absolute numbers move with the load (loadavg is "
@@ -414,8 +478,13 @@ def main():
   if parts != {"single", "sweep", "projection"} and out.exists():
     merged = json.loads(out.read_text())
     merged.setdefault("partial_updates", []).append(
-        {"command": result["command"], "when": result["when"], "parts": sorted(parts),
-         "threads": result["threads"]})
+        {
+            "command": result["command"],
+            "when": result["when"],
+            "parts": sorted(parts),
+            "threads": result["threads"],
+        }
+    )
     for k in ("single_edit", "sweep", "h100_projection"):
       if k in result:
         merged[k] = result[k]

@@ -7,6 +7,7 @@ mid config (64 px, model_channels 64, mult (1,2,2,4), batch 4), their ratio, and
 microbenchmark (64 ch, 64 px, batch 8, forward+backward) in GFLOP/s for XLA and PyTorch.
 The thread count must be set before JAX starts, so this script sets XLA_FLAGS itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,20 +24,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--min-time", type=float, default=0.5,
-                   help="seconds per timed round (calls per round are sized from a warm-up)")
-    p.add_argument("--golden", default=str(ROOT.parent / "shared" / "golden" / "dva"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_forward.json"))
-    return p.parse_args()
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument(
+      "--min-time",
+      type=float,
+      default=0.5,
+      help="seconds per timed round (calls per round are sized from a warm-up)",
+  )
+  p.add_argument("--golden", default=str(ROOT.parent / "shared" / "golden" / "dva"))
+  p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_forward.json"))
+  return p.parse_args()
 
 
 ARGS = parse()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_cpu_multi_thread_eigen=true"
-                           f" intra_op_parallelism_threads={ARGS.threads}").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true"
+    f" intra_op_parallelism_threads={ARGS.threads}"
+).strip()
 os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
 
 import jax  # noqa: E402
@@ -56,109 +64,152 @@ torch.set_num_interop_threads(1)
 
 
 def random_params(cfg, seed=0):
-    r = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(
-        lambda l: np.asarray(0.05 * r.standard_normal(l.shape), np.float32), abstract_params(cfg))
+  r = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda l: np.asarray(0.05 * r.standard_normal(l.shape), np.float32), abstract_params(cfg)
+  )
 
 
 def bench_unet(name, cfg, batch):
-    params = random_params(cfg)
-    r = np.random.default_rng(1)
-    s = cfg.image_size
-    x = r.uniform(-1, 1, (batch, s, s, cfg.in_channels)).astype(np.float32)
-    t = np.linspace(0, 999, batch).astype(np.int32)
-    cond = r.standard_normal((batch, cfg.embed_channels)).astype(np.float32)
+  params = random_params(cfg)
+  r = np.random.default_rng(1)
+  s = cfg.image_size
+  x = r.uniform(-1, 1, (batch, s, s, cfg.in_channels)).astype(np.float32)
+  t = np.linspace(0, 999, batch).astype(np.int32)
+  cond = r.standard_normal((batch, cfg.embed_channels)).astype(np.float32)
 
-    apply = jax.jit(UNet(cfg).apply)
-    jp = jax.device_put(params)
-    jx, jt, jc = map(jnp.asarray, (x, t, cond))
-    t0 = time.perf_counter()
-    out_j = np.asarray(apply({"params": jp}, jx, jt, jc))
-    compile_s = time.perf_counter() - t0
-    jax_rates = timed_rounds(lambda: apply({"params": jp}, jx, jt, jc).block_until_ready(),
-                             ARGS.repeats, ARGS.min_time)
+  apply = jax.jit(UNet(cfg).apply)
+  jp = jax.device_put(params)
+  jx, jt, jc = map(jnp.asarray, (x, t, cond))
+  t0 = time.perf_counter()
+  out_j = np.asarray(apply({"params": jp}, jx, jt, jc))
+  compile_s = time.perf_counter() - t0
+  jax_rates = timed_rounds(
+      lambda: apply({"params": jp}, jx, jt, jc).block_until_ready(), ARGS.repeats, ARGS.min_time
+  )
 
-    model = from_state_dict(cfg, unet_params_to_torch(params, cfg))
-    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    tt, tc = torch.from_numpy(t.astype(np.int64)), torch.from_numpy(cond)
+  model = from_state_dict(cfg, unet_params_to_torch(params, cfg))
+  tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  tt, tc = torch.from_numpy(t.astype(np.int64)), torch.from_numpy(cond)
 
-    def torch_call():
-        with torch.inference_mode():
-            return model(tx, tt, tc)
+  def torch_call():
+    with torch.inference_mode():
+      return model(tx, tt, tc)
 
-    out_t = torch_call().numpy().transpose(0, 2, 3, 1)
-    torch_rates = timed_rounds(torch_call, ARGS.repeats, ARGS.min_time)
-    agree = float(np.linalg.norm(out_j - out_t) / max(np.linalg.norm(out_t), 1e-30))
-    jm, tm = statistics.median(jax_rates), statistics.median(torch_rates)
-    return dict(name=name, config=cfg.to_json(), batch=batch,
-                jax_calls_per_s=jm, torch_calls_per_s=tm, jax_over_torch=jm / tm,
-                jax_rates=jax_rates, torch_rates=torch_rates,
-                jax_compile_s=compile_s, outputs_rel_diff=agree)
+  out_t = torch_call().numpy().transpose(0, 2, 3, 1)
+  torch_rates = timed_rounds(torch_call, ARGS.repeats, ARGS.min_time)
+  agree = float(np.linalg.norm(out_j - out_t) / max(np.linalg.norm(out_t), 1e-30))
+  jm, tm = statistics.median(jax_rates), statistics.median(torch_rates)
+  return dict(
+      name=name,
+      config=cfg.to_json(),
+      batch=batch,
+      jax_calls_per_s=jm,
+      torch_calls_per_s=tm,
+      jax_over_torch=jm / tm,
+      jax_rates=jax_rates,
+      torch_rates=torch_rates,
+      jax_compile_s=compile_s,
+      outputs_rel_diff=agree,
+  )
 
 
 def bench_conv():
-    return conv3x3_rates(ARGS.repeats, ARGS.min_time)
+  return conv3x3_rates(ARGS.repeats, ARGS.min_time)
 
 
 def bench_matmul(n=2048):
-    """f32 n x n matmul, as a peak-rate reference for the conv figures."""
-    r = np.random.default_rng(3)
-    a, b = (r.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-    flop = 2 * n ** 3
-    mm = jax.jit(jnp.matmul)
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    xla = timed_rounds(lambda: mm(ja, jb).block_until_ready(), ARGS.repeats, ARGS.min_time)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    tor = timed_rounds(lambda: ta @ tb, ARGS.repeats, ARGS.min_time)
-    return dict(n=n, xla_gflops=statistics.median(xla) * flop / 1e9,
-                torch_gflops=statistics.median(tor) * flop / 1e9)
+  """f32 n x n matmul, as a peak-rate reference for the conv figures."""
+  r = np.random.default_rng(3)
+  a, b = (r.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+  flop = 2 * n**3
+  mm = jax.jit(jnp.matmul)
+  ja, jb = jnp.asarray(a), jnp.asarray(b)
+  xla = timed_rounds(lambda: mm(ja, jb).block_until_ready(), ARGS.repeats, ARGS.min_time)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  tor = timed_rounds(lambda: ta @ tb, ARGS.repeats, ARGS.min_time)
+  return dict(
+      n=n,
+      xla_gflops=statistics.median(xla) * flop / 1e9,
+      torch_gflops=statistics.median(tor) * flop / 1e9,
+  )
 
 
 def main():
-    golden = pathlib.Path(ARGS.golden)
-    io_path = golden / "unet_tiny_io.npz"
-    if io_path.exists():
-        io = np.load(io_path)
-        tiny_cfg, tiny_batch = UNetConfig.from_json(str(io["config"])), int(io["x"].shape[0])
-    else:  # same settings as the golden README describes
-        tiny_cfg = UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2, 2),
-                              num_res_blocks=2, attention_resolutions=(16,))
-        tiny_batch = 3
-    mid_cfg = UNetConfig(image_size=64, model_channels=64, channel_mult=(1, 2, 2, 4),
-                         num_res_blocks=2, attention_resolutions=(16,))
-    load0 = os.getloadavg()
-    results = dict(
-        command=" ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
-        when=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        versions=dict(python=platform.python_version(), jax=jax.__version__,
-                      jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                      torch=torch.__version__, numpy=np.__version__),
-        threads=dict(requested=ARGS.threads, torch=torch.get_num_threads(),
-                     xla_flags=os.environ["XLA_FLAGS"], cpu_count=os.cpu_count()),
-        repeats=ARGS.repeats, statistic="median calls/s over repeats",
-        unet=[bench_unet("tiny (golden config)", tiny_cfg, tiny_batch),
-              bench_unet("mid", mid_cfg, 4)],
-        conv3x3=bench_conv(),
-        matmul=bench_matmul(),
-        flop_convention=("GFLOP/s = nominal FLOPs (2 per multiply-add of direct convolution; "
-                         "fwd + input grad + weight grad) / time. A backend using a reduced-FLOP "
-                         "algorithm (e.g. Winograd) can exceed the matmul rate."),
-        loadavg_before=load0, loadavg_after=os.getloadavg(),
-        contended=bool(max(load0[0], os.getloadavg()[0]) > ARGS.threads + 0.5),
-        note="2-core CPU shared with other jobs; compare numbers from the same run only.",
+  golden = pathlib.Path(ARGS.golden)
+  io_path = golden / "unet_tiny_io.npz"
+  if io_path.exists():
+    io = np.load(io_path)
+    tiny_cfg, tiny_batch = UNetConfig.from_json(str(io["config"])), int(io["x"].shape[0])
+  else:  # same settings as the golden README describes
+    tiny_cfg = UNetConfig(
+        image_size=32,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
     )
-    out = pathlib.Path(ARGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    for u in results["unet"]:
-        print(f"{u['name']}: jax {u['jax_calls_per_s']:.2f} calls/s, torch "
-              f"{u['torch_calls_per_s']:.2f} calls/s, ratio {u['jax_over_torch']:.2f}")
-    c = results["conv3x3"]
-    print(f"conv3x3 fwd+bwd: XLA {c['xla_gflops']:.1f} GFLOP/s, torch {c['torch_gflops']:.1f} GFLOP/s")
-    m = results["matmul"]
-    print(f"matmul {m['n']}^2: XLA {m['xla_gflops']:.1f} GFLOP/s, torch {m['torch_gflops']:.1f} GFLOP/s")
-    print(f"wrote {out}")
+    tiny_batch = 3
+  mid_cfg = UNetConfig(
+      image_size=64,
+      model_channels=64,
+      channel_mult=(1, 2, 2, 4),
+      num_res_blocks=2,
+      attention_resolutions=(16,),
+  )
+  load0 = os.getloadavg()
+  results = dict(
+      command=" ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+      when=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      versions=dict(
+          python=platform.python_version(),
+          jax=jax.__version__,
+          jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+          torch=torch.__version__,
+          numpy=np.__version__,
+      ),
+      threads=dict(
+          requested=ARGS.threads,
+          torch=torch.get_num_threads(),
+          xla_flags=os.environ["XLA_FLAGS"],
+          cpu_count=os.cpu_count(),
+      ),
+      repeats=ARGS.repeats,
+      statistic="median calls/s over repeats",
+      unet=[
+          bench_unet("tiny (golden config)", tiny_cfg, tiny_batch),
+          bench_unet("mid", mid_cfg, 4),
+      ],
+      conv3x3=bench_conv(),
+      matmul=bench_matmul(),
+      flop_convention=(
+          "GFLOP/s = nominal FLOPs (2 per multiply-add of direct convolution; "
+          "fwd + input grad + weight grad) / time. A backend using a reduced-FLOP "
+          "algorithm (e.g. Winograd) can exceed the matmul rate."
+      ),
+      loadavg_before=load0,
+      loadavg_after=os.getloadavg(),
+      contended=bool(max(load0[0], os.getloadavg()[0]) > ARGS.threads + 0.5),
+      note="2-core CPU shared with other jobs; compare numbers from the same run only.",
+  )
+  out = pathlib.Path(ARGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2) + "\n")
+  for u in results["unet"]:
+    print(
+        f"{u['name']}: jax {u['jax_calls_per_s']:.2f} calls/s, torch "
+        f"{u['torch_calls_per_s']:.2f} calls/s, ratio {u['jax_over_torch']:.2f}"
+    )
+  c = results["conv3x3"]
+  print(
+      f"conv3x3 fwd+bwd: XLA {c['xla_gflops']:.1f} GFLOP/s, torch {c['torch_gflops']:.1f} GFLOP/s"
+  )
+  m = results["matmul"]
+  print(
+      f"matmul {m['n']}^2: XLA {m['xla_gflops']:.1f} GFLOP/s, torch {m['torch_gflops']:.1f} GFLOP/s"
+  )
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -15,6 +15,7 @@ global-norm clip, Adam and the EMA update. Also reported, from the same run:
   without remat (compiled abstractly, not run).
 Writes benchmarks/results/train_step.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,16 @@ sys.path.insert(0, str(ROOT / "configs"))
 
 
 def parse():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--steps", type=int, default=8, help="timed steps per side (median)")
-  p.add_argument("--paper", action="store_true",
-                 help="also compile the 256 px paper step abstractly (slow on CPU)")
+  p.add_argument(
+      "--paper",
+      action="store_true",
+      help="also compile the 256 px paper step abstractly (slow on CPU)",
+  )
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
   return p.parse_args()
 
@@ -63,8 +68,14 @@ from s3jax.torch_twin.unet import from_state_dict  # noqa: E402
 from s3jax.training import state as state_lib  # noqa: E402
 from s3jax.training.dva import DVATask  # noqa: E402
 
-MID_UNET = dict(image_size=64, model_channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
-                attention_resolutions=(16,), dropout=0.0)
+MID_UNET = dict(
+    image_size=64,
+    model_channels=64,
+    channel_mult=(1, 2, 2, 4),
+    num_res_blocks=2,
+    attention_resolutions=(16,),
+    dropout=0.0,
+)
 ITEMS, FRAMES = 2, 2
 
 
@@ -79,20 +90,24 @@ def mid_config():
 def synthetic_batch(size, id_dim, seed=0):
   r = np.random.default_rng(seed)
   shape = (ITEMS, FRAMES)
-  return {"image": r.uniform(-1, 1, shape + (size, size, 3)).astype(np.float32),
-          "mask": (r.uniform(size=shape + (size, size, 1)) > 0.5).astype(np.float32),
-          "z_id": r.standard_normal(shape + (id_dim,)).astype(np.float32),
-          "z_lnd": r.uniform(size=shape + (102,)).astype(np.float32)}
+  return {
+      "image": r.uniform(-1, 1, shape + (size, size, 3)).astype(np.float32),
+      "mask": (r.uniform(size=shape + (size, size, 1)) > 0.5).astype(np.float32),
+      "z_id": r.standard_normal(shape + (id_dim,)).astype(np.float32),
+      "z_lnd": r.uniform(size=shape + (102,)).astype(np.float32),
+  }
 
 
 def step_cost(compiled):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
-  return dict(flops=float(cost.get("flops", float("nan"))),
-              temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)),
-              argument_bytes=int(getattr(mem, "argument_size_in_bytes", -1)),
-              output_bytes=int(getattr(mem, "output_size_in_bytes", -1)))
+  return dict(
+      flops=float(cost.get("flops", float("nan"))),
+      temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)),
+      argument_bytes=int(getattr(mem, "argument_size_in_bytes", -1)),
+      output_bytes=int(getattr(mem, "output_size_in_bytes", -1)),
+  )
 
 
 def bench_jax(config, workdir):
@@ -111,8 +126,16 @@ def bench_jax(config, workdir):
     state, m = compiled(state, batch)
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t0)
-  return dict(step_s=times, median_step_s=statistics.median(times), compile_s=compile_s,
-              loss=float(m["loss"]), **step_cost(compiled)), state.params
+  return (
+      dict(
+          step_s=times,
+          median_step_s=statistics.median(times),
+          compile_s=compile_s,
+          loss=float(m["loss"]),
+          **step_cost(compiled),
+      ),
+      state.params,
+  )
 
 
 def bench_torch(config, params):
@@ -127,8 +150,10 @@ def bench_torch(config, params):
   opt = torch.optim.Adam(modules.parameters(), lr=config.optim.lr)
   ema = [p.detach().clone() for p in modules.parameters()]
   ac = torch.from_numpy(diffusion.alphas_cumprod().astype(np.float32))
-  b = {k: torch.from_numpy(v.reshape((-1,) + v.shape[2:]))
-       for k, v in synthetic_batch(config.data.image_size, 128).items()}
+  b = {
+      k: torch.from_numpy(v.reshape((-1,) + v.shape[2:]))
+      for k, v in synthetic_batch(config.data.image_size, 128).items()
+  }
   x0 = b["image"].permute(0, 3, 1, 2).contiguous()
   mask = b["mask"].permute(0, 3, 1, 2).contiguous()
   n = x0.shape[0]
@@ -153,8 +178,9 @@ def bench_torch(config, params):
     opt.step()
     with torch.no_grad():
       torch._foreach_mul_(ema, config.ema_decay)
-      torch._foreach_add_(ema, [p.detach() for p in modules.parameters()],
-                          alpha=1 - config.ema_decay)
+      torch._foreach_add_(
+          ema, [p.detach() for p in modules.parameters()], alpha=1 - config.ema_decay
+      )
     return float(loss)
 
   step()  # warm-up
@@ -169,8 +195,10 @@ def bench_torch(config, params):
 def bench_pipeline(size, workdir):
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import input_pipeline as pipeline_bench  # benchmarks/input_pipeline.py
-  return pipeline_bench.measure_pipeline(size=size, batch_size=ITEMS, frames_per_item=FRAMES,
-                                         repeats=3, batches=20, workdir=workdir)
+
+  return pipeline_bench.measure_pipeline(
+      size=size, batch_size=ITEMS, frames_per_item=FRAMES, repeats=3, batches=20, workdir=workdir
+  )
 
 
 def paper_costs(workdir):
@@ -181,13 +209,17 @@ def paper_costs(workdir):
     c.data.batch_size, c.data.frames_per_item = 1, 1  # one image (2 noisy copies)
     mesh = state_lib.make_mesh(c.mesh)
     task = DVATask(c, mesh, workdir, data_iterator=iter([]))
-    batch = {k: jax.ShapeDtypeStruct((1, 1) + v.shape[2:], v.dtype,
-                                     sharding=state_lib.batch_sharding(mesh))
-             for k, v in synthetic_batch(256, 128).items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (1, 1) + v.shape[2:], v.dtype, sharding=state_lib.batch_sharding(mesh)
+        )
+        for k, v in synthetic_batch(256, 128).items()
+    }
     t0 = time.perf_counter()
     compiled = task.train_step.lower(task.abstract_state, batch).compile()
-    out["remat" if remat else "no_remat"] = dict(compile_s=time.perf_counter() - t0,
-                                                 **step_cost(compiled))
+    out["remat" if remat else "no_remat"] = dict(
+        compile_s=time.perf_counter() - t0, **step_cost(compiled)
+    )
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(task.abstract_state.params))
   out["num_params_trained"] = n_params
   return out
@@ -195,6 +227,7 @@ def paper_costs(workdir):
 
 def main():
   import tempfile
+
   info = run_info(ARGS.threads)
   config = mid_config()
   with tempfile.TemporaryDirectory() as tmp:
@@ -210,26 +243,35 @@ def main():
   result = dict(
       **info,
       mid_config=dict(MID_UNET, images_per_step=images, dtype="float32"),
-      jax=jax_res, torch_twin=torch_res,
-      jax_images_per_s=jax_ips, torch_images_per_s=torch_ips,
+      jax=jax_res,
+      torch_twin=torch_res,
+      jax_images_per_s=jax_ips,
+      torch_images_per_s=torch_ips,
       jax_over_torch=jax_ips / torch_ips,
       jax_step_gflops_per_s=jax_gflops,
-      xla_conv3x3_gflops=conv["xla_gflops"], torch_conv3x3_gflops=conv["torch_gflops"],
+      xla_conv3x3_gflops=conv["xla_gflops"],
+      torch_conv3x3_gflops=conv["torch_gflops"],
       step_rate_vs_xla_conv_rate=jax_gflops / conv["xla_gflops"],
       conv3x3=conv,
       input_pipeline_64px=pipe,
       pipeline_over_step_consumption=pipe["frames_per_s"] / jax_ips,
       paper_256px_step=paper,
       statistic="median over timed steps; ratios from the same run",
-      contended=contended(info, ARGS.threads), loadavg_after=os.getloadavg())
+      contended=contended(info, ARGS.threads),
+      loadavg_after=os.getloadavg(),
+  )
   out = pathlib.Path(ARGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"mid config: JAX {jax_ips:.2f} img/s, twin {torch_ips:.2f} img/s, "
-        f"ratio {jax_ips / torch_ips:.2f}; compile {jax_res['compile_s']:.1f}s")
-  print(f"step {jax_gflops:.1f} GFLOP/s = {result['step_rate_vs_xla_conv_rate']:.0%} of XLA's "
-        f"conv rate ({conv['xla_gflops']:.1f}); pipeline {pipe['frames_per_s']:.0f} frames/s = "
-        f"{result['pipeline_over_step_consumption']:.1f}x the step's consumption")
+  print(
+      f"mid config: JAX {jax_ips:.2f} img/s, twin {torch_ips:.2f} img/s, "
+      f"ratio {jax_ips / torch_ips:.2f}; compile {jax_res['compile_s']:.1f}s"
+  )
+  print(
+      f"step {jax_gflops:.1f} GFLOP/s = {result['step_rate_vs_xla_conv_rate']:.0%} of XLA's "
+      f"conv rate ({conv['xla_gflops']:.1f}); pipeline {pipe['frames_per_s']:.0f} frames/s = "
+      f"{result['pipeline_over_step_consumption']:.1f}x the step's consumption"
+  )
   print(f"wrote {out}")
 
 

@@ -30,16 +30,51 @@ and the photometric labels follow the synthetic lighting, which the dlib
 descriptor is built to ignore: expect AUCs near 1 for the former and lower
 ones for the latter (`<workdir>/classifier.json` has the measured figures).
 """
+
 import ml_collections
 
 CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
-    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
-    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
-    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
-    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
-    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young")
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+)
 
 
 def get_config(arg: str = ""):
@@ -52,29 +87,31 @@ def get_config(arg: str = ""):
   # A DVA workdir whose config.json gives data.data_dir (when data.data_dir is '') and
   # model.face_features (checked against the records' z_id width). '' = none.
   c.dva_workdir = ""
-  c.data = ml_collections.ConfigDict(dict(
-      data_dir="data/celebahq",      # output of `python -m data_prep.celebahq`
-      labels="attributes",          # 'attributes' (records' 40 labels) | 'measured'
-      attribute_names=CELEBA_ATTRIBUTES,
-      train_split="train",
-      test_split="test",            # falls back to train (with a warning) when absent
-      batch_size=256,               # global batch of z_id vectors
-      shuffle_seed=0,
-      build_sample_if_missing=False,
-  ))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          data_dir="data/celebahq",  # output of `python -m data_prep.celebahq`
+          labels="attributes",  # 'attributes' (records' 40 labels) | 'measured'
+          attribute_names=CELEBA_ATTRIBUTES,
+          train_split="train",
+          test_split="test",  # falls back to train (with a warning) when absent
+          batch_size=256,  # global batch of z_id vectors
+          shuffle_seed=0,
+          build_sample_if_missing=False,
+      )
+  )
   c.optim = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0))
-  c.ema_decay = 0.0               # the classifier is convex; EMA off (ema_params = params)
+  c.ema_decay = 0.0  # the classifier is convex; EMA off (ema_params = params)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.total_steps = 5000
   c.log_every = 250
   c.checkpoint_every = 5000
   c.keep_checkpoints = 1
-  c.sample_every = 5000           # evaluates AUC and writes classifier.{json,npz}
+  c.sample_every = 5000  # evaluates AUC and writes classifier.{json,npz}
   if arg == "demo":
     c.dva_workdir = "runs/demo"
-    c.data.data_dir = ""          # from runs/demo/config.json
+    c.data.data_dir = ""  # from runs/demo/config.json
     c.data.labels = "measured"
-    c.data.attribute_names = ()   # MEASURED_ATTRIBUTES
+    c.data.attribute_names = ()  # MEASURED_ATTRIBUTES
     c.data.batch_size = 32
     c.optim.lr = 1e-2
     c.total_steps = 300

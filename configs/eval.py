@@ -12,6 +12,7 @@ and 20 steps: runs in a few minutes on a laptop CPU.
 
 Checkpoints are workdirs: 'DIR' (newest step), 'DIR@STEP' or 'DIR@all' (every kept step).
 """
+
 import ml_collections
 
 
@@ -20,26 +21,28 @@ def get_config(arg: str = ""):
     raise ValueError(f"unknown config variant {arg!r}; use '' or 'demo'")
   c = ml_collections.ConfigDict()
   c.checkpoints = ("runs/dva",)
-  c.classifier = "runs/classifier"      # classifier workdir (classifier.npz); '' = none
-  c.attributes = ("Smiling", "Eyeglasses", "Young", "Male")   # () = reconstruction only
+  c.classifier = "runs/classifier"  # classifier workdir (classifier.npz); '' = none
+  c.attributes = ("Smiling", "Eyeglasses", "Young", "Male")  # () = reconstruction only
   c.strengths = (-1.0, -0.5, 0.5, 1.0, 1.5)
-  c.ddim_steps = (20, 100)              # each must divide 1000 (reference respacing)
+  c.ddim_steps = (20, 100)  # each must divide 1000 (reference respacing)
 
-  c.data = ml_collections.ConfigDict(dict(
-      videos=(),                 # video files or frame folders; () = the held-out split
-      data_dir="data/voxceleb",  # data_prep output (used when `videos` is empty)
-      split="test",
-      image_size=256,            # only for build_sample_if_missing
-      build_sample_if_missing=False,
-      max_videos=8,
-      max_frames=16,             # frames per video (the first ones)
-      resize_width=480,          # downscale given videos while reading (0 = keep)
-  ))
-  c.lpips = ""                   # 'module:function' -> (features_fn, linear_weights); '' = off
-  c.ms_ssim_max_scales = 5       # fewer are used when the crop is too small (see evaluate.py)
-  c.cache_encodings = True       # keep VideoEditor encodings of given videos in workdir
-  c.retry_failed = False         # re-run cells stored as failed
-  c.save_samples = True          # input/output strip per cell in workdir/samples
+  c.data = ml_collections.ConfigDict(
+      dict(
+          videos=(),  # video files or frame folders; () = the held-out split
+          data_dir="data/voxceleb",  # data_prep output (used when `videos` is empty)
+          split="test",
+          image_size=256,  # only for build_sample_if_missing
+          build_sample_if_missing=False,
+          max_videos=8,
+          max_frames=16,  # frames per video (the first ones)
+          resize_width=480,  # downscale given videos while reading (0 = keep)
+      )
+  )
+  c.lpips = ""  # 'module:function' -> (features_fn, linear_weights); '' = off
+  c.ms_ssim_max_scales = 5  # fewer are used when the crop is too small (see evaluate.py)
+  c.cache_encodings = True  # keep VideoEditor encodings of given videos in workdir
+  c.retry_failed = False  # re-run cells stored as failed
+  c.save_samples = True  # input/output strip per cell in workdir/samples
   c.tensorboard = True
 
   if arg == "demo":

@@ -9,6 +9,7 @@ Missing prerequisites are trained at demo size into `<workdir>/prereq` when
 `prereq.train_missing` is set (the demo), else it is an error.
 See docs/s3editor.md for every loss, default and choice.
 """
+
 import ml_collections
 
 
@@ -23,60 +24,72 @@ def get_config(arg: str = ""):
   # Prerequisites.
   c.dva_workdir = "runs/dva"
   c.classifier_dir = "runs/classifier"
-  c.idnet_dir = "runs/id_standin"      # the distilled identity stand-in (no ArcFace weights)
-  c.prereq = ml_collections.ConfigDict(dict(
-      train_missing=False,         # train demo-size prerequisites into <workdir>/prereq
-      dva_steps=150,
-      classifier_steps=0,          # 0: the classifier config's own total_steps
-      classifier_fallback="",      # 'synthetic': random directions when no classifier trainer exists
-      idnet_steps=300,
-      idnet_width=32,
-      idnet_eval_batches=4,
-  ))
+  c.idnet_dir = "runs/id_standin"  # the distilled identity stand-in (no ArcFace weights)
+  c.prereq = ml_collections.ConfigDict(
+      dict(
+          train_missing=False,  # train demo-size prerequisites into <workdir>/prereq
+          dva_steps=150,
+          classifier_steps=0,  # 0: the classifier config's own total_steps
+          classifier_fallback="",  # 'synthetic': random directions when no classifier trainer exists
+          idnet_steps=300,
+          idnet_width=32,
+          idnet_eval_batches=4,
+      )
+  )
 
-  c.data = ml_collections.ConfigDict(dict(
-      data_dir="data/voxceleb",
-      build_sample_if_missing=False,
-      image_size=256,
-      batch_size=8,          # items per global batch
-      frames_per_item=2,
-      shuffle_seed=0,
-      num_workers=0,
-      skip_corrupt=False,
-  ))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          data_dir="data/voxceleb",
+          build_sample_if_missing=False,
+          image_size=256,
+          batch_size=8,  # items per global batch
+          frames_per_item=2,
+          shuffle_seed=0,
+          num_workers=0,
+          skip_corrupt=False,
+      )
+  )
 
   # The editor: K routed residual MLPs on z_id, hidden = R * neurons_per_region.
-  c.editor = ml_collections.ConfigDict(dict(
-      num_clusters=8,
-      num_regions=6,
-      neurons_per_region=32,
-      routing="hard",              # 'hard' | 'soft'
-      temperature=0.1,
-      normalize_output=True,       # x_hat is L2-normalised like z_id
-      attributes=(),               # the pool; () = every classifier attribute with a part table entry
-      min_auc=0.0,                 # drop attributes whose classifier AUC is below this
-      direction_scale=0.0,         # 0: sqrt(D), as DESIGN's classifier edit
-      region_min_fraction=0.25,    # editor.part_regions(min_fraction=...)
-      kmeans_seed=0,
-  ))
+  c.editor = ml_collections.ConfigDict(
+      dict(
+          num_clusters=8,
+          num_regions=6,
+          neurons_per_region=32,
+          routing="hard",  # 'hard' | 'soft'
+          temperature=0.1,
+          normalize_output=True,  # x_hat is L2-normalised like z_id
+          attributes=(),  # the pool; () = every classifier attribute with a part table entry
+          min_auc=0.0,  # drop attributes whose classifier AUC is below this
+          direction_scale=0.0,  # 0: sqrt(D), as DESIGN's classifier edit
+          region_min_fraction=0.25,  # editor.part_regions(min_fraction=...)
+          kmeans_seed=0,
+      )
+  )
   c.strength = ml_collections.ConfigDict(dict(min=0.3, max=1.0))  # |gamma| ~ U(min, max), sign +-1
 
   # Decoding inside the train step: noise the real frame to t, then `steps`
   # deterministic DDIM steps to t=0 (steps=1: one x0 prediction).
   c.decode = ml_collections.ConfigDict(dict(t=500, steps=1))
 
-  c.loss = ml_collections.ConfigDict(dict(
-      id=1.0, faith=1.0, gen=1.0, loc=1.0,
-      reg_coef=1.0,                # L_reg weight inside L_gen (the DVA loss)
-      report_gen=True,             # compute L_gen as a metric when the UNet is frozen
-  ))
+  c.loss = ml_collections.ConfigDict(
+      dict(
+          id=1.0,
+          faith=1.0,
+          gen=1.0,
+          loc=1.0,
+          reg_coef=1.0,  # L_reg weight inside L_gen (the DVA loss)
+          report_gen=True,  # compute L_gen as a metric when the UNet is frozen
+      )
+  )
   c.finetune_unet = False
   # With Adam a group only stays at zero when lr*lam exceeds Adam's step for it,
   # about lr*sqrt(group size): lam must be of order sqrt(npr * (2D + 1)).
   c.sparsity = ml_collections.ConfigDict(dict(lam_in=1.0, lam_out=100.0))
 
-  c.optim = ml_collections.ConfigDict(dict(lr=1e-3, grad_clip=1.0, b1=0.9, b2=0.999,
-                                           warmup_steps=0, unet_lr=1e-5))
+  c.optim = ml_collections.ConfigDict(
+      dict(lr=1e-3, grad_clip=1.0, b1=0.9, b2=0.999, warmup_steps=0, unet_lr=1e-5)
+  )
   c.ema_decay = 0.999
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
@@ -86,7 +99,7 @@ def get_config(arg: str = ""):
   c.keep_checkpoints = 3
   c.sample_every = 2000
   c.num_sample_rows = 4
-  c.eval_steps = 20                # DDIM steps (invert + decode) for the sample grids
+  c.eval_steps = 20  # DDIM steps (invert + decode) for the sample grids
   c.sample_strength = 1.0
   c.sample_attributes = ("Smiling", "Eyeglasses", "Blond_Hair", "Male")
 

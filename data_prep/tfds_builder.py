@@ -63,6 +63,7 @@ Per-video intermediate results ("units") are ``.npz`` files written by
 :func:`save_unit`; builders only pack units into shards, so a rebuild is cheap
 and a killed run loses no alignment/feature work.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,253 +85,265 @@ VIDEO_INDEX_FILE = "video_index.json"
 
 # Keys of a unit (.npz) that hold one PNG per frame (stored as blob + offsets).
 _PNG_KEYS = ("image", "mask", "mask_video")
-_ARRAY_KEYS = ("frame_index", "landmarks", "quad", "z_id", "z_id_flip",
-               "z_lnd", "z_lnd_flip", "interpolated")
+_ARRAY_KEYS = (
+    "frame_index",
+    "landmarks",
+    "quad",
+    "z_id",
+    "z_id_flip",
+    "z_lnd",
+    "z_lnd_flip",
+    "interpolated",
+)
 
 
 # ----------------------------------------------------------------------------
 # PNG helpers
 # ----------------------------------------------------------------------------
 def encode_png(array: np.ndarray) -> bytes:
-    """uint8 (H,W) or (H,W,3) RGB -> PNG bytes (fast, compression level 1)."""
-    array = np.ascontiguousarray(array)
-    if array.dtype != np.uint8:
-        raise ValueError(f"encode_png wants uint8, got {array.dtype}")
-    if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
+  """uint8 (H,W) or (H,W,3) RGB -> PNG bytes (fast, compression level 1)."""
+  array = np.ascontiguousarray(array)
+  if array.dtype != np.uint8:
+    raise ValueError(f"encode_png wants uint8, got {array.dtype}")
+  if array.ndim == 3:
+    array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+  ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+  if not ok:
+    raise ValueError("PNG encoding failed")
+  return buf.tobytes()
 
 
 def decode_png(data: bytes, channels: int = 3) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (H,W,3) RGB or (H,W) gray. Raises ValueError."""
-    flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if array is None:
-        raise ValueError("could not decode image bytes")
-    if channels == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-    return array
+  """PNG/JPEG bytes -> uint8 (H,W,3) RGB or (H,W) gray. Raises ValueError."""
+  flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
+  array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+  if array is None:
+    raise ValueError("could not decode image bytes")
+  if channels == 3:
+    array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+  return array
 
 
 # ----------------------------------------------------------------------------
 # Per-video units
 # ----------------------------------------------------------------------------
 def save_unit(path: str | os.PathLike, unit: dict) -> None:
-    """Atomically writes one video's records (a dict of per-frame arrays).
+  """Atomically writes one video's records (a dict of per-frame arrays).
 
-    ``unit`` keys: ``video_id`` (str), ``identity`` (str), the array keys of
-    the record layout with a leading frame axis N, and ``image``, ``mask``,
-    ``mask_video`` as lists of PNG bytes. ``attributes`` (N, 40) is optional.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = {"video_id": np.array(unit["video_id"]),
-           "identity": np.array(unit["identity"])}
-    for key in _ARRAY_KEYS:
-        out[key] = np.asarray(unit[key])
-    if unit.get("attributes") is not None:
-        out["attributes"] = np.asarray(unit["attributes"], np.int32)
-    for key in _PNG_KEYS:
-        blobs = list(unit[key])
-        offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-        out[key + "_blob"] = np.frombuffer(b"".join(blobs), np.uint8)
-        out[key + "_off"] = offsets
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **out)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+  ``unit`` keys: ``video_id`` (str), ``identity`` (str), the array keys of
+  the record layout with a leading frame axis N, and ``image``, ``mask``,
+  ``mask_video`` as lists of PNG bytes. ``attributes`` (N, 40) is optional.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  out = {"video_id": np.array(unit["video_id"]), "identity": np.array(unit["identity"])}
+  for key in _ARRAY_KEYS:
+    out[key] = np.asarray(unit[key])
+  if unit.get("attributes") is not None:
+    out["attributes"] = np.asarray(unit["attributes"], np.int32)
+  for key in _PNG_KEYS:
+    blobs = list(unit[key])
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    out[key + "_blob"] = np.frombuffer(b"".join(blobs), np.uint8)
+    out[key + "_off"] = offsets
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+  os.close(fd)
+  try:
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def load_unit(path: str | os.PathLike) -> dict:
-    """Inverse of :func:`save_unit`."""
-    with np.load(path, allow_pickle=False) as z:
-        unit = {"video_id": str(z["video_id"]), "identity": str(z["identity"])}
-        for key in _ARRAY_KEYS:
-            unit[key] = z[key]
-        unit["attributes"] = z["attributes"] if "attributes" in z else None
-        for key in _PNG_KEYS:
-            blob, off = z[key + "_blob"].tobytes(), z[key + "_off"]
-            unit[key] = [blob[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-    return unit
+  """Inverse of :func:`save_unit`."""
+  with np.load(path, allow_pickle=False) as z:
+    unit = {"video_id": str(z["video_id"]), "identity": str(z["identity"])}
+    for key in _ARRAY_KEYS:
+      unit[key] = z[key]
+    unit["attributes"] = z["attributes"] if "attributes" in z else None
+    for key in _PNG_KEYS:
+      blob, off = z[key + "_blob"].tobytes(), z[key + "_off"]
+      unit[key] = [blob[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+  return unit
 
 
 def unit_num_frames(path: str | os.PathLike) -> int:
-    with np.load(path, allow_pickle=False) as z:
-        return int(z["frame_index"].shape[0])
+  with np.load(path, allow_pickle=False) as z:
+    return int(z["frame_index"].shape[0])
 
 
 def unit_z_id_dim(path: str | os.PathLike) -> int:
-    with np.load(path, allow_pickle=False) as z:
-        return int(z["z_id"].shape[-1])
+  with np.load(path, allow_pickle=False) as z:
+    return int(z["z_id"].shape[-1])
 
 
 # ----------------------------------------------------------------------------
 # Splits
 # ----------------------------------------------------------------------------
 def split_identities(identities: Iterable[str], test_fraction: float) -> set[str]:
-    """Deterministic identity split: returns the set of *test* identities.
+  """Deterministic identity split: returns the set of *test* identities.
 
-    Identities are ordered by the md5 of their name and the first
-    ``round(test_fraction * n)`` become test (at least one when
-    ``test_fraction > 0`` and there are two or more identities; never all).
-    The assignment of a name depends only on the set of names.
-    """
-    ids = sorted(set(identities), key=lambda s: hashlib.md5(s.encode()).hexdigest())
-    if test_fraction <= 0 or len(ids) < 2:
-        return set()
-    n_test = min(max(1, int(round(test_fraction * len(ids)))), len(ids) - 1)
-    return set(ids[:n_test])
+  Identities are ordered by the md5 of their name and the first
+  ``round(test_fraction * n)`` become test (at least one when
+  ``test_fraction > 0`` and there are two or more identities; never all).
+  The assignment of a name depends only on the set of names.
+  """
+  ids = sorted(set(identities), key=lambda s: hashlib.md5(s.encode()).hexdigest())
+  if test_fraction <= 0 or len(ids) < 2:
+    return set()
+  n_test = min(max(1, int(round(test_fraction * len(ids)))), len(ids) - 1)
+  return set(ids[:n_test])
 
 
 # ----------------------------------------------------------------------------
 # Builders
 # ----------------------------------------------------------------------------
 class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Packs per-video units into ArrayRecord shards (see module docstring).
+  """Packs per-video units into ArrayRecord shards (see module docstring).
 
-    Args (besides the usual TFDS ones, e.g. ``data_dir``):
-      units: ``{split_name: [unit .npz paths]}``; empty splits are dropped.
-      z_id_dim: width D of ``z_id`` / ``z_id_flip``.
-      with_attributes: adds the ``attributes`` (40,) feature.
-    """
+  Args (besides the usual TFDS ones, e.g. ``data_dir``):
+    units: ``{split_name: [unit .npz paths]}``; empty splits are dropped.
+    z_id_dim: width D of ``z_id`` / ``z_id_flip``.
+    with_attributes: adds the ``attributes`` (40,) feature.
+  """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Aligned frames + cached dlib/official face features."}
-    WITH_ATTRIBUTES = False
-    # TFDS derives this through `importlib_resources` (not installed) for
-    # classes inside packages; there are no checksums to find next to it.
-    code_path = epath.Path(__file__)
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Aligned frames + cached dlib/official face features."}
+  WITH_ATTRIBUTES = False
+  # TFDS derives this through `importlib_resources` (not installed) for
+  # classes inside packages; there are no checksums to find next to it.
+  code_path = epath.Path(__file__)
 
-    def __init__(self, *, units: dict[str, Sequence[str]] | None = None,
-                 z_id_dim: int = 128, **kwargs):
-        self._units = {k: list(v) for k, v in (units or {}).items() if v}
-        self._z_id_dim = int(z_id_dim)
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
+  def __init__(
+      self, *, units: dict[str, Sequence[str]] | None = None, z_id_dim: int = 128, **kwargs
+  ):
+    self._units = {k: list(v) for k, v in (units or {}).items() if v}
+    self._z_id_dim = int(z_id_dim)
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        d = self._z_id_dim
-        features = {
-            "video_id": tfds.features.Text(),
-            "identity": tfds.features.Text(),
-            "frame_index": tfds.features.Scalar(np.int32),
-            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "landmarks": tfds.features.Tensor(shape=(68, 2), dtype=np.float32),
-            "quad": tfds.features.Tensor(shape=(4, 2), dtype=np.float32),
-            "mask": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "mask_video": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "z_id": tfds.features.Tensor(shape=(d,), dtype=np.float32),
-            "z_id_flip": tfds.features.Tensor(shape=(d,), dtype=np.float32),
-            "z_lnd": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
-            "z_lnd_flip": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
-            "interpolated": tfds.features.Scalar(np.int32),
+  def _info(self) -> tfds.core.DatasetInfo:
+    d = self._z_id_dim
+    features = {
+        "video_id": tfds.features.Text(),
+        "identity": tfds.features.Text(),
+        "frame_index": tfds.features.Scalar(np.int32),
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "landmarks": tfds.features.Tensor(shape=(68, 2), dtype=np.float32),
+        "quad": tfds.features.Tensor(shape=(4, 2), dtype=np.float32),
+        "mask": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "mask_video": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "z_id": tfds.features.Tensor(shape=(d,), dtype=np.float32),
+        "z_id_flip": tfds.features.Tensor(shape=(d,), dtype=np.float32),
+        "z_lnd": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
+        "z_lnd_flip": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
+        "interpolated": tfds.features.Scalar(np.int32),
+    }
+    if self.WITH_ATTRIBUTES:
+      features["attributes"] = tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.int32)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__.split("\n")[0],
+        features=tfds.features.FeaturesDict(features),
+        disable_shuffling=True,  # keep video/frame order (video_index.json)
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if not self._units:
+      raise ValueError("no units to write: every video failed or none given")
+    return {split: self._generate_examples(paths) for split, paths in self._units.items()}
+
+  def _generate_examples(self, paths):
+    for vi, path in enumerate(paths):
+      unit = load_unit(path)
+      n = len(unit["frame_index"])
+      for i in range(n):
+        rec = {
+            "video_id": unit["video_id"],
+            "identity": unit["identity"],
+            "frame_index": int(unit["frame_index"][i]),
+            "image": unit["image"][i],
+            "landmarks": unit["landmarks"][i].astype(np.float32),
+            "quad": unit["quad"][i].astype(np.float32),
+            "mask": unit["mask"][i],
+            "mask_video": unit["mask_video"][i],
+            "z_id": unit["z_id"][i].astype(np.float32),
+            "z_id_flip": unit["z_id_flip"][i].astype(np.float32),
+            "z_lnd": unit["z_lnd"][i].astype(np.float32),
+            "z_lnd_flip": unit["z_lnd_flip"][i].astype(np.float32),
+            "interpolated": int(unit["interpolated"][i]),
         }
         if self.WITH_ATTRIBUTES:
-            features["attributes"] = tfds.features.Tensor(
-                shape=(NUM_ATTRIBUTES,), dtype=np.int32)
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n")[0],
-            features=tfds.features.FeaturesDict(features),
-            disable_shuffling=True,  # keep video/frame order (video_index.json)
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        if not self._units:
-            raise ValueError("no units to write: every video failed or none given")
-        return {split: self._generate_examples(paths)
-                for split, paths in self._units.items()}
-
-    def _generate_examples(self, paths):
-        for vi, path in enumerate(paths):
-            unit = load_unit(path)
-            n = len(unit["frame_index"])
-            for i in range(n):
-                rec = {
-                    "video_id": unit["video_id"],
-                    "identity": unit["identity"],
-                    "frame_index": int(unit["frame_index"][i]),
-                    "image": unit["image"][i],
-                    "landmarks": unit["landmarks"][i].astype(np.float32),
-                    "quad": unit["quad"][i].astype(np.float32),
-                    "mask": unit["mask"][i],
-                    "mask_video": unit["mask_video"][i],
-                    "z_id": unit["z_id"][i].astype(np.float32),
-                    "z_id_flip": unit["z_id_flip"][i].astype(np.float32),
-                    "z_lnd": unit["z_lnd"][i].astype(np.float32),
-                    "z_lnd_flip": unit["z_lnd_flip"][i].astype(np.float32),
-                    "interpolated": int(unit["interpolated"][i]),
-                }
-                if self.WITH_ATTRIBUTES:
-                    rec["attributes"] = np.asarray(unit["attributes"][i], np.int32)
-                # Keys sort in generation order (video, then frame).
-                yield f"{vi:08d}_{i:06d}", rec
+          rec["attributes"] = np.asarray(unit["attributes"][i], np.int32)
+        # Keys sort in generation order (video, then frame).
+        yield f"{vi:08d}_{i:06d}", rec
 
 
 class VoxcelebFaces(FaceRecordsBuilder):
-    """VoxCeleb-style videos (also the embedded sample dataset)."""
+  """VoxCeleb-style videos (also the embedded sample dataset)."""
 
 
 class CelebahqFaces(FaceRecordsBuilder):
-    """CelebA-HQ images with the 40 attribute labels."""
-    WITH_ATTRIBUTES = True
+  """CelebA-HQ images with the 40 attribute labels."""
+
+  WITH_ATTRIBUTES = True
 
 
-def build_dataset(data_dir: str | os.PathLike,
-                  units: dict[str, Sequence[str]],
-                  builder_cls: type[FaceRecordsBuilder] = VoxcelebFaces,
-                  z_id_dim: int | None = None) -> pathlib.Path:
-    """Writes the shards for ``units`` and returns the version directory.
+def build_dataset(
+    data_dir: str | os.PathLike,
+    units: dict[str, Sequence[str]],
+    builder_cls: type[FaceRecordsBuilder] = VoxcelebFaces,
+    z_id_dim: int | None = None,
+) -> pathlib.Path:
+  """Writes the shards for ``units`` and returns the version directory.
 
-    Rewrites the dataset when the set of units changed since the last build
-    (tracked in ``<version dir>/units.json``); otherwise returns it unchanged.
-    """
-    units = {k: sorted(map(str, v)) for k, v in units.items() if v}
-    all_paths = [p for v in units.values() for p in v]
-    if not all_paths:
-        raise ValueError("no units to write: every video failed or none given")
-    if z_id_dim is None:
-        z_id_dim = unit_z_id_dim(all_paths[0])
-    manifest = {"units": {k: [os.path.basename(p) for p in v] for k, v in units.items()},
-                "mtimes": {os.path.basename(p): os.path.getmtime(p) for p in all_paths},
-                "z_id_dim": z_id_dim}
+  Rewrites the dataset when the set of units changed since the last build
+  (tracked in ``<version dir>/units.json``); otherwise returns it unchanged.
+  """
+  units = {k: sorted(map(str, v)) for k, v in units.items() if v}
+  all_paths = [p for v in units.values() for p in v]
+  if not all_paths:
+    raise ValueError("no units to write: every video failed or none given")
+  if z_id_dim is None:
+    z_id_dim = unit_z_id_dim(all_paths[0])
+  manifest = {
+      "units": {k: [os.path.basename(p) for p in v] for k, v in units.items()},
+      "mtimes": {os.path.basename(p): os.path.getmtime(p) for p in all_paths},
+      "z_id_dim": z_id_dim,
+  }
+  builder = builder_cls(units=units, z_id_dim=z_id_dim, data_dir=os.fspath(data_dir))
+  version_dir = pathlib.Path(builder.data_dir)
+  manifest_path = version_dir / "units.json"
+  if manifest_path.exists():
+    try:
+      if json.loads(manifest_path.read_text()) == manifest:
+        return version_dir
+    except (OSError, ValueError):
+      pass
+  if version_dir.exists():
+    shutil.rmtree(version_dir)
     builder = builder_cls(units=units, z_id_dim=z_id_dim, data_dir=os.fspath(data_dir))
-    version_dir = pathlib.Path(builder.data_dir)
-    manifest_path = version_dir / "units.json"
-    if manifest_path.exists():
-        try:
-            if json.loads(manifest_path.read_text()) == manifest:
-                return version_dir
-        except (OSError, ValueError):
-            pass
-    if version_dir.exists():
-        shutil.rmtree(version_dir)
-        builder = builder_cls(units=units, z_id_dim=z_id_dim, data_dir=os.fspath(data_dir))
-    tfds.disable_progress_bar()  # data_prep shows its own tqdm bar
-    with tempfile.TemporaryDirectory() as dl_dir:
-        builder.download_and_prepare(download_dir=dl_dir)
-    # Record ranges per video, in record order, for the input pipeline.
-    index = {}
-    for split, paths in units.items():
-        start, videos = 0, []
-        for p in paths:
-            unit = load_unit(p)
-            n = len(unit["frame_index"])
-            videos.append({"video_id": unit["video_id"], "identity": unit["identity"],
-                           "start": start, "count": n})
-            start += n
-        index[split] = videos
-    (version_dir / VIDEO_INDEX_FILE).write_text(json.dumps(index, indent=1))
-    manifest_path.write_text(json.dumps(manifest, indent=1))
-    return version_dir
+  tfds.disable_progress_bar()  # data_prep shows its own tqdm bar
+  with tempfile.TemporaryDirectory() as dl_dir:
+    builder.download_and_prepare(download_dir=dl_dir)
+  # Record ranges per video, in record order, for the input pipeline.
+  index = {}
+  for split, paths in units.items():
+    start, videos = 0, []
+    for p in paths:
+      unit = load_unit(p)
+      n = len(unit["frame_index"])
+      videos.append(
+          {"video_id": unit["video_id"], "identity": unit["identity"], "start": start, "count": n}
+      )
+      start += n
+    index[split] = videos
+  (version_dir / VIDEO_INDEX_FILE).write_text(json.dumps(index, indent=1))
+  manifest_path.write_text(json.dumps(manifest, indent=1))
+  return version_dir
 
 
 from s3jax.input_pipeline import find_version_dir  # noqa: E402,F401  (re-export)

@@ -21,6 +21,7 @@ Finally the ok videos are written as the ``voxceleb_faces`` TFDS dataset
 (``DIR/voxceleb_faces/1.0.0``), split train/test by identity (see
 ``tfds_builder.split_identities``). Record layout: ``data_prep/tfds_builder.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,110 +36,151 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    """CLI flags (defined only when run as a program, so modules import together)."""
-    flags.DEFINE_string("videos", None, "A video file, a folder of frames, or a VoxCeleb tree "
-                        "(id*/video_id/*.mp4).")
-    flags.DEFINE_string("out", None, "Output directory (units, report.json, TFDS dataset).")
-    flags.DEFINE_integer("size", 256, "Crop size of the stored frames (px).")
-    flags.DEFINE_integer("workers", 1, "Parallel worker processes (videos in flight).")
-    flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
-    flags.DEFINE_float("test_fraction", 0.1, "Fraction of identities held out as the test split.")
-    flags.DEFINE_integer("max_frames", None, "Read at most this many frames per video.")
-    flags.DEFINE_integer("max_gap", 5, "Longest run of face-less frames that is interpolated.")
-    flags.DEFINE_bool("retry_failed", False, "Re-run videos that failed in an earlier run.")
-    flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
-    flags.DEFINE_alias("test-fraction", "test_fraction")
-    flags.DEFINE_alias("max-frames", "max_frames")
-    flags.DEFINE_alias("retry-failed", "retry_failed")
+  """CLI flags (defined only when run as a program, so modules import together)."""
+  flags.DEFINE_string(
+      "videos",
+      None,
+      "A video file, a folder of frames, or a VoxCeleb tree " "(id*/video_id/*.mp4).",
+  )
+  flags.DEFINE_string("out", None, "Output directory (units, report.json, TFDS dataset).")
+  flags.DEFINE_integer("size", 256, "Crop size of the stored frames (px).")
+  flags.DEFINE_integer("workers", 1, "Parallel worker processes (videos in flight).")
+  flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
+  flags.DEFINE_float("test_fraction", 0.1, "Fraction of identities held out as the test split.")
+  flags.DEFINE_integer("max_frames", None, "Read at most this many frames per video.")
+  flags.DEFINE_integer("max_gap", 5, "Longest run of face-less frames that is interpolated.")
+  flags.DEFINE_bool("retry_failed", False, "Re-run videos that failed in an earlier run.")
+  flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+  flags.DEFINE_alias("test-fraction", "test_fraction")
+  flags.DEFINE_alias("max-frames", "max_frames")
+  flags.DEFINE_alias("retry-failed", "retry_failed")
 
 
 def _load_video(path, max_frames):
-    return common.read_video_or_folder(path, max_frames=max_frames), {}
+  return common.read_video_or_folder(path, max_frames=max_frames), {}
 
 
 def _is_frame_folder(p: pathlib.Path) -> bool:
-    return p.is_dir() and any(c.suffix.lower() in common.IMAGE_EXTS for c in p.iterdir())
+  return p.is_dir() and any(c.suffix.lower() in common.IMAGE_EXTS for c in p.iterdir())
 
 
 def discover_videos(path: str | os.PathLike) -> list[tuple[str, str, str]]:
-    """-> [(source path, video_id, identity)], sorted by video_id.
+  """-> [(source path, video_id, identity)], sorted by video_id.
 
-    Raises FileNotFoundError for a missing path and ValueError when nothing
-    that looks like a video is found.
-    """
-    root = pathlib.Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"--videos path does not exist: {root}")
-    if root.is_file():
-        return [(str(root), root.stem, root.stem)]
-    if _is_frame_folder(root):
-        return [(str(root), root.name, root.name)]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        d = pathlib.Path(dirpath)
-        rel = d.relative_to(root)
-        if d != root and any(pathlib.Path(f).suffix.lower() in common.IMAGE_EXTS
-                             for f in filenames):
-            found.append((str(d), rel.as_posix(), rel.parts[0]))
-            dirnames[:] = []  # a frame folder is a leaf video
-            continue
-        for f in sorted(filenames):
-            if pathlib.Path(f).suffix.lower() in common.VIDEO_EXTS:
-                p = d / f
-                relp = p.relative_to(root)
-                vid = relp.with_suffix("").as_posix()
-                ident = relp.parts[0] if len(relp.parts) > 1 else relp.stem
-                found.append((str(p), vid, ident))
-    if not found:
-        raise ValueError(f"no videos (*.mp4, ...) or frame folders found under {root}")
-    return sorted(found, key=lambda t: t[1])
+  Raises FileNotFoundError for a missing path and ValueError when nothing
+  that looks like a video is found.
+  """
+  root = pathlib.Path(path)
+  if not root.exists():
+    raise FileNotFoundError(f"--videos path does not exist: {root}")
+  if root.is_file():
+    return [(str(root), root.stem, root.stem)]
+  if _is_frame_folder(root):
+    return [(str(root), root.name, root.name)]
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    d = pathlib.Path(dirpath)
+    rel = d.relative_to(root)
+    if d != root and any(pathlib.Path(f).suffix.lower() in common.IMAGE_EXTS for f in filenames):
+      found.append((str(d), rel.as_posix(), rel.parts[0]))
+      dirnames[:] = []  # a frame folder is a leaf video
+      continue
+    for f in sorted(filenames):
+      if pathlib.Path(f).suffix.lower() in common.VIDEO_EXTS:
+        p = d / f
+        relp = p.relative_to(root)
+        vid = relp.with_suffix("").as_posix()
+        ident = relp.parts[0] if len(relp.parts) > 1 else relp.stem
+        found.append((str(p), vid, ident))
+  if not found:
+    raise ValueError(f"no videos (*.mp4, ...) or frame folders found under {root}")
+  return sorted(found, key=lambda t: t[1])
 
 
-def prepare(videos: str, out: str, *, size: int = 256, workers: int = 1,
-            detector: str = "hog", test_fraction: float = 0.1,
-            max_frames: int | None = None, max_gap: int = 5, retry_failed: bool = False,
-            progress: bool = True) -> dict:
-    """Library entry point of the CLI. Returns the report dict (also in out/report.json)."""
-    found = discover_videos(videos)
-    jobs = [common.Job(key=common.safe_key(vid), path=p, video_id=vid, identity=ident,
-                       load=_load_video, load_args=(p, max_frames))
-            for p, vid, ident in found]
-    os.makedirs(out, exist_ok=True)
-    statuses = common.run_jobs(jobs, out, size=size, detector=detector, max_gap=max_gap,
-                               workers=workers, retry_failed=retry_failed, progress=progress)
-    # Split over the identities that have at least one usable video, so a
-    # failed identity cannot take a test slot (train always keeps one).
-    ok_ids = [j.identity for j, st in zip(jobs, statuses) if st and st["status"] == "ok"]
-    test_ids = tfds_builder.split_identities(ok_ids, test_fraction)
-    dataset_dir = common.build_from_statuses(out, jobs, statuses,
-                                             lambda j: j.identity in test_ids,
-                                             tfds_builder.VoxcelebFaces)
-    extra = {"command": " ".join(sys.argv), "size": size, "detector": detector,
-             "dataset_dir": str(dataset_dir) if dataset_dir else None,
-             "test_identities": sorted(test_ids)}
-    return common.write_report(out, statuses, extra)
+def prepare(
+    videos: str,
+    out: str,
+    *,
+    size: int = 256,
+    workers: int = 1,
+    detector: str = "hog",
+    test_fraction: float = 0.1,
+    max_frames: int | None = None,
+    max_gap: int = 5,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> dict:
+  """Library entry point of the CLI. Returns the report dict (also in out/report.json)."""
+  found = discover_videos(videos)
+  jobs = [
+      common.Job(
+          key=common.safe_key(vid),
+          path=p,
+          video_id=vid,
+          identity=ident,
+          load=_load_video,
+          load_args=(p, max_frames),
+      )
+      for p, vid, ident in found
+  ]
+  os.makedirs(out, exist_ok=True)
+  statuses = common.run_jobs(
+      jobs,
+      out,
+      size=size,
+      detector=detector,
+      max_gap=max_gap,
+      workers=workers,
+      retry_failed=retry_failed,
+      progress=progress,
+  )
+  # Split over the identities that have at least one usable video, so a
+  # failed identity cannot take a test slot (train always keeps one).
+  ok_ids = [j.identity for j, st in zip(jobs, statuses) if st and st["status"] == "ok"]
+  test_ids = tfds_builder.split_identities(ok_ids, test_fraction)
+  dataset_dir = common.build_from_statuses(
+      out, jobs, statuses, lambda j: j.identity in test_ids, tfds_builder.VoxcelebFaces
+  )
+  extra = {
+      "command": " ".join(sys.argv),
+      "size": size,
+      "detector": detector,
+      "dataset_dir": str(dataset_dir) if dataset_dir else None,
+      "test_identities": sorted(test_ids),
+  }
+  return common.write_report(out, statuses, extra)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.videos or not FLAGS.out:
-        raise app.UsageError("--videos and --out are required")
-    try:
-        report = prepare(FLAGS.videos, FLAGS.out, size=FLAGS.size, workers=FLAGS.workers,
-                         detector=FLAGS.detector, test_fraction=FLAGS.test_fraction,
-                         max_frames=FLAGS.max_frames, max_gap=FLAGS.max_gap,
-                         retry_failed=FLAGS.retry_failed, progress=FLAGS.progress)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    s = report["summary"]
-    print(f"{s['ok']}/{s['videos']} videos ok, {s['frames_written']} frames written; "
-          f"dataset: {report['dataset_dir']}; report: {os.path.join(FLAGS.out, 'report.json')}")
-    return 0 if report["dataset_dir"] else 1
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.videos or not FLAGS.out:
+    raise app.UsageError("--videos and --out are required")
+  try:
+    report = prepare(
+        FLAGS.videos,
+        FLAGS.out,
+        size=FLAGS.size,
+        workers=FLAGS.workers,
+        detector=FLAGS.detector,
+        test_fraction=FLAGS.test_fraction,
+        max_frames=FLAGS.max_frames,
+        max_gap=FLAGS.max_gap,
+        retry_failed=FLAGS.retry_failed,
+        progress=FLAGS.progress,
+    )
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  s = report["summary"]
+  print(
+      f"{s['ok']}/{s['videos']} videos ok, {s['frames_written']} frames written; "
+      f"dataset: {report['dataset_dir']}; report: {os.path.join(FLAGS.out, 'report.json')}"
+  )
+  return 0 if report["dataset_dir"] else 1
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+  define_flags()
+  app.run(main)

@@ -24,6 +24,7 @@ Coordinate conventions
   and ``paste_matrix`` are the exact 2x3 affines between pixel-index
   coordinates of frame and crop under that convention.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,28 @@ from typing import Iterable, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 __all__ = [
-    "NoFaceError", "AlignResult", "GapFill", "model_path", "get_detector",
-    "get_shape_predictor", "detect_landmarks", "detect_landmarks_batch",
-    "ffhq_quad", "quad_to_cxy", "cxy_to_quad", "smooth_quads",
-    "fill_face_gaps", "crop_matrix", "paste_matrix", "crop_from_quad",
-    "transform_points", "landmarks_in_crop", "predict_landmarks_in_crop",
-    "align_video", "quad_jitter", "CANONICAL_FACE_RECT",
+    "NoFaceError",
+    "AlignResult",
+    "GapFill",
+    "model_path",
+    "get_detector",
+    "get_shape_predictor",
+    "detect_landmarks",
+    "detect_landmarks_batch",
+    "ffhq_quad",
+    "quad_to_cxy",
+    "cxy_to_quad",
+    "smooth_quads",
+    "fill_face_gaps",
+    "crop_matrix",
+    "paste_matrix",
+    "crop_from_quad",
+    "transform_points",
+    "landmarks_in_crop",
+    "predict_landmarks_in_crop",
+    "align_video",
+    "quad_jitter",
+    "CANONICAL_FACE_RECT",
 ]
 
 # Minimum HOG score for a detection to count as a face.  dlib's HOG detector
@@ -61,434 +78,482 @@ CANONICAL_FACE_RECT = (0.186, 0.319, 0.784, 0.916)
 
 
 class NoFaceError(RuntimeError):
-    """No face was found in any frame (or in the image that needs one)."""
+  """No face was found in any frame (or in the image that needs one)."""
 
 
 # --------------------------------------------------------------------------
 # Models (loaded once per process)
 # --------------------------------------------------------------------------
 
+
 def model_path(name: str) -> str:
-    """Absolute path of a dlib model file shipped in ``face_recognition_models``."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the 'face_recognition_models' package is required for the dlib "
-            "models (pip install face_recognition_models); nothing is downloaded")
-    root = list(spec.submodule_search_locations)[0]
-    path = os.path.join(root, "models", name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"dlib model {name!r} not found at {path}")
-    return path
+  """Absolute path of a dlib model file shipped in ``face_recognition_models``."""
+  spec = importlib.util.find_spec("face_recognition_models")
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError(
+        "the 'face_recognition_models' package is required for the dlib "
+        "models (pip install face_recognition_models); nothing is downloaded"
+    )
+  root = list(spec.submodule_search_locations)[0]
+  path = os.path.join(root, "models", name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"dlib model {name!r} not found at {path}")
+  return path
 
 
 @functools.lru_cache(maxsize=None)
 def get_detector(kind: str = "hog"):
-    import dlib
-    if kind == "hog":
-        return dlib.get_frontal_face_detector()
-    if kind == "cnn":
-        return dlib.cnn_face_detection_model_v1(model_path("mmod_human_face_detector.dat"))
-    raise ValueError(f"detector must be 'hog' or 'cnn', got {kind!r}")
+  import dlib
+
+  if kind == "hog":
+    return dlib.get_frontal_face_detector()
+  if kind == "cnn":
+    return dlib.cnn_face_detection_model_v1(model_path("mmod_human_face_detector.dat"))
+  raise ValueError(f"detector must be 'hog' or 'cnn', got {kind!r}")
 
 
 @functools.lru_cache(maxsize=None)
 def get_shape_predictor():
-    import dlib
-    return dlib.shape_predictor(model_path("shape_predictor_68_face_landmarks.dat"))
+  import dlib
+
+  return dlib.shape_predictor(model_path("shape_predictor_68_face_landmarks.dat"))
 
 
 def _as_rgb_uint8(frame) -> np.ndarray:
-    frame = np.asarray(frame)
-    if frame.ndim == 2:
-        frame = np.stack([frame] * 3, axis=-1)
-    if frame.ndim != 3 or frame.shape[-1] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {frame.shape}")
-    frame = frame[..., :3]
-    if frame.dtype != np.uint8:
-        raise ValueError(f"expected uint8 RGB, got dtype {frame.dtype}")
-    return np.ascontiguousarray(frame)
+  frame = np.asarray(frame)
+  if frame.ndim == 2:
+    frame = np.stack([frame] * 3, axis=-1)
+  if frame.ndim != 3 or frame.shape[-1] not in (3, 4):
+    raise ValueError(f"expected an HxWx3 RGB image, got shape {frame.shape}")
+  frame = frame[..., :3]
+  if frame.dtype != np.uint8:
+    raise ValueError(f"expected uint8 RGB, got dtype {frame.dtype}")
+  return np.ascontiguousarray(frame)
 
 
 def _shape_to_array(shape) -> np.ndarray:
-    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+  return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------
 # Detection
 # --------------------------------------------------------------------------
 
+
 def _detect_rects(img: np.ndarray, detector: str, upsample: int, min_score: float):
-    """[(left, top, right, bottom, score)] on ``img`` above ``min_score``."""
-    det = get_detector(detector)
-    out = []
-    if detector == "hog":
-        rects, scores, _ = det.run(img, upsample, 0.0)
-        for r, s in zip(rects, scores):
-            if s >= min_score:
-                out.append((r.left(), r.top(), r.right(), r.bottom(), float(s)))
-    else:
-        for d in det(img, upsample):
-            if d.confidence >= min_score:
-                r = d.rect
-                out.append((r.left(), r.top(), r.right(), r.bottom(), float(d.confidence)))
-    return out
+  """[(left, top, right, bottom, score)] on ``img`` above ``min_score``."""
+  det = get_detector(detector)
+  out = []
+  if detector == "hog":
+    rects, scores, _ = det.run(img, upsample, 0.0)
+    for r, s in zip(rects, scores):
+      if s >= min_score:
+        out.append((r.left(), r.top(), r.right(), r.bottom(), float(s)))
+  else:
+    for d in det(img, upsample):
+      if d.confidence >= min_score:
+        r = d.rect
+        out.append((r.left(), r.top(), r.right(), r.bottom(), float(d.confidence)))
+  return out
 
 
-def detect_landmarks(frame, detector: str = "hog", upsample: Optional[int] = None,
-                     min_score: Optional[float] = None,
-                     detect_max_side: Optional[int] = DEFAULT_DETECT_MAX_SIDE,
-                     return_score: bool = False):
-    """68 landmarks (68, 2) float64 of the largest face in an RGB uint8 frame, or None.
+def detect_landmarks(
+    frame,
+    detector: str = "hog",
+    upsample: Optional[int] = None,
+    min_score: Optional[float] = None,
+    detect_max_side: Optional[int] = DEFAULT_DETECT_MAX_SIDE,
+    return_score: bool = False,
+):
+  """68 landmarks (68, 2) float64 of the largest face in an RGB uint8 frame, or None.
 
-    Detection runs on a copy downscaled so its longer side is at most
-    ``detect_max_side`` (None: full size); the 68-point predictor then runs on
-    the full-resolution frame.  ``upsample=None`` tries 0 and, only if nothing
-    is found, 1 (HOG) -- fast on large faces, still finds faces down to ~40 px.
-    Detections below ``min_score`` (HOG score / mmod confidence) are dropped;
-    among the rest the largest box wins (ties: higher score).
-    With ``return_score=True`` returns ``(landmarks, score)`` (``(None, None)``
-    when nothing is found).
-    """
-    import dlib
-    img = _as_rgb_uint8(frame)
-    if min_score is None:
-        min_score = DEFAULT_HOG_MIN_SCORE if detector == "hog" else DEFAULT_CNN_MIN_SCORE
-    h, w = img.shape[:2]
-    scale = 1.0
-    small = img
-    if detect_max_side is not None and max(h, w) > detect_max_side:
-        import cv2
-        scale = detect_max_side / float(max(h, w))
-        small = cv2.resize(img, (max(1, int(round(w * scale))), max(1, int(round(h * scale)))),
-                           interpolation=cv2.INTER_AREA)
-    ups = [upsample] if upsample is not None else ([0, 1] if detector == "hog" else [0, 1])
-    rects = []
-    for up in ups:
-        rects = _detect_rects(small, detector, up, min_score)
-        if rects:
-            break
-    if not rects:
-        return (None, None) if return_score else None
-    l, t, r, b, s = max(rects, key=lambda q: ((q[2] - q[0]) * (q[3] - q[1]), q[4]))
-    inv = 1.0 / scale
-    rect = dlib.rectangle(int(round(l * inv)), int(round(t * inv)),
-                          int(round(r * inv)), int(round(b * inv)))
-    lm = _shape_to_array(get_shape_predictor()(img, rect))
-    return (lm, s) if return_score else lm
+  Detection runs on a copy downscaled so its longer side is at most
+  ``detect_max_side`` (None: full size); the 68-point predictor then runs on
+  the full-resolution frame.  ``upsample=None`` tries 0 and, only if nothing
+  is found, 1 (HOG) -- fast on large faces, still finds faces down to ~40 px.
+  Detections below ``min_score`` (HOG score / mmod confidence) are dropped;
+  among the rest the largest box wins (ties: higher score).
+  With ``return_score=True`` returns ``(landmarks, score)`` (``(None, None)``
+  when nothing is found).
+  """
+  import dlib
+
+  img = _as_rgb_uint8(frame)
+  if min_score is None:
+    min_score = DEFAULT_HOG_MIN_SCORE if detector == "hog" else DEFAULT_CNN_MIN_SCORE
+  h, w = img.shape[:2]
+  scale = 1.0
+  small = img
+  if detect_max_side is not None and max(h, w) > detect_max_side:
+    import cv2
+
+    scale = detect_max_side / float(max(h, w))
+    small = cv2.resize(
+        img,
+        (max(1, int(round(w * scale))), max(1, int(round(h * scale)))),
+        interpolation=cv2.INTER_AREA,
+    )
+  ups = [upsample] if upsample is not None else ([0, 1] if detector == "hog" else [0, 1])
+  rects = []
+  for up in ups:
+    rects = _detect_rects(small, detector, up, min_score)
+    if rects:
+      break
+  if not rects:
+    return (None, None) if return_score else None
+  l, t, r, b, s = max(rects, key=lambda q: ((q[2] - q[0]) * (q[3] - q[1]), q[4]))
+  inv = 1.0 / scale
+  rect = dlib.rectangle(
+      int(round(l * inv)), int(round(t * inv)), int(round(r * inv)), int(round(b * inv))
+  )
+  lm = _shape_to_array(get_shape_predictor()(img, rect))
+  return (lm, s) if return_score else lm
 
 
-def detect_landmarks_batch(frames: Iterable, detector: str = "hog", upsample: Optional[int] = None,
-                           progress: bool = False, **kwargs) -> List[Optional[np.ndarray]]:
-    """``detect_landmarks`` over frames; a tqdm bar when ``progress``."""
-    it = frames
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(frames, desc="landmarks", total=len(frames) if hasattr(frames, "__len__") else None)
-    return [detect_landmarks(f, detector=detector, upsample=upsample, **kwargs) for f in it]
+def detect_landmarks_batch(
+    frames: Iterable,
+    detector: str = "hog",
+    upsample: Optional[int] = None,
+    progress: bool = False,
+    **kwargs,
+) -> List[Optional[np.ndarray]]:
+  """``detect_landmarks`` over frames; a tqdm bar when ``progress``."""
+  it = frames
+  if progress:
+    from tqdm import tqdm
+
+    it = tqdm(frames, desc="landmarks", total=len(frames) if hasattr(frames, "__len__") else None)
+  return [detect_landmarks(f, detector=detector, upsample=upsample, **kwargs) for f in it]
 
 
 # --------------------------------------------------------------------------
 # Quads
 # --------------------------------------------------------------------------
 
+
 def ffhq_quad(landmarks68, scale: float = 1.0) -> np.ndarray:
-    """FFHQ oriented crop square (4, 2) from 68 landmarks (STIT corner order)."""
-    lm = np.asarray(landmarks68, dtype=np.float64)
-    if lm.shape != (68, 2):
-        raise ValueError(f"expected (68, 2) landmarks, got {lm.shape}")
-    eye_left = lm[36:42].mean(0)
-    eye_right = lm[42:48].mean(0)
-    eye_avg = 0.5 * (eye_left + eye_right)
-    eye_to_eye = eye_right - eye_left
-    mouth_avg = 0.5 * (lm[48] + lm[54])
-    eye_to_mouth = mouth_avg - eye_avg
-    x = eye_to_eye - np.flipud(eye_to_mouth) * np.array([-1.0, 1.0])
-    x = x / np.hypot(*x)
-    x = x * max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8) * scale
-    y = np.flipud(x) * np.array([-1.0, 1.0])
-    c = eye_avg + eye_to_mouth * 0.1
-    return cxy_to_quad(c, x, y)
+  """FFHQ oriented crop square (4, 2) from 68 landmarks (STIT corner order)."""
+  lm = np.asarray(landmarks68, dtype=np.float64)
+  if lm.shape != (68, 2):
+    raise ValueError(f"expected (68, 2) landmarks, got {lm.shape}")
+  eye_left = lm[36:42].mean(0)
+  eye_right = lm[42:48].mean(0)
+  eye_avg = 0.5 * (eye_left + eye_right)
+  eye_to_eye = eye_right - eye_left
+  mouth_avg = 0.5 * (lm[48] + lm[54])
+  eye_to_mouth = mouth_avg - eye_avg
+  x = eye_to_eye - np.flipud(eye_to_mouth) * np.array([-1.0, 1.0])
+  x = x / np.hypot(*x)
+  x = x * max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8) * scale
+  y = np.flipud(x) * np.array([-1.0, 1.0])
+  c = eye_avg + eye_to_mouth * 0.1
+  return cxy_to_quad(c, x, y)
 
 
 def cxy_to_quad(c, x, y) -> np.ndarray:
-    """Centre and half-axis vectors -> quad; works on (..., 2) arrays."""
-    c, x, y = (np.asarray(a, dtype=np.float64) for a in (c, x, y))
-    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y], axis=-2)
+  """Centre and half-axis vectors -> quad; works on (..., 2) arrays."""
+  c, x, y = (np.asarray(a, dtype=np.float64) for a in (c, x, y))
+  return np.stack([c - x - y, c - x + y, c + x + y, c + x - y], axis=-2)
 
 
 def quad_to_cxy(quads):
-    """Quad(s) (..., 4, 2) -> (c, x, y) with ``quad = cxy_to_quad(c, x, y)``."""
-    q = np.asarray(quads, dtype=np.float64)
-    c = q.mean(axis=-2)
-    x = 0.25 * ((q[..., 3, :] - q[..., 0, :]) + (q[..., 2, :] - q[..., 1, :]))
-    y = 0.25 * ((q[..., 1, :] - q[..., 0, :]) + (q[..., 2, :] - q[..., 3, :]))
-    return c, x, y
+  """Quad(s) (..., 4, 2) -> (c, x, y) with ``quad = cxy_to_quad(c, x, y)``."""
+  q = np.asarray(quads, dtype=np.float64)
+  c = q.mean(axis=-2)
+  x = 0.25 * ((q[..., 3, :] - q[..., 0, :]) + (q[..., 2, :] - q[..., 1, :]))
+  y = 0.25 * ((q[..., 1, :] - q[..., 0, :]) + (q[..., 2, :] - q[..., 3, :]))
+  return c, x, y
 
 
 def smooth_quads(quads, sigma_center: float = 1.0, sigma_xy: float = 3.0) -> np.ndarray:
-    """STIT temporal smoothing: Gaussian over time on centres and x/y vectors.
+  """STIT temporal smoothing: Gaussian over time on centres and x/y vectors.
 
-    ``quads`` is (N, 4, 2).  Uses ``scipy.ndimage.gaussian_filter1d`` with its
-    default 'reflect' boundary, as STIT does.  A sigma of 0 disables that part.
-    """
-    from scipy.ndimage import gaussian_filter1d
-    q = np.asarray(quads, dtype=np.float64)
-    if q.ndim != 3 or q.shape[1:] != (4, 2):
-        raise ValueError(f"expected (N, 4, 2) quads, got {q.shape}")
-    if len(q) < 2:
-        return q.copy()
-    c, x, y = quad_to_cxy(q)
-    if sigma_center:
-        c = gaussian_filter1d(c, sigma=sigma_center, axis=0)
-    if sigma_xy:
-        x = gaussian_filter1d(x, sigma=sigma_xy, axis=0)
-        y = gaussian_filter1d(y, sigma=sigma_xy, axis=0)
-    return cxy_to_quad(c, x, y)
+  ``quads`` is (N, 4, 2).  Uses ``scipy.ndimage.gaussian_filter1d`` with its
+  default 'reflect' boundary, as STIT does.  A sigma of 0 disables that part.
+  """
+  from scipy.ndimage import gaussian_filter1d
+
+  q = np.asarray(quads, dtype=np.float64)
+  if q.ndim != 3 or q.shape[1:] != (4, 2):
+    raise ValueError(f"expected (N, 4, 2) quads, got {q.shape}")
+  if len(q) < 2:
+    return q.copy()
+  c, x, y = quad_to_cxy(q)
+  if sigma_center:
+    c = gaussian_filter1d(c, sigma=sigma_center, axis=0)
+  if sigma_xy:
+    x = gaussian_filter1d(x, sigma=sigma_xy, axis=0)
+    y = gaussian_filter1d(y, sigma=sigma_xy, axis=0)
+  return cxy_to_quad(c, x, y)
 
 
 class GapFill(NamedTuple):
-    quads: np.ndarray          # (N, 4, 2); long gaps hold the nearest valid quad
-    interpolated: np.ndarray   # (N,) bool: filled from neighbours (short gap)
-    passthrough: List[int]     # frames in long gaps: leave them unedited
-    long_gaps: List[tuple]     # [(start, end_exclusive)] of the long gaps
+  quads: np.ndarray  # (N, 4, 2); long gaps hold the nearest valid quad
+  interpolated: np.ndarray  # (N,) bool: filled from neighbours (short gap)
+  passthrough: List[int]  # frames in long gaps: leave them unedited
+  long_gaps: List[tuple]  # [(start, end_exclusive)] of the long gaps
 
 
 def fill_face_gaps(quads: Sequence[Optional[np.ndarray]], max_gap: int = 5) -> GapFill:
-    """Interpolate runs of at most ``max_gap`` frames without a face.
+  """Interpolate runs of at most ``max_gap`` frames without a face.
 
-    Interior gaps are filled by linear interpolation of (centre, x, y) between
-    the two neighbouring detections; gaps at the start or end of the video
-    (only one neighbour) hold the nearest detection.  Longer gaps are reported
-    in ``passthrough``/``long_gaps``; their ``quads`` entries hold the nearest
-    valid quad so arrays stay rectangular, but they must not be edited.
-    Raises ``NoFaceError`` when no frame has a quad.
-    """
-    n = len(quads)
-    valid = np.array([q is not None for q in quads], dtype=bool)
-    if n == 0 or not valid.any():
-        raise NoFaceError(f"no face found in any of the {n} frames")
-    out = np.zeros((n, 4, 2), np.float64)
-    for i in np.flatnonzero(valid):
-        out[i] = np.asarray(quads[i], dtype=np.float64)
-    interpolated = np.zeros(n, bool)
-    passthrough, long_gaps = [], []
-    idx = np.flatnonzero(valid)
-    i = 0
-    while i < n:
-        if valid[i]:
-            i += 1
-            continue
-        j = i
-        while j < n and not valid[j]:
-            j += 1
-        prev = i - 1 if i > 0 else None
-        nxt = j if j < n else None
-        length = j - i
-        for k in range(i, j):
-            if prev is not None and nxt is not None:
-                t = (k - prev) / float(nxt - prev)
-                c0, x0, y0 = quad_to_cxy(out[prev])
-                c1, x1, y1 = quad_to_cxy(out[nxt])
-                q = cxy_to_quad(c0 + t * (c1 - c0), x0 + t * (x1 - x0), y0 + t * (y1 - y0))
-            else:
-                near = prev if prev is not None else nxt
-                if prev is not None and nxt is not None:
-                    near = prev if k - prev <= nxt - k else nxt
-                q = out[near]
-            out[k] = q
-        if length <= max_gap:
-            interpolated[i:j] = True
-        else:
-            # Nearest valid detection for long gaps (not an interpolation).
-            for k in range(i, j):
-                near = idx[np.argmin(np.abs(idx - k))]
-                out[k] = out[near]
-            passthrough.extend(range(i, j))
-            long_gaps.append((i, j))
-        i = j
-    return GapFill(out, interpolated, passthrough, long_gaps)
+  Interior gaps are filled by linear interpolation of (centre, x, y) between
+  the two neighbouring detections; gaps at the start or end of the video
+  (only one neighbour) hold the nearest detection.  Longer gaps are reported
+  in ``passthrough``/``long_gaps``; their ``quads`` entries hold the nearest
+  valid quad so arrays stay rectangular, but they must not be edited.
+  Raises ``NoFaceError`` when no frame has a quad.
+  """
+  n = len(quads)
+  valid = np.array([q is not None for q in quads], dtype=bool)
+  if n == 0 or not valid.any():
+    raise NoFaceError(f"no face found in any of the {n} frames")
+  out = np.zeros((n, 4, 2), np.float64)
+  for i in np.flatnonzero(valid):
+    out[i] = np.asarray(quads[i], dtype=np.float64)
+  interpolated = np.zeros(n, bool)
+  passthrough, long_gaps = [], []
+  idx = np.flatnonzero(valid)
+  i = 0
+  while i < n:
+    if valid[i]:
+      i += 1
+      continue
+    j = i
+    while j < n and not valid[j]:
+      j += 1
+    prev = i - 1 if i > 0 else None
+    nxt = j if j < n else None
+    length = j - i
+    for k in range(i, j):
+      if prev is not None and nxt is not None:
+        t = (k - prev) / float(nxt - prev)
+        c0, x0, y0 = quad_to_cxy(out[prev])
+        c1, x1, y1 = quad_to_cxy(out[nxt])
+        q = cxy_to_quad(c0 + t * (c1 - c0), x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+      else:
+        near = prev if prev is not None else nxt
+        if prev is not None and nxt is not None:
+          near = prev if k - prev <= nxt - k else nxt
+        q = out[near]
+      out[k] = q
+    if length <= max_gap:
+      interpolated[i:j] = True
+    else:
+      # Nearest valid detection for long gaps (not an interpolation).
+      for k in range(i, j):
+        near = idx[np.argmin(np.abs(idx - k))]
+        out[k] = out[near]
+      passthrough.extend(range(i, j))
+      long_gaps.append((i, j))
+    i = j
+  return GapFill(out, interpolated, passthrough, long_gaps)
 
 
 def quad_jitter(quads) -> float:
-    """Mean norm (pixels) of the second temporal difference of the quad corners.
+  """Mean norm (pixels) of the second temporal difference of the quad corners.
 
-    0 for constant-velocity motion; large for frame-to-frame shake.
-    """
-    q = np.asarray(quads, dtype=np.float64)
-    if len(q) < 3:
-        return 0.0
-    d2 = q[2:] - 2.0 * q[1:-1] + q[:-2]
-    return float(np.linalg.norm(d2, axis=-1).mean())
+  0 for constant-velocity motion; large for frame-to-frame shake.
+  """
+  q = np.asarray(quads, dtype=np.float64)
+  if len(q) < 3:
+    return 0.0
+  d2 = q[2:] - 2.0 * q[1:-1] + q[:-2]
+  return float(np.linalg.norm(d2, axis=-1).mean())
 
 
 # --------------------------------------------------------------------------
 # Warps
 # --------------------------------------------------------------------------
 
-def paste_matrix(quad, size: int) -> np.ndarray:
-    """2x3 affine: crop pixel-index coords -> frame pixel-index coords.
 
-    Exact for parallelogram quads (all quads built here are squares); a
-    general quad is fitted in the least-squares sense over its 4 corners.
-    """
-    q = np.asarray(quad, dtype=np.float64) + 0.5          # outer edges, continuous
-    # continuous crop corners, in the quad's corner order (TL, BL, BR, TR)
-    src = np.array([[0, 0], [0, size], [size, size], [size, 0]], np.float64)
-    a = np.concatenate([src, np.ones((4, 1))], axis=1)      # (4, 3)
-    m_cont, *_ = np.linalg.lstsq(a, q, rcond=None)          # (3, 2): cont crop -> cont frame
-    m = m_cont.T                                            # (2, 3)
-    # index coords: frame_idx = M_cont(crop_idx + 0.5) - 0.5
-    out = m.copy()
-    out[:, 2] = m[:, 2] + m[:, :2] @ np.array([0.5, 0.5]) - 0.5
-    return out
+def paste_matrix(quad, size: int) -> np.ndarray:
+  """2x3 affine: crop pixel-index coords -> frame pixel-index coords.
+
+  Exact for parallelogram quads (all quads built here are squares); a
+  general quad is fitted in the least-squares sense over its 4 corners.
+  """
+  q = np.asarray(quad, dtype=np.float64) + 0.5  # outer edges, continuous
+  # continuous crop corners, in the quad's corner order (TL, BL, BR, TR)
+  src = np.array([[0, 0], [0, size], [size, size], [size, 0]], np.float64)
+  a = np.concatenate([src, np.ones((4, 1))], axis=1)  # (4, 3)
+  m_cont, *_ = np.linalg.lstsq(a, q, rcond=None)  # (3, 2): cont crop -> cont frame
+  m = m_cont.T  # (2, 3)
+  # index coords: frame_idx = M_cont(crop_idx + 0.5) - 0.5
+  out = m.copy()
+  out[:, 2] = m[:, 2] + m[:, :2] @ np.array([0.5, 0.5]) - 0.5
+  return out
 
 
 def crop_matrix(quad, size: int) -> np.ndarray:
-    """2x3 affine: frame pixel-index coords -> crop pixel-index coords."""
-    import cv2
-    return cv2.invertAffineTransform(paste_matrix(quad, size))
+  """2x3 affine: frame pixel-index coords -> crop pixel-index coords."""
+  import cv2
+
+  return cv2.invertAffineTransform(paste_matrix(quad, size))
 
 
 def transform_points(points, matrix) -> np.ndarray:
-    p = np.asarray(points, dtype=np.float64)
-    m = np.asarray(matrix, dtype=np.float64)
-    return p @ m[:, :2].T + m[:, 2]
+  p = np.asarray(points, dtype=np.float64)
+  m = np.asarray(matrix, dtype=np.float64)
+  return p @ m[:, :2].T + m[:, 2]
 
 
 def landmarks_in_crop(landmarks, quad, size: int) -> np.ndarray:
-    """Frame landmarks mapped into the crop's pixel coordinates."""
-    return transform_points(landmarks, crop_matrix(quad, size))
+  """Frame landmarks mapped into the crop's pixel coordinates."""
+  return transform_points(landmarks, crop_matrix(quad, size))
 
 
-def crop_from_quad(frame, quad, size: int, transform_size: int = 1024,
-                   border: str = "reflect") -> np.ndarray:
-    """Warp ``quad`` of ``frame`` to a ``size x size`` uint8 crop.
+def crop_from_quad(
+    frame, quad, size: int, transform_size: int = 1024, border: str = "reflect"
+) -> np.ndarray:
+  """Warp ``quad`` of ``frame`` to a ``size x size`` uint8 crop.
 
-    Equivalent to FFHQ's "crop at 1024 then resize": the quad is warped with
-    bilinear filtering to an intermediate square of ``m * size`` pixels, where
-    ``m`` is the smallest integer with ``m * size >= quad side`` (so the warp
-    itself never minifies), capped at ``transform_size``; then an INTER_AREA
-    resize (an exact box filter for integer ``m``) brings it to ``size``.
-    ``border``: 'reflect' (like FFHQ's padded recipe, default) or 'constant'
-    (black, like STIT without padding).
-    """
-    import cv2
-    img = _as_rgb_uint8(frame)
-    q = np.asarray(quad, dtype=np.float64)
-    side = max(np.hypot(*(q[3] - q[0])), np.hypot(*(q[1] - q[0])))
-    mult = max(1, int(np.ceil(side / size)))
-    inter = min(size * mult, max(size, transform_size))
-    bmode = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT}[border]
-    m = crop_matrix(q, inter)
-    out = cv2.warpAffine(img, m, (inter, inter), flags=cv2.INTER_LINEAR, borderMode=bmode)
-    if inter != size:
-        out = cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
-    return out
+  Equivalent to FFHQ's "crop at 1024 then resize": the quad is warped with
+  bilinear filtering to an intermediate square of ``m * size`` pixels, where
+  ``m`` is the smallest integer with ``m * size >= quad side`` (so the warp
+  itself never minifies), capped at ``transform_size``; then an INTER_AREA
+  resize (an exact box filter for integer ``m``) brings it to ``size``.
+  ``border``: 'reflect' (like FFHQ's padded recipe, default) or 'constant'
+  (black, like STIT without padding).
+  """
+  import cv2
+
+  img = _as_rgb_uint8(frame)
+  q = np.asarray(quad, dtype=np.float64)
+  side = max(np.hypot(*(q[3] - q[0])), np.hypot(*(q[1] - q[0])))
+  mult = max(1, int(np.ceil(side / size)))
+  inter = min(size * mult, max(size, transform_size))
+  bmode = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT}[border]
+  m = crop_matrix(q, inter)
+  out = cv2.warpAffine(img, m, (inter, inter), flags=cv2.INTER_LINEAR, borderMode=bmode)
+  if inter != size:
+    out = cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
+  return out
 
 
 def predict_landmarks_in_crop(crop) -> np.ndarray:
-    """68 landmarks on an FFHQ-aligned crop without detecting again.
+  """68 landmarks on an FFHQ-aligned crop without detecting again.
 
-    Runs dlib's shape predictor inside ``CANONICAL_FACE_RECT`` (where the HOG
-    detector's box lands on aligned crops), so it cannot fail.
-    """
-    import dlib
-    img = _as_rgb_uint8(crop)
-    h, w = img.shape[:2]
-    l, t, r, b = CANONICAL_FACE_RECT
-    rect = dlib.rectangle(int(round(l * w)), int(round(t * h)), int(round(r * w)), int(round(b * h)))
-    return _shape_to_array(get_shape_predictor()(img, rect))
+  Runs dlib's shape predictor inside ``CANONICAL_FACE_RECT`` (where the HOG
+  detector's box lands on aligned crops), so it cannot fail.
+  """
+  import dlib
+
+  img = _as_rgb_uint8(crop)
+  h, w = img.shape[:2]
+  l, t, r, b = CANONICAL_FACE_RECT
+  rect = dlib.rectangle(int(round(l * w)), int(round(t * h)), int(round(r * w)), int(round(b * h)))
+  return _shape_to_array(get_shape_predictor()(img, rect))
 
 
 # --------------------------------------------------------------------------
 # Whole video
 # --------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class AlignResult:
-    crops: np.ndarray            # (N, size, size, 3) uint8, from the smoothed quads
-    quads: np.ndarray            # (N, 4, 2) smoothed quads (frame pixel coords)
-    raw_quads: np.ndarray        # (N, 4, 2) per-frame quads after gap filling, before smoothing
-    landmarks_crop: np.ndarray   # (N, 68, 2) landmarks in crop pixel coords
-    has_face: np.ndarray         # (N,) bool: detected in this frame
-    interpolated: np.ndarray     # (N,) bool: short gap, quad interpolated
-    passthrough: List[int]       # frames to leave unedited (long gaps)
-    report: dict
-    size: int = 256
+  crops: np.ndarray  # (N, size, size, 3) uint8, from the smoothed quads
+  quads: np.ndarray  # (N, 4, 2) smoothed quads (frame pixel coords)
+  raw_quads: np.ndarray  # (N, 4, 2) per-frame quads after gap filling, before smoothing
+  landmarks_crop: np.ndarray  # (N, 68, 2) landmarks in crop pixel coords
+  has_face: np.ndarray  # (N,) bool: detected in this frame
+  interpolated: np.ndarray  # (N,) bool: short gap, quad interpolated
+  passthrough: List[int]  # frames to leave unedited (long gaps)
+  report: dict
+  size: int = 256
 
-    def __len__(self):
-        return len(self.crops)
+  def __len__(self):
+    return len(self.crops)
 
 
 def _segments(mask: np.ndarray):
-    """[(start, end)] runs of True."""
-    runs, i, n = [], 0, len(mask)
-    while i < n:
-        if mask[i]:
-            j = i
-            while j < n and mask[j]:
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
-    return runs
+  """[(start, end)] runs of True."""
+  runs, i, n = [], 0, len(mask)
+  while i < n:
+    if mask[i]:
+      j = i
+      while j < n and mask[j]:
+        j += 1
+      runs.append((i, j))
+      i = j
+    else:
+      i += 1
+  return runs
 
 
-def align_video(frames, size: int = 256, detector: str = "hog", max_gap: int = 5,
-                sigma_center: float = 1.0, sigma_xy: float = 3.0, upsample: Optional[int] = None,
-                progress: bool = False, border: str = "reflect", scale: float = 1.0,
-                **detect_kwargs) -> AlignResult:
-    """Detect, build quads, fill gaps, smooth (STIT) and crop every frame.
+def align_video(
+    frames,
+    size: int = 256,
+    detector: str = "hog",
+    max_gap: int = 5,
+    sigma_center: float = 1.0,
+    sigma_xy: float = 3.0,
+    upsample: Optional[int] = None,
+    progress: bool = False,
+    border: str = "reflect",
+    scale: float = 1.0,
+    **detect_kwargs,
+) -> AlignResult:
+  """Detect, build quads, fill gaps, smooth (STIT) and crop every frame.
 
-    Smoothing runs separately over each run of usable frames (detected or
-    interpolated); long gaps split runs.  ``landmarks_crop`` is the detected
-    landmarks mapped through the *smoothed* quad; for frames without a
-    detection it comes from the shape predictor run on the crop inside
-    ``CANONICAL_FACE_RECT``.  ``scale`` enlarges the FFHQ quad (STIT's
-    ``scale``).  Raises ``NoFaceError`` if no frame has a face.
-    """
-    import time
-    frames = list(frames) if not isinstance(frames, np.ndarray) else frames
-    n = len(frames)
-    t0 = time.perf_counter()
-    lms = detect_landmarks_batch(frames, detector=detector, upsample=upsample,
-                                 progress=progress, **detect_kwargs)
-    t_detect = time.perf_counter() - t0
-    has_face = np.array([lm is not None for lm in lms], bool)
-    if not has_face.any():
-        raise NoFaceError(f"no face found in any of the {n} frames (detector={detector!r})")
-    per_frame = [ffhq_quad(lm, scale=scale) if lm is not None else None for lm in lms]
-    filled = fill_face_gaps(per_frame, max_gap=max_gap)
-    raw = filled.quads
-    usable = np.ones(n, bool)
-    usable[filled.passthrough] = False
-    smoothed = raw.copy()
-    for s, e in _segments(usable):
-        smoothed[s:e] = smooth_quads(raw[s:e], sigma_center, sigma_xy)
-    t1 = time.perf_counter()
-    crops = np.stack([crop_from_quad(f, q, size, border=border) for f, q in zip(frames, smoothed)])
-    t_crop = time.perf_counter() - t1
-    lmc = np.zeros((n, 68, 2), np.float64)
-    for i in range(n):
-        if lms[i] is not None:
-            lmc[i] = landmarks_in_crop(lms[i], smoothed[i], size)
-        else:
-            lmc[i] = predict_landmarks_in_crop(crops[i])
-    report = {
-        "num_frames": n,
-        "detected": int(has_face.sum()),
-        "face_found_fraction": float(has_face.mean()),
-        "interpolated": [int(i) for i in np.flatnonzero(filled.interpolated)],
-        "passthrough": [int(i) for i in filled.passthrough],
-        "long_gaps": [tuple(map(int, g)) for g in filled.long_gaps],
-        "jitter_raw": quad_jitter(raw),
-        "jitter_smoothed": quad_jitter(smoothed),
-        "detector": detector,
-        "seconds_detect": t_detect,
-        "seconds_crop": t_crop,
-    }
-    return AlignResult(crops=crops, quads=smoothed, raw_quads=raw, landmarks_crop=lmc,
-                       has_face=has_face, interpolated=filled.interpolated,
-                       passthrough=list(filled.passthrough), report=report, size=size)
+  Smoothing runs separately over each run of usable frames (detected or
+  interpolated); long gaps split runs.  ``landmarks_crop`` is the detected
+  landmarks mapped through the *smoothed* quad; for frames without a
+  detection it comes from the shape predictor run on the crop inside
+  ``CANONICAL_FACE_RECT``.  ``scale`` enlarges the FFHQ quad (STIT's
+  ``scale``).  Raises ``NoFaceError`` if no frame has a face.
+  """
+  import time
+
+  frames = list(frames) if not isinstance(frames, np.ndarray) else frames
+  n = len(frames)
+  t0 = time.perf_counter()
+  lms = detect_landmarks_batch(
+      frames, detector=detector, upsample=upsample, progress=progress, **detect_kwargs
+  )
+  t_detect = time.perf_counter() - t0
+  has_face = np.array([lm is not None for lm in lms], bool)
+  if not has_face.any():
+    raise NoFaceError(f"no face found in any of the {n} frames (detector={detector!r})")
+  per_frame = [ffhq_quad(lm, scale=scale) if lm is not None else None for lm in lms]
+  filled = fill_face_gaps(per_frame, max_gap=max_gap)
+  raw = filled.quads
+  usable = np.ones(n, bool)
+  usable[filled.passthrough] = False
+  smoothed = raw.copy()
+  for s, e in _segments(usable):
+    smoothed[s:e] = smooth_quads(raw[s:e], sigma_center, sigma_xy)
+  t1 = time.perf_counter()
+  crops = np.stack([crop_from_quad(f, q, size, border=border) for f, q in zip(frames, smoothed)])
+  t_crop = time.perf_counter() - t1
+  lmc = np.zeros((n, 68, 2), np.float64)
+  for i in range(n):
+    if lms[i] is not None:
+      lmc[i] = landmarks_in_crop(lms[i], smoothed[i], size)
+    else:
+      lmc[i] = predict_landmarks_in_crop(crops[i])
+  report = {
+      "num_frames": n,
+      "detected": int(has_face.sum()),
+      "face_found_fraction": float(has_face.mean()),
+      "interpolated": [int(i) for i in np.flatnonzero(filled.interpolated)],
+      "passthrough": [int(i) for i in filled.passthrough],
+      "long_gaps": [tuple(map(int, g)) for g in filled.long_gaps],
+      "jitter_raw": quad_jitter(raw),
+      "jitter_smoothed": quad_jitter(smoothed),
+      "detector": detector,
+      "seconds_detect": t_detect,
+      "seconds_crop": t_crop,
+  }
+  return AlignResult(
+      crops=crops,
+      quads=smoothed,
+      raw_quads=raw,
+      landmarks_crop=lmc,
+      has_face=has_face,
+      interpolated=filled.interpolated,
+      passthrough=list(filled.passthrough),
+      report=report,
+      size=size,
+  )

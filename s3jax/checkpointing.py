@@ -6,6 +6,7 @@ process). Saves are async and atomic (orbax writes to a tmp dir and renames).
 Restore picks the newest step that loads; a broken newest step falls back to
 the previous one with a warning, never silently to a fresh start.
 """
+
 import json
 import logging
 import pathlib
@@ -31,23 +32,31 @@ def _path_str(path) -> str:
 
 def check_tree_matches(expected: Any, found: Any, what: str = "checkpoint") -> None:
   """Raises CheckpointShapeError naming the first parameter whose shape differs."""
-  exp = {_path_str(p): tuple(np.shape(x) if not hasattr(x, "shape") else x.shape)
-         for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(found)[0]
-         if hasattr(x, "shape")}
+  exp = {
+      _path_str(p): tuple(np.shape(x) if not hasattr(x, "shape") else x.shape)
+      for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]
+  }
+  got = {
+      _path_str(p): tuple(x.shape)
+      for p, x in jax.tree_util.tree_flatten_with_path(found)[0]
+      if hasattr(x, "shape")
+  }
   missing = sorted(set(exp) - set(got))
   unexpected = sorted(set(got) - set(exp))
   if missing:
-    raise CheckpointShapeError(f"{what} lacks parameter {missing[0]!r} "
-                               f"({len(missing)} missing in all)")
+    raise CheckpointShapeError(
+        f"{what} lacks parameter {missing[0]!r} " f"({len(missing)} missing in all)"
+    )
   if unexpected:
-    raise CheckpointShapeError(f"{what} has unexpected parameter {unexpected[0]!r} "
-                               f"({len(unexpected)} unexpected in all)")
+    raise CheckpointShapeError(
+        f"{what} has unexpected parameter {unexpected[0]!r} "
+        f"({len(unexpected)} unexpected in all)"
+    )
   for name in sorted(exp):
     if exp[name] != got[name]:
       raise CheckpointShapeError(
-          f"{what}: parameter {name!r} has shape {got[name]} but the model expects "
-          f"{exp[name]}")
+          f"{what}: parameter {name!r} has shape {got[name]} but the model expects " f"{exp[name]}"
+      )
 
 
 class Checkpointer:
@@ -63,8 +72,10 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         ),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()},
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
     )
 
   def all_steps(self):
@@ -114,12 +125,17 @@ class Checkpointer:
       except CheckpointShapeError:
         raise
       except Exception as e:  # A truncated or missing file: try the step before.
-        logging.warning("checkpoint step %d could not be restored (%s: %s); trying an "
-                        "earlier one", step, type(e).__name__, e)
+        logging.warning(
+            "checkpoint step %d could not be restored (%s: %s); trying an " "earlier one",
+            step,
+            type(e).__name__,
+            e,
+        )
         errors.append(f"step {step}: {type(e).__name__}: {e}")
     raise NoUsableCheckpointError(
         f"none of the checkpoints in {self.directory} could be restored; refusing to "
-        "start from scratch over them. Move them away to start fresh.\n" + "\n".join(errors))
+        "start from scratch over them. Move them away to start fresh.\n" + "\n".join(errors)
+    )
 
 
 def restore_state_only(workdir, abstract_state: Any, step: Optional[int] = None):
@@ -146,6 +162,7 @@ def write_config(workdir, config) -> None:
 
 def read_config(workdir):
   import ml_collections
+
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir} an s3jax workdir?")

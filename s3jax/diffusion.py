@@ -9,6 +9,7 @@ Follows the reference (`diffusion/base.py`, `diffusion/diffusion.py`):
   steps down to t=0. Both clip the predicted x0 to [-1, 1] and re-derive eps from it.
 Each sampler is one `jax.lax.scan`; `eps_fn(x, t, cond)` is any traceable callable.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,134 +28,137 @@ EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 @functools.lru_cache(maxsize=None)
 def _betas(num_timesteps: int) -> np.ndarray:
-    scale = 1000.0 / num_timesteps
-    return np.linspace(scale * BETA_START, scale * BETA_END, num_timesteps, dtype=np.float64)
+  scale = 1000.0 / num_timesteps
+  return np.linspace(scale * BETA_START, scale * BETA_END, num_timesteps, dtype=np.float64)
 
 
 def betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
-    """Linear betas (float64), as the reference's 'linear' schedule."""
-    return _betas(num_timesteps).copy()
+  """Linear betas (float64), as the reference's 'linear' schedule."""
+  return _betas(num_timesteps).copy()
 
 
 def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
-    """prod_{s<=t} (1 - beta_s), float64."""
-    return np.cumprod(1.0 - _betas(num_timesteps))
+  """prod_{s<=t} (1 - beta_s), float64."""
+  return np.cumprod(1.0 - _betas(num_timesteps))
 
 
 def _extract(arr64: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
-    """arr[t] as float32, broadcast to rank `ndim` (like the reference's _extract_into_tensor)."""
-    v = jnp.asarray(arr64.astype(np.float32))[t]
-    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+  """arr[t] as float32, broadcast to rank `ndim` (like the reference's _extract_into_tensor)."""
+  v = jnp.asarray(arr64.astype(np.float32))[t]
+  return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
 def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; t int (B,) original timesteps."""
-    ac = alphas_cumprod()
-    return (_extract(np.sqrt(ac), t, x0.ndim) * x0
-            + _extract(np.sqrt(1.0 - ac), t, x0.ndim) * noise)
+  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; t int (B,) original timesteps."""
+  ac = alphas_cumprod()
+  return _extract(np.sqrt(ac), t, x0.ndim) * x0 + _extract(np.sqrt(1.0 - ac), t, x0.ndim) * noise
 
 
 def pred_x0_from_eps(x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-    """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (no clipping)."""
-    ac = alphas_cumprod()
-    return (_extract(np.sqrt(1.0 / ac), t, x_t.ndim) * x_t
-            - _extract(np.sqrt(1.0 / ac - 1.0), t, x_t.ndim) * eps)
+  """x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (no clipping)."""
+  ac = alphas_cumprod()
+  return (
+      _extract(np.sqrt(1.0 / ac), t, x_t.ndim) * x_t
+      - _extract(np.sqrt(1.0 / ac - 1.0), t, x_t.ndim) * eps
+  )
 
 
 def eps_from_x0(x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
-    """eps = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1)."""
-    ac = alphas_cumprod()
-    return ((_extract(np.sqrt(1.0 / ac), t, x_t.ndim) * x_t - x0)
-            / _extract(np.sqrt(1.0 / ac - 1.0), t, x_t.ndim))
+  """eps = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1)."""
+  ac = alphas_cumprod()
+  return (_extract(np.sqrt(1.0 / ac), t, x_t.ndim) * x_t - x0) / _extract(
+      np.sqrt(1.0 / ac - 1.0), t, x_t.ndim
+  )
 
 
 def respaced_timesteps(num_steps: int, num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
-    """Original timesteps kept by the reference's `ddim{num_steps}` respacing (int32, ascending).
+  """Original timesteps kept by the reference's `ddim{num_steps}` respacing (int32, ascending).
 
-    Raises ValueError when no integer stride leaves exactly `num_steps` steps.
-    """
-    num_steps = int(num_steps)
-    for stride in range(1, num_timesteps):
-        if len(range(0, num_timesteps, stride)) == num_steps:
-            return np.arange(0, num_timesteps, stride, dtype=np.int32)
-    raise ValueError(
-        f"cannot respace {num_timesteps} diffusion steps to exactly {num_steps} DDIM steps with "
-        f"an integer stride (the reference's 'ddim{num_steps}' rule); valid counts include 10, "
-        f"20, 25, 50, 100, 200, 250, 500, 1000")
+  Raises ValueError when no integer stride leaves exactly `num_steps` steps.
+  """
+  num_steps = int(num_steps)
+  for stride in range(1, num_timesteps):
+    if len(range(0, num_timesteps, stride)) == num_steps:
+      return np.arange(0, num_timesteps, stride, dtype=np.int32)
+  raise ValueError(
+      f"cannot respace {num_timesteps} diffusion steps to exactly {num_steps} DDIM steps with "
+      f"an integer stride (the reference's 'ddim{num_steps}' rule); valid counts include 10, "
+      f"20, 25, 50, 100, 200, 250, 500, 1000"
+  )
 
 
 def respaced_schedule(num_steps: int, num_timesteps: int = NUM_TIMESTEPS) -> dict:
-    """Respaced float64 arrays: timesteps, alphas_cumprod, alphas_cumprod_prev/next.
+  """Respaced float64 arrays: timesteps, alphas_cumprod, alphas_cumprod_prev/next.
 
-    Built like the reference: new betas 1 - abar_i / abar_last over the kept steps, cumprod again.
-    """
-    ts = respaced_timesteps(num_steps, num_timesteps)
-    ac_full = alphas_cumprod(num_timesteps)
-    last, new_betas = 1.0, []
-    for i in ts:
-        new_betas.append(1.0 - ac_full[i] / last)
-        last = ac_full[i]
-    ac = np.cumprod(1.0 - np.asarray(new_betas, np.float64))
-    return {
-        "timesteps": ts,
-        "alphas_cumprod": ac,
-        "alphas_cumprod_prev": np.append(1.0, ac[:-1]),
-        "alphas_cumprod_next": np.append(ac[1:], 0.0),
-    }
+  Built like the reference: new betas 1 - abar_i / abar_last over the kept steps, cumprod again.
+  """
+  ts = respaced_timesteps(num_steps, num_timesteps)
+  ac_full = alphas_cumprod(num_timesteps)
+  last, new_betas = 1.0, []
+  for i in ts:
+    new_betas.append(1.0 - ac_full[i] / last)
+    last = ac_full[i]
+  ac = np.cumprod(1.0 - np.asarray(new_betas, np.float64))
+  return {
+      "timesteps": ts,
+      "alphas_cumprod": ac,
+      "alphas_cumprod_prev": np.append(1.0, ac[:-1]),
+      "alphas_cumprod_next": np.append(ac[1:], 0.0),
+  }
 
 
 def _ddim_step_consts(sched: dict, target: str) -> dict:
-    ac = sched["alphas_cumprod"]
-    f32 = lambda a: jnp.asarray(np.asarray(a, np.float64).astype(np.float32))  # noqa: E731
-    return {
-        "t": jnp.asarray(sched["timesteps"], jnp.int32),
-        "sqrt_recip": f32(np.sqrt(1.0 / ac)),
-        "sqrt_recipm1": f32(np.sqrt(1.0 / ac - 1.0)),
-        "a_target": f32(sched[target]),
-    }
+  ac = sched["alphas_cumprod"]
+  f32 = lambda a: jnp.asarray(np.asarray(a, np.float64).astype(np.float32))  # noqa: E731
+  return {
+      "t": jnp.asarray(sched["timesteps"], jnp.int32),
+      "sqrt_recip": f32(np.sqrt(1.0 / ac)),
+      "sqrt_recipm1": f32(np.sqrt(1.0 / ac - 1.0)),
+      "a_target": f32(sched[target]),
+  }
 
 
 def ddim_step(eps_fn: EpsFn, x: jax.Array, cond, c: dict, clip: bool = True) -> jax.Array:
-    """One deterministic DDIM move of x from timestep c["t"] to the alpha c["a_target"].
+  """One deterministic DDIM move of x from timestep c["t"] to the alpha c["a_target"].
 
-    Predicts eps, then x0 (clamped to [-1, 1] when `clip`), re-derives eps from that x0
-    (as the reference does), and steps. `c` holds scalars: t, sqrt_recip, sqrt_recipm1,
-    a_target.
-    """
-    t = jnp.full((x.shape[0],), c["t"], jnp.int32)
-    eps = eps_fn(x, t, cond).astype(x.dtype)
-    x0 = c["sqrt_recip"] * x - c["sqrt_recipm1"] * eps
-    if clip:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-    eps = (c["sqrt_recip"] * x - x0) / c["sqrt_recipm1"]
-    a = c["a_target"]
-    return x0 * jnp.sqrt(a) + jnp.sqrt(1.0 - a) * eps
+  Predicts eps, then x0 (clamped to [-1, 1] when `clip`), re-derives eps from that x0
+  (as the reference does), and steps. `c` holds scalars: t, sqrt_recip, sqrt_recipm1,
+  a_target.
+  """
+  t = jnp.full((x.shape[0],), c["t"], jnp.int32)
+  eps = eps_fn(x, t, cond).astype(x.dtype)
+  x0 = c["sqrt_recip"] * x - c["sqrt_recipm1"] * eps
+  if clip:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  eps = (c["sqrt_recip"] * x - x0) / c["sqrt_recipm1"]
+  a = c["a_target"]
+  return x0 * jnp.sqrt(a) + jnp.sqrt(1.0 - a) * eps
 
 
 def _ddim_scan(eps_fn: EpsFn, x: jax.Array, cond, consts: dict, clip: bool) -> jax.Array:
-    x, _ = jax.lax.scan(lambda x, c: (ddim_step(eps_fn, x, cond, c, clip), None), x, consts)
-    return x
+  x, _ = jax.lax.scan(lambda x, c: (ddim_step(eps_fn, x, cond, c, clip), None), x, consts)
+  return x
 
 
-def ddim_sample(eps_fn: EpsFn, x_T: jax.Array, cond, num_steps: int, clip: bool = True
-                ) -> jax.Array:
-    """Deterministic DDIM decoding x_T -> x_0 over `num_steps` respaced steps (one lax.scan).
+def ddim_sample(
+    eps_fn: EpsFn, x_T: jax.Array, cond, num_steps: int, clip: bool = True
+) -> jax.Array:
+  """Deterministic DDIM decoding x_T -> x_0 over `num_steps` respaced steps (one lax.scan).
 
-    `num_steps` must be a Python int (static under jit).
-    """
-    sched = respaced_schedule(num_steps)
-    consts = _ddim_step_consts(sched, "alphas_cumprod_prev")
-    consts = jax.tree_util.tree_map(lambda a: a[::-1], consts)  # i = N-1 ... 0
-    return _ddim_scan(eps_fn, x_T, cond, consts, clip)
+  `num_steps` must be a Python int (static under jit).
+  """
+  sched = respaced_schedule(num_steps)
+  consts = _ddim_step_consts(sched, "alphas_cumprod_prev")
+  consts = jax.tree_util.tree_map(lambda a: a[::-1], consts)  # i = N-1 ... 0
+  return _ddim_scan(eps_fn, x_T, cond, consts, clip)
 
 
-def ddim_invert(eps_fn: EpsFn, x0: jax.Array, cond, num_steps: int, clip: bool = True
-                ) -> jax.Array:
-    """Deterministic DDIM inversion x_0 -> x_T, the reference's `encode_stochastic`.
+def ddim_invert(eps_fn: EpsFn, x0: jax.Array, cond, num_steps: int, clip: bool = True) -> jax.Array:
+  """Deterministic DDIM inversion x_0 -> x_T, the reference's `encode_stochastic`.
 
-    Runs `num_steps - 1` steps (i = 0 .. N-2) with the respaced alphas_cumprod_next, in one scan.
-    """
-    sched = respaced_schedule(num_steps)
-    consts = _ddim_step_consts(sched, "alphas_cumprod_next")
-    consts = jax.tree_util.tree_map(lambda a: a[:-1], consts)
-    return _ddim_scan(eps_fn, x0, cond, consts, clip)
+  Runs `num_steps - 1` steps (i = 0 .. N-2) with the respaced alphas_cumprod_next, in one scan.
+  """
+  sched = respaced_schedule(num_steps)
+  consts = _ddim_step_consts(sched, "alphas_cumprod_next")
+  consts = jax.tree_util.tree_map(lambda a: a[:-1], consts)
+  return _ddim_scan(eps_fn, x0, cond, consts, clip)

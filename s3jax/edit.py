@@ -15,6 +15,7 @@ OUT.side_by_side.mp4 (input | edit) and one PNG per frame.
 Exit status 0 on success, 1 on a user error (unknown attribute, no face in the
 video, missing file, ...), with a one-line message and no traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,20 +37,32 @@ class EditError(Exception):
 
 def define_flags():
   """Defines the CLI flags (only when run as a program, so the module imports cleanly)."""
-  flags.DEFINE_string("checkpoint", None, "DVA workdir (config.json + checkpoints/), e.g. runs/demo.")
+  flags.DEFINE_string(
+      "checkpoint", None, "DVA workdir (config.json + checkpoints/), e.g. runs/demo."
+  )
   flags.DEFINE_string("input", None, "Input video file or folder of frames.")
   flags.DEFINE_string("attribute", None, "Attribute to edit (see --list-attributes).")
   flags.DEFINE_float("strength", 0.5, "Edit strength s (negative removes the attribute).")
   flags.DEFINE_string("out", None, "Output MP4 path; the report goes to OUT.report.json.")
   flags.DEFINE_integer("steps", 100, "DDIM steps for inversion and decoding (divides 1000).")
-  flags.DEFINE_enum("blend", "hard", ["hard", "feather", "poisson"],
-                    "Paste-back: hard (DVA), feather (dilate + blur, STIT), poisson.")
+  flags.DEFINE_enum(
+      "blend",
+      "hard",
+      ["hard", "feather", "poisson"],
+      "Paste-back: hard (DVA), feather (dilate + blur, STIT), poisson.",
+  )
   flags.DEFINE_bool("side-by-side", False, "Also write OUT.side_by_side.mp4 (input | edit).")
   flags.DEFINE_integer("max-frames", None, "Only the first N frames.")
   flags.DEFINE_string("classifier", None, "Classifier dir (default <checkpoint>/classifier).")
-  flags.DEFINE_bool("list-attributes", False, "Print the editable attributes, one a line, and exit.")
-  flags.DEFINE_enum("editor", "classifier", ["classifier", "s3editor"],
-                    "Where the edit comes from: DVA classifier directions or a trained S3Editor.")
+  flags.DEFINE_bool(
+      "list-attributes", False, "Print the editable attributes, one a line, and exit."
+  )
+  flags.DEFINE_enum(
+      "editor",
+      "classifier",
+      ["classifier", "s3editor"],
+      "Where the edit comes from: DVA classifier directions or a trained S3Editor.",
+  )
   flags.DEFINE_string("s3editor", None, "S3Editor dir (default <checkpoint>/s3editor).")
   flags.DEFINE_string("png-dir", None, "Also write each output frame as PNG here.")
   flags.DEFINE_string("cache-dir", None, "Inversion cache (default <checkpoint>/edit_cache).")
@@ -62,6 +75,7 @@ def define_flags():
 def load_edit_fn(editor: str, checkpoint, classifier_dir=None, s3editor_dir=None):
   """-> (edit_fn(z (N,D), attribute, strength) -> (N,D), attribute names or None, source dir)."""
   from s3jax import editing
+
   checkpoint = pathlib.Path(checkpoint)
   if editor == "classifier":
     d = pathlib.Path(classifier_dir) if classifier_dir else checkpoint / "classifier"
@@ -74,10 +88,13 @@ def load_edit_fn(editor: str, checkpoint, classifier_dir=None, s3editor_dir=None
     d = pathlib.Path(s3editor_dir) if s3editor_dir else checkpoint / "s3editor"
     try:
       from s3jax.training import s3editor  # pylint: disable=g-import-not-at-top
+
       load_editor = s3editor.load_editor
     except (ImportError, AttributeError) as e:
-      raise EditError(f"--editor s3editor needs s3jax.training.s3editor.load_editor, which is "
-                      f"not available ({type(e).__name__}: {e})") from None
+      raise EditError(
+          f"--editor s3editor needs s3jax.training.s3editor.load_editor, which is "
+          f"not available ({type(e).__name__}: {e})"
+      ) from None
     if not d.exists():
       raise EditError(f"no S3Editor at {d}; train one (configs/s3editor.py) or pass --s3editor")
     fn = load_editor(str(d))
@@ -86,18 +103,34 @@ def load_edit_fn(editor: str, checkpoint, classifier_dir=None, s3editor_dir=None
   raise EditError(f"--editor must be classifier or s3editor, got {editor!r}")
 
 
-def run_edit(checkpoint, input, attribute, strength, out, steps: int = 100,  # pylint: disable=redefined-builtin
-             blend: str = "hard", side_by_side: bool = False, max_frames: Optional[int] = None,
-             classifier: Optional[str] = None, editor: str = "classifier",
-             s3editor: Optional[str] = None, png_dir: Optional[str] = None,
-             cache_dir: Optional[str] = None, cache: bool = True, chunk: int = 8,
-             metrics: bool = True, progress: bool = False, video_editor=None,
-             command: Optional[str] = None) -> dict:
+def run_edit(
+    checkpoint,
+    input,
+    attribute,
+    strength,
+    out,
+    steps: int = 100,  # pylint: disable=redefined-builtin
+    blend: str = "hard",
+    side_by_side: bool = False,
+    max_frames: Optional[int] = None,
+    classifier: Optional[str] = None,
+    editor: str = "classifier",
+    s3editor: Optional[str] = None,
+    png_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    cache: bool = True,
+    chunk: int = 8,
+    metrics: bool = True,
+    progress: bool = False,
+    video_editor=None,
+    command: Optional[str] = None,
+) -> dict:
   """The whole CLI as a function; returns the report. Raises EditError on user errors.
 
   ``video_editor``: an existing ``editing.VideoEditor`` to reuse (tests, sweeps).
   """
   from s3jax import alignment, editing, video
+
   t_start = time.perf_counter()
   timings = {}
   if checkpoint is None or not pathlib.Path(checkpoint).is_dir():
@@ -130,8 +163,9 @@ def run_edit(checkpoint, input, attribute, strength, out, steps: int = 100,  # p
   if video_editor is None:
     stage(f"loading the DVA from {checkpoint}")
     try:
-      video_editor = editing.VideoEditor(checkpoint, steps=steps, chunk=chunk, cache=cache,
-                                         progress=progress)
+      video_editor = editing.VideoEditor(
+          checkpoint, steps=steps, chunk=chunk, cache=cache, progress=progress
+      )
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
       raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
   timings["load_model"] = time.perf_counter() - t0
@@ -139,8 +173,14 @@ def run_edit(checkpoint, input, attribute, strength, out, steps: int = 100,  # p
   stage(f"editing {len(frames)} frames: {attribute} x {strength} at {steps} DDIM steps")
   try:
     frames_out, report = video_editor.edit_video(
-        frames, attribute, strength, blend=blend, edit_fn=edit_fn, cache_dir=cache_dir,
-        compute_metrics=metrics)
+        frames,
+        attribute,
+        strength,
+        blend=blend,
+        edit_fn=edit_fn,
+        cache_dir=cache_dir,
+        compute_metrics=metrics,
+    )
   except alignment.NoFaceError as e:
     raise EditError(f"{input}: {e}") from None
   except editing.UnknownAttributeError as e:
@@ -161,6 +201,7 @@ def run_edit(checkpoint, input, attribute, strength, out, steps: int = 100,  # p
     extra["side_by_side"] = str(sbs)
   if png_dir:
     import cv2
+
     p = pathlib.Path(png_dir)
     p.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(frames_out):
@@ -172,12 +213,22 @@ def run_edit(checkpoint, input, attribute, strength, out, steps: int = 100,  # p
   report = dict(report)
   report["timings_s"] = dict(report["timings_s"], edit_total=report["timings_s"].get("total"))
   report["timings_s"].update({k: round(v, 4) for k, v in timings.items()})
-  report.update({
-      "command": command, "input": str(input), "output": str(out), "fps": float(fps),
-      "editor": editor, "editor_source": source, **extra,
-  })
-  rpath = out.with_name(out.name + ".report.json") if out.suffix != ".mp4" else \
-      out.with_suffix(".report.json")
+  report.update(
+      {
+          "command": command,
+          "input": str(input),
+          "output": str(out),
+          "fps": float(fps),
+          "editor": editor,
+          "editor_source": source,
+          **extra,
+      }
+  )
+  rpath = (
+      out.with_name(out.name + ".report.json")
+      if out.suffix != ".mp4"
+      else out.with_suffix(".report.json")
+  )
   rpath.write_text(json.dumps(report, indent=2))
   report["report_path"] = str(rpath)
   stage(f"wrote {out} and {rpath}")
@@ -187,8 +238,11 @@ def run_edit(checkpoint, input, attribute, strength, out, steps: int = 100,  # p
 def report_path(out) -> pathlib.Path:
   """Where run_edit writes the report for ``out`` (OUT.mp4 -> OUT.report.json)."""
   out = pathlib.Path(out)
-  return out.with_suffix(".report.json") if out.suffix == ".mp4" else \
-      out.with_name(out.name + ".report.json")
+  return (
+      out.with_suffix(".report.json")
+      if out.suffix == ".mp4"
+      else out.with_name(out.name + ".report.json")
+  )
 
 
 def _normalise_argv(argv):
@@ -199,7 +253,7 @@ def _normalise_argv(argv):
       under = name.replace("-", "_")
       for prefix in ("--", "--no"):
         if a == prefix + under or a.startswith(prefix + under + "="):
-          a = prefix + name + a[len(prefix + under):]
+          a = prefix + name + a[len(prefix + under) :]
     out.append(a)
   return out
 
@@ -213,6 +267,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import logging as std_logging
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.WARNING)
   std_logging.getLogger("absl").setLevel(std_logging.WARNING)
   try:
@@ -221,33 +276,50 @@ def main(argv):
     if FLAGS.cache and pathlib.Path(FLAGS.checkpoint).is_dir():
       # Persist compiled DDIM programs too, so a sweep of CLI runs compiles once.
       import jax
+
       root = pathlib.Path(FLAGS["cache-dir"].value or pathlib.Path(FLAGS.checkpoint) / "edit_cache")
       jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if FLAGS["list-attributes"].value:
-      _, names, source = load_edit_fn(FLAGS.editor, FLAGS.checkpoint, FLAGS.classifier,
-                                      FLAGS.s3editor)
+      _, names, source = load_edit_fn(
+          FLAGS.editor, FLAGS.checkpoint, FLAGS.classifier, FLAGS.s3editor
+      )
       if names is None:
         raise EditError(f"the editor at {source} does not list its attributes")
       print("\n".join(names))
       return 0
     report = run_edit(
-        FLAGS.checkpoint, FLAGS.input, FLAGS.attribute, FLAGS.strength, FLAGS.out,
-        steps=FLAGS.steps, blend=FLAGS.blend, side_by_side=FLAGS["side-by-side"].value,
-        max_frames=FLAGS["max-frames"].value, classifier=FLAGS.classifier, editor=FLAGS.editor,
-        s3editor=FLAGS.s3editor, png_dir=FLAGS["png-dir"].value,
-        cache_dir=FLAGS["cache-dir"].value, cache=FLAGS.cache, chunk=FLAGS.chunk,
-        metrics=FLAGS.metrics, progress=FLAGS.progress,
-        command=" ".join(shlex.quote(a) for a in sys.argv))
+        FLAGS.checkpoint,
+        FLAGS.input,
+        FLAGS.attribute,
+        FLAGS.strength,
+        FLAGS.out,
+        steps=FLAGS.steps,
+        blend=FLAGS.blend,
+        side_by_side=FLAGS["side-by-side"].value,
+        max_frames=FLAGS["max-frames"].value,
+        classifier=FLAGS.classifier,
+        editor=FLAGS.editor,
+        s3editor=FLAGS.s3editor,
+        png_dir=FLAGS["png-dir"].value,
+        cache_dir=FLAGS["cache-dir"].value,
+        cache=FLAGS.cache,
+        chunk=FLAGS.chunk,
+        metrics=FLAGS.metrics,
+        progress=FLAGS.progress,
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+    )
   except EditError as e:
     print(f"s3jax.edit: error: {e}", file=sys.stderr)
     sys.exit(1)
   t = report["timings_s"]
   ident = report.get("identity") or {}
-  print(f"wrote {report['output']} ({report['num_frames']} frames, "
-        f"{report['frame_size'][0]}x{report['frame_size'][1]} @ {report['fps']:.2f} fps) in "
-        f"{t['total']:.1f}s; cache {'hit' if report['cache']['hit'] else 'miss'}; "
-        f"TL-ID {ident.get('tl_id')}, TG-ID {ident.get('tg_id')}; report {report['report_path']}")
+  print(
+      f"wrote {report['output']} ({report['num_frames']} frames, "
+      f"{report['frame_size'][0]}x{report['frame_size'][1]} @ {report['fps']:.2f} fps) in "
+      f"{t['total']:.1f}s; cache {'hit' if report['cache']['hit'] else 'miss'}; "
+      f"TL-ID {ident.get('tl_id')}, TG-ID {ident.get('tg_id')}; report {report['report_path']}"
+  )
   if report["passthrough"]:
     print(f"frames left unedited (no face, long gap): {report['passthrough']}")
   return 0

@@ -28,6 +28,7 @@ edits of the same clip skip alignment, features and inversion.
 Public API: ``Classifier``, ``load_classifier``, ``UnknownAttributeError``,
 ``edit_z_id``, ``classifier_edit_fn``, ``VideoCode``, ``VideoEditor``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-FEATURE_SIZE = 256   # alignment/feature size, as data_prep.common.FEATURE_SIZE
+FEATURE_SIZE = 256  # alignment/feature size, as data_prep.common.FEATURE_SIZE
 CACHE_VERSION = 1
 DEFAULT_CHUNK = 8
 
@@ -59,12 +60,13 @@ class UnknownAttributeError(ValueError):
 @dataclasses.dataclass
 class Classifier:
   """Linear attribute classifiers on normalised z_id: logits = ((z - mean) / std) @ weight + bias."""
+
   names: list
-  weight: np.ndarray   # (D, A)
-  bias: np.ndarray     # (A,)
-  mean: np.ndarray     # (D,)
-  std: np.ndarray      # (D,)
-  auc: np.ndarray      # (A,) test AUC (NaN: undefined)
+  weight: np.ndarray  # (D, A)
+  bias: np.ndarray  # (A,)
+  mean: np.ndarray  # (D,)
+  std: np.ndarray  # (D,)
+  auc: np.ndarray  # (A,) test AUC (NaN: undefined)
   path: Optional[str] = None
 
   @property
@@ -76,7 +78,8 @@ class Classifier:
       return list(self.names).index(attribute)
     except ValueError:
       raise UnknownAttributeError(
-          f"unknown attribute {attribute!r}; valid attributes: {', '.join(self.names)}") from None
+          f"unknown attribute {attribute!r}; valid attributes: {', '.join(self.names)}"
+      ) from None
 
   def direction(self, attribute: str) -> np.ndarray:
     """The weight column of ``attribute`` (in normalised z space), (D,)."""
@@ -94,17 +97,21 @@ def load_classifier(directory) -> Classifier:
   if not f.exists():
     raise FileNotFoundError(
         f"no classifier at {f}; train one with `python -m s3jax.train --config "
-        f"configs/celebahq_classifier.py:demo --workdir {p}` (or pass --classifier)")
+        f"configs/celebahq_classifier.py:demo --workdir {p}` (or pass --classifier)"
+    )
   with np.load(f, allow_pickle=False) as z:
     missing = {"names", "weight", "bias", "mean", "std", "auc"} - set(z.files)
     if missing:
       raise ValueError(f"{f} lacks {sorted(missing)}")
-    return Classifier(names=[str(n) for n in z["names"]],
-                      weight=np.asarray(z["weight"], np.float64),
-                      bias=np.asarray(z["bias"], np.float64),
-                      mean=np.asarray(z["mean"], np.float64),
-                      std=np.asarray(z["std"], np.float64),
-                      auc=np.asarray(z["auc"], np.float64), path=str(f))
+    return Classifier(
+        names=[str(n) for n in z["names"]],
+        weight=np.asarray(z["weight"], np.float64),
+        bias=np.asarray(z["bias"], np.float64),
+        mean=np.asarray(z["mean"], np.float64),
+        std=np.asarray(z["std"], np.float64),
+        auc=np.asarray(z["auc"], np.float64),
+        path=str(f),
+    )
 
 
 def l2norm(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
@@ -121,8 +128,10 @@ def edit_z_id(z_id, classifier: Classifier, attribute: str, strength: float) -> 
   z = np.asarray(z_id, np.float64)
   d = z.shape[-1]
   if d != classifier.dim:
-    raise ValueError(f"z_id has width {d} but the classifier was trained on {classifier.dim}-d "
-                     "features (dlib 128 / ArcFace 512): use a classifier of the same path")
+    raise ValueError(
+        f"z_id has width {d} but the classifier was trained on {classifier.dim}-d "
+        "features (dlib 128 / ArcFace 512): use a classifier of the same path"
+    )
   w = classifier.direction(attribute)
   zn = (z - classifier.mean) / classifier.std
   zn = zn + float(strength) * math.sqrt(d) * w / max(np.linalg.norm(w), 1e-12)
@@ -131,8 +140,10 @@ def edit_z_id(z_id, classifier: Classifier, attribute: str, strength: float) -> 
 
 def classifier_edit_fn(classifier: Classifier) -> EditFn:
   """An ``edit_fn(z (N, D), attribute, strength) -> (N, D)`` from a classifier."""
+
   def fn(z, attribute, strength):
     return edit_z_id(z, classifier, attribute, strength)
+
   fn.names = list(classifier.names)
   return fn
 
@@ -143,38 +154,58 @@ def classifier_edit_fn(classifier: Classifier) -> EditFn:
 @dataclasses.dataclass
 class VideoCode:
   """What ``VideoEditor.encode`` returns (and caches). ``M`` = edited frames, ``N`` = all."""
-  num_frames: int                # N
-  frame_shape: tuple             # (H, W, 3)
-  frame_indices: np.ndarray      # (M,) frames that are edited (not passthrough)
-  quads: np.ndarray              # (N, 4, 2) smoothed quads
-  crops: np.ndarray              # (M, S, S, 3) uint8 aligned crops at the model size
-  masks: np.ndarray              # (M, S, S) uint8 {0,1} video face masks
-  landmarks: np.ndarray          # (M, 68, 2) crop landmarks at FEATURE_SIZE px
-  z_lnd: np.ndarray              # (M, 102)
-  z_id_frames: np.ndarray        # (M, D) per-frame z_id
-  z_id: np.ndarray               # (D,) averaged, L2-normalised
-  x_T: np.ndarray                # (M, S, S, 3) float32 inverted noise maps
-  has_face: np.ndarray           # (N,) bool detected
-  interpolated: np.ndarray       # (N,) bool short gap
-  passthrough: list              # frames left unedited (long gaps)
+
+  num_frames: int  # N
+  frame_shape: tuple  # (H, W, 3)
+  frame_indices: np.ndarray  # (M,) frames that are edited (not passthrough)
+  quads: np.ndarray  # (N, 4, 2) smoothed quads
+  crops: np.ndarray  # (M, S, S, 3) uint8 aligned crops at the model size
+  masks: np.ndarray  # (M, S, S) uint8 {0,1} video face masks
+  landmarks: np.ndarray  # (M, 68, 2) crop landmarks at FEATURE_SIZE px
+  z_lnd: np.ndarray  # (M, 102)
+  z_id_frames: np.ndarray  # (M, D) per-frame z_id
+  z_id: np.ndarray  # (D,) averaged, L2-normalised
+  x_T: np.ndarray  # (M, S, S, 3) float32 inverted noise maps
+  has_face: np.ndarray  # (N,) bool detected
+  interpolated: np.ndarray  # (N,) bool short gap
+  passthrough: list  # frames left unedited (long gaps)
   align_report: dict
   key: str = ""
   cache_hit: bool = False
   cache_path: Optional[str] = None
   timings: dict = dataclasses.field(default_factory=dict)
 
-  _ARRAYS = ("frame_indices", "quads", "crops", "masks", "landmarks", "z_lnd", "z_id_frames",
-             "z_id", "x_T", "has_face", "interpolated")
+  _ARRAYS = (
+      "frame_indices",
+      "quads",
+      "crops",
+      "masks",
+      "landmarks",
+      "z_lnd",
+      "z_id_frames",
+      "z_id",
+      "x_T",
+      "has_face",
+      "interpolated",
+  )
 
   def save(self, path) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"num_frames": self.num_frames, "frame_shape": list(self.frame_shape),
-            "passthrough": [int(i) for i in self.passthrough],
-            "align_report": self.align_report, "key": self.key, "version": CACHE_VERSION}
+    meta = {
+        "num_frames": self.num_frames,
+        "frame_shape": list(self.frame_shape),
+        "passthrough": [int(i) for i in self.passthrough],
+        "align_report": self.align_report,
+        "key": self.key,
+        "version": CACHE_VERSION,
+    }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, meta=np.asarray(json.dumps(meta)),
-             **{k: np.asarray(getattr(self, k)) for k in self._ARRAYS})
+    np.savez(
+        tmp,
+        meta=np.asarray(json.dumps(meta)),
+        **{k: np.asarray(getattr(self, k)) for k in self._ARRAYS},
+    )
     tmp.replace(path)
 
   @classmethod
@@ -184,9 +215,16 @@ class VideoCode:
       if meta.get("version") != CACHE_VERSION:
         raise ValueError(f"cache {path} has version {meta.get('version')}")
       arrays = {k: np.asarray(z[k]) for k in cls._ARRAYS}
-    return cls(num_frames=int(meta["num_frames"]), frame_shape=tuple(meta["frame_shape"]),
-               passthrough=list(meta["passthrough"]), align_report=meta["align_report"],
-               key=meta["key"], cache_hit=True, cache_path=str(path), **arrays)
+    return cls(
+        num_frames=int(meta["num_frames"]),
+        frame_shape=tuple(meta["frame_shape"]),
+        passthrough=list(meta["passthrough"]),
+        align_report=meta["align_report"],
+        key=meta["key"],
+        cache_hit=True,
+        cache_path=str(path),
+        **arrays,
+    )
 
 
 def video_hash(frames: np.ndarray) -> str:
@@ -200,10 +238,14 @@ def params_hash(params, config=None) -> str:
   """sha256 over the parameter leaves (sorted by path) and the model config."""
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
   h = hashlib.sha256()
   if config is not None:
-    h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config,
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            config.to_dict() if hasattr(config, "to_dict") else config, sort_keys=True, default=str
+        ).encode()
+    )
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   for k in sorted(flat):
     v = np.ascontiguousarray(np.asarray(jax.device_get(flat[k])))
@@ -225,6 +267,7 @@ def _progress(it, desc, total, enabled):
   if not enabled:
     return it
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
   return tqdm(it, desc=desc, total=total, leave=False)
 
 
@@ -240,6 +283,7 @@ def ddim_constants(steps: int, kind: str) -> dict:
   the same shapes and share one compiled program.
   """
   from s3jax import diffusion  # pylint: disable=g-import-not-at-top
+
   sched = diffusion.respaced_schedule(steps)
   ac = sched["alphas_cumprod"]
   f32 = lambda a: np.asarray(a, np.float64).astype(np.float32)  # noqa: E731
@@ -253,10 +297,13 @@ def ddim_constants(steps: int, kind: str) -> dict:
     target = f32(sched["alphas_cumprod_prev"])
   else:
     raise ValueError(f"kind must be 'invert' or 'decode', got {kind!r}")
-  return {"t": np.asarray(sched["timesteps"], np.int32)[idx],
-          "sqrt_recip": f32(np.sqrt(1.0 / ac))[idx],
-          "sqrt_recipm1": f32(np.sqrt(1.0 / ac - 1.0))[idx],
-          "a_target": target[idx], "valid": valid}
+  return {
+      "t": np.asarray(sched["timesteps"], np.int32)[idx],
+      "sqrt_recip": f32(np.sqrt(1.0 / ac))[idx],
+      "sqrt_recipm1": f32(np.sqrt(1.0 / ac - 1.0))[idx],
+      "a_target": target[idx],
+      "valid": valid,
+  }
 
 
 def ddim_scan(eps_fn, x, cond, consts, clip: bool = True):
@@ -295,9 +342,19 @@ class VideoEditor:
     model: optional ``(model, params, config)`` to skip ``restore_dva`` (tests, benchmarks).
   """
 
-  def __init__(self, checkpoint_dir, steps: int = 100, mesh=None, chunk: int = DEFAULT_CHUNK,
-               cache: bool = True, max_gap: int = 5, detector: str = "hog", progress: bool = False,
-               model=None, step: Optional[int] = None):
+  def __init__(
+      self,
+      checkpoint_dir,
+      steps: int = 100,
+      mesh=None,
+      chunk: int = DEFAULT_CHUNK,
+      cache: bool = True,
+      max_gap: int = 5,
+      detector: str = "hog",
+      progress: bool = False,
+      model=None,
+      step: Optional[int] = None,
+  ):
     import jax  # pylint: disable=g-import-not-at-top
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
     from s3jax import diffusion  # pylint: disable=g-import-not-at-top
@@ -309,6 +366,7 @@ class VideoEditor:
     t0 = time.perf_counter()
     if model is None:
       from s3jax.training.dva import restore_dva  # pylint: disable=g-import-not-at-top
+
       self.model, params, self.config, self.ckpt_step = restore_dva(self.checkpoint_dir, step=step)
     else:
       self.model, params, self.config = model
@@ -317,7 +375,8 @@ class VideoEditor:
       raise NotImplementedError(
           f"the checkpoint uses face_features={self.config.model.face_features!r}: editing "
           "computes z_id with the dlib descriptor only (the ArcFace/MobileNet encoders need their "
-          "published weights, which this editor does not load yet)")
+          "published weights, which this editor does not load yet)"
+      )
     self.size = int(self.config.model.unet.image_size)
     self.id_dim = id_dim(self.config.model)
     self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
@@ -341,13 +400,15 @@ class VideoEditor:
 
       def eps_fn(x, t, z_face):
         return model_.apply({"params": params}, x, t, z_face, method="denoise")
+
       return ddim_scan(eps_fn, x, z_face, consts)
 
     # Inversion and decoding are one program (the step constants are arguments; the
     # inversion's N-1 steps are padded to N with a skipped step), so one compile serves both.
     batch = self._batch
-    self._jit = jax.jit(ddim, in_shardings=(self._repl, batch, batch, batch, self._repl),
-                        out_shardings=batch)
+    self._jit = jax.jit(
+        ddim, in_shardings=(self._repl, batch, batch, batch, self._repl), out_shardings=batch
+    )
     self._consts = {k: ddim_constants(self.steps, k) for k in ("invert", "decode")}
 
   # -- compiled functions ----------------------------------------------------
@@ -363,24 +424,31 @@ class VideoEditor:
     """
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     if chunk not in self._compiled:
       t0 = time.perf_counter()
       s = self.size
-      consts = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
-                            self._consts["decode"])
-      args = (self.params,
-              jax.ShapeDtypeStruct((chunk, s, s, 3), jnp.float32, sharding=self._batch),
-              jax.ShapeDtypeStruct((chunk, self.id_dim), jnp.float32, sharding=self._batch),
-              jax.ShapeDtypeStruct((chunk, 102), jnp.float32, sharding=self._batch),
-              consts)
+      consts = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
+          self._consts["decode"],
+      )
+      args = (
+          self.params,
+          jax.ShapeDtypeStruct((chunk, s, s, 3), jnp.float32, sharding=self._batch),
+          jax.ShapeDtypeStruct((chunk, self.id_dim), jnp.float32, sharding=self._batch),
+          jax.ShapeDtypeStruct((chunk, 102), jnp.float32, sharding=self._batch),
+          consts,
+      )
       fn = self._jit.lower(*args).compile()
       self._compiled[chunk] = fn
       return fn, time.perf_counter() - t0
     return self._compiled[chunk], 0.0
 
-  def _run_chunks(self, kind: str, x: np.ndarray, z_id: np.ndarray, z_lnd: np.ndarray,
-                  timings: dict) -> np.ndarray:
+  def _run_chunks(
+      self, kind: str, x: np.ndarray, z_id: np.ndarray, z_lnd: np.ndarray, timings: dict
+  ) -> np.ndarray:
     import jax  # pylint: disable=g-import-not-at-top
+
     m = len(x)
     chunk = self.chunk_size(m)
     fn, compile_s = self.compiled(kind, chunk)
@@ -407,8 +475,10 @@ class VideoEditor:
   # -- encode / decode -------------------------------------------------------
   def cache_key(self, frames: np.ndarray) -> str:
     opts = f"steps={self.steps};size={self.size};gap={self.max_gap};det={self.detector}"
-    return f"{video_hash(frames)[:20]}-{self.model_hash[:20]}-s{self.steps}-{self.size}-" + \
-        hashlib.sha256(opts.encode()).hexdigest()[:8]
+    return (
+        f"{video_hash(frames)[:20]}-{self.model_hash[:20]}-s{self.steps}-{self.size}-"
+        + hashlib.sha256(opts.encode()).hexdigest()[:8]
+    )
 
   def default_cache_dir(self) -> pathlib.Path:
     return self.checkpoint_dir / "edit_cache"
@@ -419,6 +489,7 @@ class VideoEditor:
     Raises ``alignment.NoFaceError`` when no frame has a face.
     """
     from s3jax import alignment, face_features  # pylint: disable=g-import-not-at-top
+
     frames = np.asarray(video_frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
       raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
@@ -439,8 +510,9 @@ class VideoEditor:
 
     t0 = time.perf_counter()
     fsize = max(self.size, FEATURE_SIZE)
-    res = alignment.align_video(frames, size=fsize, detector=self.detector,
-                                max_gap=self.max_gap, progress=self.progress)
+    res = alignment.align_video(
+        frames, size=fsize, detector=self.detector, max_gap=self.max_gap, progress=self.progress
+    )
     timings["align"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     usable = np.ones(len(frames), bool)
@@ -452,10 +524,12 @@ class VideoEditor:
     detected = np.asarray(res.has_face, bool)[idx]
     z_mean = l2norm(z_frames[detected].mean(0)).astype(np.float32)
     import cv2  # pylint: disable=g-import-not-at-top
+
     s = self.size
     if s != fsize:
-      crops = np.stack([cv2.resize(c, (s, s), interpolation=cv2.INTER_AREA)
-                        for c in res.crops[idx]])
+      crops = np.stack(
+          [cv2.resize(c, (s, s), interpolation=cv2.INTER_AREA) for c in res.crops[idx]]
+      )
       lnd_s = (lnd + 0.5) * (s / fsize) - 0.5
     else:
       crops, lnd_s = res.crops[idx], lnd
@@ -465,13 +539,26 @@ class VideoEditor:
     z_rep = np.repeat(z_mean[None], len(idx), 0)
     x_T = self._run_chunks("invert", _to_model(crops), z_rep, z_lnd, timings)
     code = VideoCode(
-        num_frames=len(frames), frame_shape=tuple(frames.shape[1:]), frame_indices=idx,
-        quads=np.asarray(res.quads), crops=crops, masks=masks.astype(np.uint8),
-        landmarks=lnd.astype(np.float32), z_lnd=z_lnd.astype(np.float32),
-        z_id_frames=z_frames.astype(np.float32), z_id=z_mean, x_T=x_T.astype(np.float32),
-        has_face=np.asarray(res.has_face, bool), interpolated=np.asarray(res.interpolated, bool),
-        passthrough=list(res.passthrough), align_report=_jsonable(res.report), key=key,
-        cache_hit=False, cache_path=str(cache_path) if cache_path else None, timings=timings)
+        num_frames=len(frames),
+        frame_shape=tuple(frames.shape[1:]),
+        frame_indices=idx,
+        quads=np.asarray(res.quads),
+        crops=crops,
+        masks=masks.astype(np.uint8),
+        landmarks=lnd.astype(np.float32),
+        z_lnd=z_lnd.astype(np.float32),
+        z_id_frames=z_frames.astype(np.float32),
+        z_id=z_mean,
+        x_T=x_T.astype(np.float32),
+        has_face=np.asarray(res.has_face, bool),
+        interpolated=np.asarray(res.interpolated, bool),
+        passthrough=list(res.passthrough),
+        align_report=_jsonable(res.report),
+        key=key,
+        cache_hit=False,
+        cache_path=str(cache_path) if cache_path else None,
+        timings=timings,
+    )
     if cache_path is not None:
       try:
         code.save(cache_path)
@@ -504,34 +591,42 @@ class VideoEditor:
     model's crop size so the feather band covers the same part of the face at any size.
     """
     from s3jax import video  # pylint: disable=g-import-not-at-top
+
     d = video.BLEND_DEFAULTS[blend]
     return {"dilate": d["dilate"] * self.size / 256.0, "blur": d["blur"] * self.size / 256.0}
 
   def paste(self, frames, code: VideoCode, crops, blend: str = "hard") -> np.ndarray:
     """Pastes edited crops into copies of ``frames`` (frames not in the code pass through)."""
     from s3jax import video  # pylint: disable=g-import-not-at-top
+
     out = np.array(frames, copy=True)
     bp = self.blend_params(blend)
     for j, i in enumerate(code.frame_indices):
-      out[i] = video.paste_back(frames[i], crops[j], code.quads[i], code.masks[j], blend=blend,
-                                **bp)
+      out[i] = video.paste_back(
+          frames[i], crops[j], code.quads[i], code.masks[j], blend=blend, **bp
+      )
     return out
 
   def identity_metrics(self, original, edited, code: VideoCode) -> dict:
     """TL-ID/TG-ID (dlib descriptors on the re-aligned frames), normalised by the original's."""
     from s3jax import alignment, face_features, metrics  # pylint: disable=g-import-not-at-top
+
     idx = [int(i) for i in code.frame_indices if code.has_face[i]]
     if len(idx) < 2:
       return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
+
     def embs(frames):
-      crops = np.stack([alignment.crop_from_quad(frames[i], code.quads[i], FEATURE_SIZE)
-                        for i in idx])
+      crops = np.stack(
+          [alignment.crop_from_quad(frames[i], code.quads[i], FEATURE_SIZE) for i in idx]
+      )
       return face_features.identity_embeddings(crops)
+
     e_orig, e_edit = embs(original), embs(edited)
     return {
         "tl_id": float(metrics.tl_id_normalised(e_edit, e_orig)),
         "tg_id": float(metrics.tg_id_normalised(e_edit, e_orig)),
-        "tl_id_edited": float(metrics.tl_id(e_edit)), "tg_id_edited": float(metrics.tg_id(e_edit)),
+        "tl_id_edited": float(metrics.tl_id(e_edit)),
+        "tg_id_edited": float(metrics.tg_id(e_edit)),
         "tl_id_original": float(metrics.tl_id(e_orig)),
         "tg_id_original": float(metrics.tg_id(e_orig)),
         "identity_preservation": float(metrics.identity_preservation(e_edit, e_orig)),
@@ -539,9 +634,18 @@ class VideoEditor:
         "num_frames": len(idx),
     }
 
-  def edit_video(self, frames, attribute: str, strength: float, blend: str = "hard",
-                 classifier: Optional[Classifier] = None, edit_fn: Optional[EditFn] = None,
-                 cache_dir=None, compute_metrics: bool = True, return_crops: bool = False):
+  def edit_video(
+      self,
+      frames,
+      attribute: str,
+      strength: float,
+      blend: str = "hard",
+      classifier: Optional[Classifier] = None,
+      edit_fn: Optional[EditFn] = None,
+      cache_dir=None,
+      compute_metrics: bool = True,
+      return_crops: bool = False,
+  ):
     """Edits ``frames`` (N, H, W, 3) uint8 -> ``(frames_out, report)`` (+ crops if asked).
 
     Give a ``classifier`` (DVA classifier directions) or an ``edit_fn(z (N, D),
@@ -549,20 +653,22 @@ class VideoEditor:
     gaps pass through unedited and are listed in the report.
     """
     from s3jax import video  # pylint: disable=g-import-not-at-top
+
     if blend not in video.BLEND_DEFAULTS:
       raise ValueError(f"blend must be one of {sorted(video.BLEND_DEFAULTS)}, got {blend!r}")
     if edit_fn is None:
       if classifier is None:
         raise ValueError("edit_video needs a classifier or an edit_fn")
-      classifier.index(attribute)   # unknown attribute: fail before any work
+      classifier.index(attribute)  # unknown attribute: fail before any work
       edit_fn = classifier_edit_fn(classifier)
     frames = np.asarray(frames)
     t_all = time.perf_counter()
     code = self.encode(frames, cache_dir=cache_dir)
     timings = dict(code.timings)
     t0 = time.perf_counter()
-    z_new = np.asarray(edit_fn(code.z_id[None].astype(np.float32), attribute, float(strength)),
-                       np.float32).reshape(-1)
+    z_new = np.asarray(
+        edit_fn(code.z_id[None].astype(np.float32), attribute, float(strength)), np.float32
+    ).reshape(-1)
     timings["edit_z"] = time.perf_counter() - t0
     crops = self.decode(code, z_new, timings)
     t0 = time.perf_counter()
@@ -578,9 +684,13 @@ class VideoEditor:
     report = {
         "num_frames": n,
         "frame_size": [int(frames.shape[2]), int(frames.shape[1])],
-        "attribute": attribute, "strength": float(strength), "blend": blend,
-        "steps": self.steps, "model_size": self.size,
-        "checkpoint": str(self.checkpoint_dir), "checkpoint_step": self.ckpt_step,
+        "attribute": attribute,
+        "strength": float(strength),
+        "blend": blend,
+        "steps": self.steps,
+        "model_size": self.size,
+        "checkpoint": str(self.checkpoint_dir),
+        "checkpoint_step": self.ckpt_step,
         "model_hash": self.model_hash[:20],
         "frames_without_face": [int(i) for i in np.flatnonzero(~code.has_face)],
         "interpolated": [int(i) for i in np.flatnonzero(code.interpolated)],
@@ -591,10 +701,18 @@ class VideoEditor:
         "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
         "identity": ident,
         "z_id_cosine_to_original": float(np.dot(l2norm(z_new), l2norm(code.z_id))),
-        "devices": self.num_devices, "chunk": self.chunk_size(len(code.frame_indices)),
-        "alignment": {k: code.align_report.get(k) for k in
-                      ("detected", "face_found_fraction", "jitter_raw", "jitter_smoothed",
-                       "detector")},
+        "devices": self.num_devices,
+        "chunk": self.chunk_size(len(code.frame_indices)),
+        "alignment": {
+            k: code.align_report.get(k)
+            for k in (
+                "detected",
+                "face_found_fraction",
+                "jitter_raw",
+                "jitter_smoothed",
+                "detector",
+            )
+        },
     }
     if return_crops:
       return out, report, crops

@@ -40,6 +40,7 @@ resumes by skipping them), ``results.csv`` and ``results.json`` (every cell),
 ``plots/*_vs_strength.png`` and ``plots/*_vs_steps.png``, TensorBoard scalars in
 ``tensorboard/`` and ``eval_config.json``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,25 +56,42 @@ from typing import Optional, Sequence
 import numpy as np
 
 RECON = "none"
-ID_SIZE = 256   # crops are upscaled to this before the dlib descriptor
+ID_SIZE = 256  # crops are upscaled to this before the dlib descriptor
 MS_SSIM_MAX_SCALES = 5
 
 METRICS_RECON = ("ssim", "ms_ssim", "psnr", "mse", "lpips")
 METRICS_ID = ("tl_id", "tg_id", "id_preservation")
 METRICS_EDIT = ("attr_success", "attr_logit_gain", "locality")
 METRICS_TIME = ("sec_per_frame", "sec_per_frame_encode")
-CSV_COLUMNS = (("checkpoint", "checkpoint_step", "video", "steps", "attribute", "strength",
-                "frames", "status") + METRICS_RECON + ("ms_ssim_scales",) + METRICS_ID
-               + ("tl_id_raw", "tg_id_raw", "tl_id_input", "tg_id_input") + METRICS_EDIT
-               + METRICS_TIME + ("error",))
-TABLE_METRICS = ("ssim", "ms_ssim", "psnr", "mse", "lpips", "tl_id", "tg_id", "id_preservation",
-                 "attr_success", "locality", "sec_per_frame")
+CSV_COLUMNS = (
+    ("checkpoint", "checkpoint_step", "video", "steps", "attribute", "strength", "frames", "status")
+    + METRICS_RECON
+    + ("ms_ssim_scales",)
+    + METRICS_ID
+    + ("tl_id_raw", "tg_id_raw", "tl_id_input", "tg_id_input")
+    + METRICS_EDIT
+    + METRICS_TIME
+    + ("error",)
+)
+TABLE_METRICS = (
+    "ssim",
+    "ms_ssim",
+    "psnr",
+    "mse",
+    "lpips",
+    "tl_id",
+    "tg_id",
+    "id_preservation",
+    "attr_success",
+    "locality",
+    "sec_per_frame",
+)
 
 
 # ---------------------------------------------------------------------------------- cells
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  checkpoint: str      # label, e.g. "demo@600"
+  checkpoint: str  # label, e.g. "demo@600"
   checkpoint_dir: str
   checkpoint_step: int
   video: str
@@ -86,12 +104,23 @@ class Cell:
     return self.attribute == RECON
 
   def key(self, data_fingerprint: str) -> str:
-    ident = json.dumps([self.checkpoint_dir, self.checkpoint_step, self.video, self.steps,
-                        self.attribute, round(float(self.strength), 6), data_fingerprint])
+    ident = json.dumps(
+        [
+            self.checkpoint_dir,
+            self.checkpoint_step,
+            self.video,
+            self.steps,
+            self.attribute,
+            round(float(self.strength), 6),
+            data_fingerprint,
+        ]
+    )
     h = hashlib.sha1(ident.encode()).hexdigest()[:16]
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in
-                   f"{self.checkpoint}_{self.video}_T{self.steps}_{self.attribute}_"
-                   f"{self.strength:+g}")
+    safe = "".join(
+        ch if ch.isalnum() or ch in "-_." else "_"
+        for ch in f"{self.checkpoint}_{self.video}_T{self.steps}_{self.attribute}_"
+        f"{self.strength:+g}"
+    )
     return f"{safe[:80]}-{h}"
 
 
@@ -101,6 +130,7 @@ def parse_checkpoint_spec(spec: str) -> list[tuple[str, str, Optional[int]]]:
   name = pathlib.Path(path).name or path
   if step == "all":
     from s3jax.checkpointing import Checkpointer
+
     ck = Checkpointer(path, async_save=False)
     try:
       steps = ck.all_steps()
@@ -116,6 +146,7 @@ def parse_checkpoint_spec(spec: str) -> list[tuple[str, str, Optional[int]]]:
 
 def _latest_step(path) -> int:
   from s3jax.checkpointing import Checkpointer
+
   ck = Checkpointer(path, async_save=False)
   try:
     s = ck.latest_step()
@@ -130,39 +161,46 @@ def _latest_step(path) -> int:
 @dataclasses.dataclass
 class Clip:
   """One evaluation video: raw frames (video files) or aligned records (held-out split)."""
+
   name: str
-  frames: Optional[np.ndarray] = None   # (N, H, W, 3) uint8, to be aligned by the editor
-  crops: Optional[np.ndarray] = None    # (M, S, S, 3) uint8 aligned (split records)
-  z_id: Optional[np.ndarray] = None     # (M, D) per-frame z_id (split records)
-  z_lnd: Optional[np.ndarray] = None    # (M, 102)
+  frames: Optional[np.ndarray] = None  # (N, H, W, 3) uint8, to be aligned by the editor
+  crops: Optional[np.ndarray] = None  # (M, S, S, 3) uint8 aligned (split records)
+  z_id: Optional[np.ndarray] = None  # (M, D) per-frame z_id (split records)
+  z_lnd: Optional[np.ndarray] = None  # (M, 102)
   landmarks: Optional[np.ndarray] = None  # (M, 68, 2) crop pixels at the crop size
 
 
 def load_video_clips(paths: Sequence[str], max_frames: int, resize_width: int) -> list[Clip]:
   from s3jax import video
+
   clips = []
   for p in paths:
-    frames, _ = video.read_frames(p, max_frames=max_frames or None,
-                                  resize_width=resize_width or None)
+    frames, _ = video.read_frames(
+        p, max_frames=max_frames or None, resize_width=resize_width or None
+    )
     clips.append(Clip(name=pathlib.Path(p).stem or str(p), frames=frames))
   return clips
 
 
 def load_split_clips(data_dir: str, split: str, max_videos: int, max_frames: int) -> list[Clip]:
   from s3jax import input_pipeline as ip
+
   if split not in ip.available_splits(data_dir):
     raise ValueError(f"{data_dir} has no split {split!r} (has {ip.available_splits(data_dir)})")
   src = ip.open_split(data_dir, split)
   clips = []
-  for v in ip.video_index(src)[:max_videos or None]:
+  for v in ip.video_index(src)[: max_videos or None]:
     n = min(int(v["count"]), max_frames or int(v["count"]))
     recs = [src[int(v["start"]) + i] for i in range(n)]
-    clips.append(Clip(
-        name=str(v["video_id"]).replace("/", "_"),
-        crops=np.stack([ip.decode_image(r["image"], 3) for r in recs]),
-        z_id=np.stack([np.asarray(r["z_id"], np.float32) for r in recs]),
-        z_lnd=np.stack([np.asarray(r["z_lnd"], np.float32) for r in recs]),
-        landmarks=np.stack([np.asarray(r["landmarks"], np.float32) for r in recs])))
+    clips.append(
+        Clip(
+            name=str(v["video_id"]).replace("/", "_"),
+            crops=np.stack([ip.decode_image(r["image"], 3) for r in recs]),
+            z_id=np.stack([np.asarray(r["z_id"], np.float32) for r in recs]),
+            z_lnd=np.stack([np.asarray(r["z_lnd"], np.float32) for r in recs]),
+            landmarks=np.stack([np.asarray(r["landmarks"], np.float32) for r in recs]),
+        )
+    )
   if not clips:
     raise ValueError(f"split {split!r} of {data_dir} has no videos")
   return clips
@@ -172,6 +210,7 @@ def _resize(crops: np.ndarray, size: int) -> np.ndarray:
   if crops.shape[1] == size:
     return crops
   import cv2
+
   interp = cv2.INTER_AREA if crops.shape[1] > size else cv2.INTER_CUBIC
   return np.stack([cv2.resize(c, (size, size), interpolation=interp) for c in crops])
 
@@ -179,6 +218,7 @@ def _resize(crops: np.ndarray, size: int) -> np.ndarray:
 def code_from_records(editor, clip: Clip, timings: dict):
   """A ``VideoCode`` for already aligned records: averaged z_id, video masks, DDIM inversion."""
   from s3jax import editing, face_features
+
   s = editor.size
   crops = _resize(clip.crops, s)
   lnd = (clip.landmarks.astype(np.float64) + 0.5) * (s / clip.crops.shape[1]) - 0.5
@@ -193,12 +233,24 @@ def code_from_records(editor, clip: Clip, timings: dict):
   else:  # the editor's chunked, sharded, compiled inversion
     x_T = editor._run_chunks("invert", x0, z_rep, clip.z_lnd, timings)  # pylint: disable=protected-access
   return editing.VideoCode(
-      num_frames=m, frame_shape=tuple(crops.shape[1:]), frame_indices=np.arange(m),
-      quads=np.zeros((m, 4, 2), np.float32), crops=crops, masks=masks,
-      landmarks=lnd.astype(np.float32), z_lnd=clip.z_lnd.astype(np.float32),
-      z_id_frames=clip.z_id.astype(np.float32), z_id=z_mean, x_T=np.asarray(x_T, np.float32),
-      has_face=np.ones(m, bool), interpolated=np.zeros(m, bool), passthrough=[],
-      align_report={}, key=f"records:{clip.name}", timings=dict(timings))
+      num_frames=m,
+      frame_shape=tuple(crops.shape[1:]),
+      frame_indices=np.arange(m),
+      quads=np.zeros((m, 4, 2), np.float32),
+      crops=crops,
+      masks=masks,
+      landmarks=lnd.astype(np.float32),
+      z_lnd=clip.z_lnd.astype(np.float32),
+      z_id_frames=clip.z_id.astype(np.float32),
+      z_id=z_mean,
+      x_T=np.asarray(x_T, np.float32),
+      has_face=np.ones(m, bool),
+      interpolated=np.zeros(m, bool),
+      passthrough=[],
+      align_report={},
+      key=f"records:{clip.name}",
+      timings=dict(timings),
+  )
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -209,6 +261,7 @@ def to_model(x_u8) -> np.ndarray:
 def ms_ssim_scales(size: int, max_scales: int = MS_SSIM_MAX_SCALES) -> int:
   """Most standard MS-SSIM scales (<= max_scales) whose every level fits the 11 px window."""
   from s3jax import metrics
+
   best = 0
   for levels in range(1, max_scales + 1):
     if metrics.ms_ssim_min_size(levels) <= size:
@@ -219,10 +272,13 @@ def ms_ssim_scales(size: int, max_scales: int = MS_SSIM_MAX_SCALES) -> int:
 def pixel_metrics(orig_u8, out_u8, lpips_fn=None, max_scales: int = MS_SSIM_MAX_SCALES) -> dict:
   """SSIM / MS-SSIM / PSNR / MSE (and LPIPS) of uint8 crops, mean over frames."""
   from s3jax import metrics
+
   x, y = to_model(orig_u8), to_model(out_u8)
-  res = {"ssim": float(np.mean(metrics.ssim(x, y))),
-         "psnr": float(np.mean(metrics.psnr(x, y))),
-         "mse": float(np.mean(metrics.mse(x, y)))}
+  res = {
+      "ssim": float(np.mean(metrics.ssim(x, y))),
+      "psnr": float(np.mean(metrics.psnr(x, y))),
+      "mse": float(np.mean(metrics.mse(x, y))),
+  }
   levels = ms_ssim_scales(min(x.shape[1:3]), max_scales)
   if levels:
     w = np.asarray(metrics.MS_SSIM_WEIGHTS[:levels], np.float64)
@@ -237,21 +293,33 @@ def pixel_metrics(orig_u8, out_u8, lpips_fn=None, max_scales: int = MS_SSIM_MAX_
 def identity_embeddings(crops_u8) -> np.ndarray:
   """dlib descriptors (L2-normalised) of aligned crops, upscaled to ``ID_SIZE`` px."""
   from s3jax import face_features
+
   return face_features.identity_embeddings(_resize(np.asarray(crops_u8), ID_SIZE))
 
 
 def identity_metrics(e_orig: np.ndarray, e_out: np.ndarray) -> dict:
   from s3jax import metrics
+
   if len(e_orig) < 2:
     nan = float("nan")
-    return {"tl_id": nan, "tg_id": nan, "tl_id_raw": nan, "tg_id_raw": nan,
-            "tl_id_input": nan, "tg_id_input": nan,
-            "id_preservation": float(metrics.identity_preservation(e_out, e_orig))}
-  return {"tl_id": float(metrics.tl_id_normalised(e_out, e_orig)),
-          "tg_id": float(metrics.tg_id_normalised(e_out, e_orig)),
-          "tl_id_raw": float(metrics.tl_id(e_out)), "tg_id_raw": float(metrics.tg_id(e_out)),
-          "tl_id_input": float(metrics.tl_id(e_orig)), "tg_id_input": float(metrics.tg_id(e_orig)),
-          "id_preservation": float(metrics.identity_preservation(e_out, e_orig))}
+    return {
+        "tl_id": nan,
+        "tg_id": nan,
+        "tl_id_raw": nan,
+        "tg_id_raw": nan,
+        "tl_id_input": nan,
+        "tg_id_input": nan,
+        "id_preservation": float(metrics.identity_preservation(e_out, e_orig)),
+    }
+  return {
+      "tl_id": float(metrics.tl_id_normalised(e_out, e_orig)),
+      "tg_id": float(metrics.tg_id_normalised(e_out, e_orig)),
+      "tl_id_raw": float(metrics.tl_id(e_out)),
+      "tg_id_raw": float(metrics.tg_id(e_out)),
+      "tl_id_input": float(metrics.tl_id(e_orig)),
+      "tg_id_input": float(metrics.tg_id(e_orig)),
+      "id_preservation": float(metrics.identity_preservation(e_out, e_orig)),
+  }
 
 
 def attribute_metrics(classifier, attribute: str, strength: float, e_recon, e_out) -> dict:
@@ -263,14 +331,20 @@ def attribute_metrics(classifier, attribute: str, strength: float, e_recon, e_ou
   sign = float(np.sign(strength))
   if sign == 0:
     return {"attr_success": float("nan"), "attr_logit_gain": float("nan")}
-  return {"attr_success": float(np.mean(np.sign(le) == sign)),
-          "attr_logit_gain": float(np.mean((le - lr) * sign))}
+  return {
+      "attr_success": float(np.mean(np.sign(le) == sign)),
+      "attr_logit_gain": float(np.mean((le - lr) * sign)),
+  }
 
 
 def locality(orig_u8, out_u8, masks) -> float:
   from s3jax import metrics
-  return float(np.mean(metrics.locality_error(to_model(orig_u8), to_model(out_u8),
-                                              np.asarray(masks, np.float32))))
+
+  return float(
+      np.mean(
+          metrics.locality_error(to_model(orig_u8), to_model(out_u8), np.asarray(masks, np.float32))
+      )
+  )
 
 
 def load_lpips(spec: str):
@@ -279,6 +353,7 @@ def load_lpips(spec: str):
     return None
   import importlib
   from s3jax import metrics
+
   mod, _, fn = spec.partition(":")
   features_fn, weights = getattr(importlib.import_module(mod), fn)()
   return lambda x, y: metrics.lpips(x, y, features_fn=features_fn, linear_weights=weights)
@@ -287,9 +362,18 @@ def load_lpips(spec: str):
 # ----------------------------------------------------------------------------------- sweep
 def _fingerprint(config) -> str:
   d = config.data
-  return json.dumps({"videos": list(d.videos), "data_dir": d.data_dir, "split": d.split,
-                     "max_videos": d.max_videos, "max_frames": d.max_frames,
-                     "resize_width": d.resize_width, "lpips": config.lpips}, sort_keys=True)
+  return json.dumps(
+      {
+          "videos": list(d.videos),
+          "data_dir": d.data_dir,
+          "split": d.split,
+          "max_videos": d.max_videos,
+          "max_frames": d.max_frames,
+          "resize_width": d.resize_width,
+          "lpips": config.lpips,
+      },
+      sort_keys=True,
+  )
 
 
 def plan_cells(config, checkpoints, clips) -> list[Cell]:
@@ -313,6 +397,7 @@ def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config, e_r
 
   ``e_recon``: a callable giving the reconstruction's descriptors (edit cells)."""
   from s3jax import editing
+
   timings: dict = {}
   if cell.is_recon:
     z = code.z_id
@@ -320,8 +405,11 @@ def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config, e_r
     z = editing.edit_z_id(code.z_id, classifier, cell.attribute, cell.strength)
   out = editor.decode(code, z, timings)
   m = len(out)
-  res = {"frames": m, "sec_per_frame": timings.get("decode", float("nan")) / m,
-         "sec_per_frame_encode": float("nan")}
+  res = {
+      "frames": m,
+      "sec_per_frame": timings.get("decode", float("nan")) / m,
+      "sec_per_frame_encode": float("nan"),
+  }
   e_out = identity_embeddings(out)
   res.update(identity_metrics(e_orig, e_out))
   res["locality"] = locality(code.crops, out, code.masks)
@@ -339,6 +427,7 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
   """Runs (or resumes) the sweep of ``config`` into ``workdir``; returns every cell's row."""
   from s3jax import editing
   from s3jax.training.dva import restore_dva
+
   workdir = pathlib.Path(workdir)
   cells_dir = workdir / "cells"
   cells_dir.mkdir(parents=True, exist_ok=True)
@@ -353,28 +442,37 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
   if config.data.videos:
     clips = load_video_clips(config.data.videos, config.data.max_frames, config.data.resize_width)
   else:
-    clips = load_split_clips(config.data.data_dir, config.data.split, config.data.max_videos,
-                             config.data.max_frames)
+    clips = load_split_clips(
+        config.data.data_dir, config.data.split, config.data.max_videos, config.data.max_frames
+    )
   classifier = None
   if config.attributes:
     if not config.classifier:
       raise ValueError("config.attributes needs config.classifier (a classifier workdir)")
     classifier = editing.load_classifier(config.classifier)
     for a in config.attributes:
-      classifier.index(a)   # unknown attribute: fail before any work
+      classifier.index(a)  # unknown attribute: fail before any work
   lpips_fn = load_lpips(config.lpips)
 
   cells = plan_cells(config, checkpoints, clips)
   done = {c: cells_dir / f"{c.key(fp)}.json" for c in cells}
-  pending = [c for c in cells if not done[c].exists()
-             or (config.retry_failed and json.loads(done[c].read_text()).get("status") != "ok")]
-  logging.info("sweep: %d cells, %d already finished, %d to run", len(cells),
-               len(cells) - len(pending), len(pending))
+  pending = [
+      c
+      for c in cells
+      if not done[c].exists()
+      or (config.retry_failed and json.loads(done[c].read_text()).get("status") != "ok")
+  ]
+  logging.info(
+      "sweep: %d cells, %d already finished, %d to run",
+      len(cells),
+      len(cells) - len(pending),
+      len(pending),
+  )
   bar = None
   if progress:
     from tqdm import tqdm
-    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc="eval cells",
-               unit="cell")
+
+    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc="eval cells", unit="cell")
   clip_by_name = {c.name: c for c in clips}
   ran = 0
   for label, path, step in checkpoints:
@@ -383,8 +481,9 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
       continue
     model, params, mcfg, _ = restore_dva(path, step=step)
     for steps in sorted({c.steps for c in todo_ck}):
-      editor = editing.VideoEditor(path, steps=steps, model=(model, params, mcfg),
-                                   cache=bool(config.cache_encodings))
+      editor = editing.VideoEditor(
+          path, steps=steps, model=(model, params, mcfg), cache=bool(config.cache_encodings)
+      )
       for clip_name in [c.name for c in clips]:
         todo = [c for c in todo_ck if c.steps == steps and c.video == clip_name]
         if not todo:
@@ -398,8 +497,9 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
             code = code_from_records(editor, clip, timings)
           e_orig = identity_embeddings(code.crops)
           recon_cell = Cell(label, path, step, clip_name, steps, RECON, 0.0)
-          e_recon = _ReconEmbeddings(workdir / "embeddings" / f"{recon_cell.key(fp)}.npy",
-                                     editor, code)
+          e_recon = _ReconEmbeddings(
+              workdir / "embeddings" / f"{recon_cell.key(fp)}.npy", editor, code
+          )
         except Exception as e:  # pylint: disable=broad-except
           logging.exception("encoding %s failed", clip_name)
           for c in todo:
@@ -464,6 +564,7 @@ def _write_cell(path: pathlib.Path, cell: Cell, res: dict) -> None:
 
 def _save_sample(path: pathlib.Path, orig, out, max_frames: int = 8) -> None:
   from PIL import Image
+
   path.parent.mkdir(parents=True, exist_ok=True)
   k = min(max_frames, len(out))
   grid = np.concatenate([np.concatenate(list(orig[:k]), 1), np.concatenate(list(out[:k]), 1)], 0)
@@ -485,11 +586,17 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     k = (r["checkpoint"], r["steps"], r["attribute"], r["strength"])
     groups.setdefault(k, []).append(r)
   out = []
-  for (ck, steps, attr, s), rs in sorted(groups.items(),
-                                         key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != RECON,
-                                                         kv[0][2], kv[0][3])):
-    row = {"checkpoint": ck, "steps": steps, "attribute": attr, "strength": s,
-           "videos": len(rs), "frames": int(sum(r.get("frames", 0) for r in rs))}
+  for (ck, steps, attr, s), rs in sorted(
+      groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != RECON, kv[0][2], kv[0][3])
+  ):
+    row = {
+        "checkpoint": ck,
+        "steps": steps,
+        "attribute": attr,
+        "strength": s,
+        "videos": len(rs),
+        "frames": int(sum(r.get("frames", 0) for r in rs)),
+    }
     for m in METRICS_RECON + ("ms_ssim_scales",) + METRICS_ID + METRICS_EDIT + METRICS_TIME:
       row[m] = _mean([r.get(m) for r in rs])
     out.append(row)
@@ -509,14 +616,20 @@ def _fmt(v, metric) -> str:
 
 
 def markdown_table(agg: Sequence[dict]) -> str:
-  cols = [m for m in TABLE_METRICS if any(
-      isinstance(r.get(m), float) and math.isfinite(r[m]) for r in agg)]
+  cols = [
+      m
+      for m in TABLE_METRICS
+      if any(isinstance(r.get(m), float) and math.isfinite(r[m]) for r in agg)
+  ]
   head = ["checkpoint", "steps", "edit"] + cols
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in agg:
     edit = "reconstruction" if r["attribute"] == RECON else f"{r['attribute']} {r['strength']:+g}"
-    lines.append("| " + " | ".join([r["checkpoint"], str(r["steps"]), edit]
-                                   + [_fmt(r.get(m), m) for m in cols]) + " |")
+    lines.append(
+        "| "
+        + " | ".join([r["checkpoint"], str(r["steps"]), edit] + [_fmt(r.get(m), m) for m in cols])
+        + " |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -528,19 +641,27 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
     for r in rows:
       w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
   agg = aggregate(rows)
-  (workdir / "results.json").write_text(json.dumps(
-      {"cells": rows, "summary": [_nan_to_none(a) for a in agg]}, indent=1))
+  (workdir / "results.json").write_text(
+      json.dumps({"cells": rows, "summary": [_nan_to_none(a) for a in agg]}, indent=1)
+  )
   failed = [r for r in rows if r.get("status") != "ok"]
-  md = ["# Evaluation sweep", "",
-        f"{len(rows)} cells ({len(failed)} failed); mean over videos. ssim/ms_ssim/psnr/mse: "
-        "reconstruction vs input crops; tl_id/tg_id: normalised by the input video (1 = as "
-        "consistent); id_preservation: cosine to the input frame (dlib); attr_success: "
-        "classifier on re-encoded output; locality: mean |change| outside the face mask "
-        "([-1, 1] units); sec_per_frame: DDIM decoding.", "", markdown_table(agg)]
+  md = [
+      "# Evaluation sweep",
+      "",
+      f"{len(rows)} cells ({len(failed)} failed); mean over videos. ssim/ms_ssim/psnr/mse: "
+      "reconstruction vs input crops; tl_id/tg_id: normalised by the input video (1 = as "
+      "consistent); id_preservation: cosine to the input frame (dlib); attr_success: "
+      "classifier on re-encoded output; locality: mean |change| outside the face mask "
+      "([-1, 1] units); sec_per_frame: DDIM decoding.",
+      "",
+      markdown_table(agg),
+  ]
   if failed:
     md += ["", "Failed cells:", ""] + [
         f"- {r['checkpoint']} {r['video']} T={r['steps']} {r['attribute']} "
-        f"{r['strength']:+g}: {r.get('error')}" for r in failed]
+        f"{r['strength']:+g}: {r.get('error')}"
+        for r in failed
+    ]
   (workdir / "summary.md").write_text("\n".join(md) + "\n")
   plots = write_plots(workdir / "plots", agg)
   if config is None or config.get("tensorboard", True):
@@ -550,6 +671,7 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
 
 def _save_plot(fig, ax, path: pathlib.Path) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -560,18 +682,27 @@ def _save_plot(fig, ax, path: pathlib.Path) -> str:
 
 def write_plots(plot_dir: pathlib.Path, agg: Sequence[dict]) -> list[str]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   plot_dir.mkdir(parents=True, exist_ok=True)
   written = []
   edits = [r for r in agg if r["attribute"] != RECON]
   recon = [r for r in agg if r["attribute"] == RECON]
-  for metric in ("attr_success", "attr_logit_gain", "id_preservation", "tl_id", "tg_id",
-                 "locality"):
+  for metric in (
+      "attr_success",
+      "attr_logit_gain",
+      "id_preservation",
+      "tl_id",
+      "tg_id",
+      "locality",
+  ):
     lines: dict = {}
     for r in edits:
       lines.setdefault((r["checkpoint"], r["attribute"], r["steps"]), []).append(
-          (r["strength"], r[metric]))
+          (r["strength"], r[metric])
+      )
     if not any(math.isfinite(v) for pts in lines.values() for _, v in pts):
       continue
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -581,32 +712,50 @@ def write_plots(plot_dir: pathlib.Path, agg: Sequence[dict]) -> list[str]:
       if base and math.isfinite(base[0]) and not any(s == 0 for s, _ in pts):
         pts = pts + [(0.0, base[0])]
       pts = sorted(pts)
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-              label=f"{attr} · {ck} · T={steps}")
+      ax.plot(
+          [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{attr} · {ck} · T={steps}"
+      )
     ax.set_xlabel("edit strength")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs strength")
     written.append(_save_plot(fig, ax, plot_dir / f"{metric}_vs_strength.png"))
-  for metric in ("ssim", "ms_ssim", "psnr", "mse", "lpips", "id_preservation", "tl_id",
-                 "sec_per_frame", "attr_success"):
+  for metric in (
+      "ssim",
+      "ms_ssim",
+      "psnr",
+      "mse",
+      "lpips",
+      "id_preservation",
+      "tl_id",
+      "sec_per_frame",
+      "attr_success",
+  ):
     lines = {}
     src = recon if metric != "attr_success" else edits
     for r in src:
-      key = (r["checkpoint"],) if r["attribute"] == RECON else (
-          r["checkpoint"], r["attribute"], r["strength"])
+      key = (
+          (r["checkpoint"],)
+          if r["attribute"] == RECON
+          else (r["checkpoint"], r["attribute"], r["strength"])
+      )
       lines.setdefault(key, []).append((r["steps"], r[metric]))
     if not any(math.isfinite(v) for pts in lines.values() for _, v in pts):
       continue
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, pts in sorted(lines.items()):
       pts = sorted(pts)
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-              label=" · ".join(str(k) for k in key))
+      ax.plot(
+          [p[0] for p in pts],
+          [p[1] for p in pts],
+          marker="o",
+          label=" · ".join(str(k) for k in key),
+      )
     ax.set_xlabel("DDIM steps")
     ax.set_xscale("log")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs DDIM steps" + (" (reconstruction)" if metric != "attr_success"
-                                                else ""))
+    ax.set_title(
+        f"{metric} vs DDIM steps" + (" (reconstruction)" if metric != "attr_success" else "")
+    )
     written.append(_save_plot(fig, ax, plot_dir / f"{metric}_vs_steps.png"))
   return written
 
@@ -622,15 +771,20 @@ def write_tensorboard(logdir: pathlib.Path, agg: Sequence[dict]) -> None:
   writer = metric_writers.create_default_writer(str(logdir), just_logging=False)
   try:
     for r in agg:
-      vals = {m: r[m] for m in TABLE_METRICS + ("attr_logit_gain",)
-              if isinstance(r.get(m), float) and math.isfinite(r[m])}
+      vals = {
+          m: r[m]
+          for m in TABLE_METRICS + ("attr_logit_gain",)
+          if isinstance(r.get(m), float) and math.isfinite(r[m])
+      }
       if r["attribute"] == RECON:
-        writer.write_scalars(int(r["steps"]), {f"{r['checkpoint']}/reconstruction/{m}": v
-                                               for m, v in vals.items()})
+        writer.write_scalars(
+            int(r["steps"]), {f"{r['checkpoint']}/reconstruction/{m}": v for m, v in vals.items()}
+        )
       else:
-        writer.write_scalars(int(round(100 * r["strength"])), {
-            f"{r['checkpoint']}/T{r['steps']}/{r['attribute']}/{m}": v
-            for m, v in vals.items()})
+        writer.write_scalars(
+            int(round(100 * r["strength"])),
+            {f"{r['checkpoint']}/T{r['steps']}/{r['attribute']}/{m}": v for m, v in vals.items()},
+        )
     writer.flush()
   finally:
     writer.close()
@@ -640,14 +794,22 @@ def write_tensorboard(logdir: pathlib.Path, agg: Sequence[dict]) -> None:
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
+
   if "config" not in flags.FLAGS:
     config_flags.DEFINE_config_file(
-        "config", None, "Sweep config, e.g. configs/eval.py:demo. Override fields with "
+        "config",
+        None,
+        "Sweep config, e.g. configs/eval.py:demo. Override fields with "
         "--config.<field>=<value>, e.g. --config.ddim_steps='(10,20)' "
-        "--config.data.videos='(\"clip.mp4\",)'.", lock_config=True)
+        "--config.data.videos='(\"clip.mp4\",)'.",
+        lock_config=True,
+    )
   if "workdir" not in flags.FLAGS:
-    flags.DEFINE_string("workdir", None, "Output directory (re-running resumes: finished cells "
-                        "in <workdir>/cells are skipped).")
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Output directory (re-running resumes: finished cells " "in <workdir>/cells are skipped).",
+    )
   if "progress" not in flags.FLAGS:
     flags.DEFINE_bool("progress", True, "Show a tqdm progress bar over the cells.")
   return flags
@@ -655,6 +817,7 @@ def _define_flags():
 
 def main(argv):
   from absl import app
+
   flags = _define_flags()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -663,16 +826,20 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required (see --help)")
   if not config.data.videos:
     from data_prep.sample import ensure_sample_for
+
     ensure_sample_for(config.data)
   t0 = time.perf_counter()
   rows = run_sweep(config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
   ok = sum(r.get("status") == "ok" for r in rows)
-  print(f"{ok}/{len(rows)} cells ok in {time.perf_counter() - t0:.1f}s; table: "
-        f"{pathlib.Path(flags.FLAGS.workdir) / 'summary.md'}")
+  print(
+      f"{ok}/{len(rows)} cells ok in {time.perf_counter() - t0:.1f}s; table: "
+      f"{pathlib.Path(flags.FLAGS.workdir) / 'summary.md'}"
+  )
   print((pathlib.Path(flags.FLAGS.workdir) / "summary.md").read_text())
 
 
 if __name__ == "__main__":
   from absl import app as _app
+
   _define_flags()
   _app.run(main)

@@ -1,4 +1,5 @@
 """The DVA training loss: two noises on one (x0, t), plus the masked x0 consistency term."""
+
 import jax.numpy as jnp
 
 from s3jax import diffusion
@@ -12,8 +13,9 @@ def dva_loss(eps_fn, x0, t, mask, noise1, noise2, reg_coef: float = 1.0):
   Returns (loss, metrics dict).
   """
   b = x0.shape[0]
-  x_t = jnp.concatenate([diffusion.q_sample(x0, t, noise1),
-                         diffusion.q_sample(x0, t, noise2)], axis=0)
+  x_t = jnp.concatenate(
+      [diffusion.q_sample(x0, t, noise1), diffusion.q_sample(x0, t, noise2)], axis=0
+  )
   t2 = jnp.concatenate([t, t], axis=0)
   eps_hat = eps_fn(x_t, t2).astype(jnp.float32)
   noise = jnp.concatenate([noise1, noise2], axis=0)

@@ -29,6 +29,7 @@ pairs of distinct frames. The ``*_normalised`` versions divide the edited
 video's figure by the original video's, so 1.0 means "as consistent as the
 source" (values above 1 are possible).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -64,29 +65,29 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def _check_pair(x, y):
-    x = jnp.asarray(x)
-    y = jnp.asarray(y)
-    if x.shape != y.shape:
-        raise ValueError(f"image shapes differ: {x.shape} vs {y.shape}")
-    if x.ndim != 4:
-        raise ValueError(f"expected NHWC images (4-D), got shape {x.shape}")
-    dtype = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
-    return x.astype(dtype), y.astype(dtype)
+  x = jnp.asarray(x)
+  y = jnp.asarray(y)
+  if x.shape != y.shape:
+    raise ValueError(f"image shapes differ: {x.shape} vs {y.shape}")
+  if x.ndim != 4:
+    raise ValueError(f"expected NHWC images (4-D), got shape {x.shape}")
+  dtype = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
+  return x.astype(dtype), y.astype(dtype)
 
 
 def mse(x, y):
-    """Mean squared error per image; NHWC -> (N,)."""
-    x, y = _check_pair(x, y)
-    return jnp.mean((x - y) ** 2, axis=(1, 2, 3))
+  """Mean squared error per image; NHWC -> (N,)."""
+  x, y = _check_pair(x, y)
+  return jnp.mean((x - y) ** 2, axis=(1, 2, 3))
 
 
 def psnr(x, y, data_range=2.0):
-    """Peak signal-to-noise ratio in dB per image; NHWC -> (N,).
+  """Peak signal-to-noise ratio in dB per image; NHWC -> (N,).
 
-    ``10 * log10(data_range**2 / mse)``; identical images give ``inf``.
-    """
-    err = mse(x, y)
-    return 10.0 * jnp.log10(jnp.asarray(data_range, err.dtype) ** 2 / err)
+  ``10 * log10(data_range**2 / mse)``; identical images give ``inf``.
+  """
+  err = mse(x, y)
+  return 10.0 * jnp.log10(jnp.asarray(data_range, err.dtype) ** 2 / err)
 
 
 # ---------------------------------------------------------------------------
@@ -95,125 +96,144 @@ def psnr(x, y, data_range=2.0):
 
 
 def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    """Normalised 1-D Gaussian taps centred on ``size // 2`` (float64 numpy)."""
-    coords = np.arange(size, dtype=np.float64) - (size // 2)
-    g = np.exp(-(coords**2) / (2.0 * sigma**2))
-    return g / g.sum()
+  """Normalised 1-D Gaussian taps centred on ``size // 2`` (float64 numpy)."""
+  coords = np.arange(size, dtype=np.float64) - (size // 2)
+  g = np.exp(-(coords**2) / (2.0 * sigma**2))
+  return g / g.sum()
 
 
 def _filter_valid(x, taps):
-    """Separable 'valid' correlation of NHWC ``x`` with 1-D ``taps`` per channel."""
-    c = x.shape[-1]
-    k = taps.shape[0]
-    taps = jnp.asarray(taps, x.dtype)
-    dn = ("NHWC", "HWIO", "NHWC")
-    kh = jnp.tile(taps.reshape(k, 1, 1, 1), (1, 1, 1, c))
-    kw = jnp.tile(taps.reshape(1, k, 1, 1), (1, 1, 1, c))
-    prec = jax.lax.Precision.HIGHEST
-    x = jax.lax.conv_general_dilated(x, kh, (1, 1), "VALID", dimension_numbers=dn,
-                                     feature_group_count=c, precision=prec)
-    x = jax.lax.conv_general_dilated(x, kw, (1, 1), "VALID", dimension_numbers=dn,
-                                     feature_group_count=c, precision=prec)
-    return x
+  """Separable 'valid' correlation of NHWC ``x`` with 1-D ``taps`` per channel."""
+  c = x.shape[-1]
+  k = taps.shape[0]
+  taps = jnp.asarray(taps, x.dtype)
+  dn = ("NHWC", "HWIO", "NHWC")
+  kh = jnp.tile(taps.reshape(k, 1, 1, 1), (1, 1, 1, c))
+  kw = jnp.tile(taps.reshape(1, k, 1, 1), (1, 1, 1, c))
+  prec = jax.lax.Precision.HIGHEST
+  x = jax.lax.conv_general_dilated(
+      x, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c, precision=prec
+  )
+  x = jax.lax.conv_general_dilated(
+      x, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c, precision=prec
+  )
+  return x
 
 
 def _ssim_components(x, y, data_range, win_size, sigma, k1, k2):
-    """Per-(image, channel) mean SSIM and mean contrast-structure, shapes (N, C)."""
-    if min(x.shape[1], x.shape[2]) < win_size:
-        raise ValueError(
-            f"image of size {x.shape[1]}x{x.shape[2]} is smaller than the SSIM "
-            f"window ({win_size})")
-    taps = gaussian_kernel_1d(win_size, sigma)
-    data_range = jnp.asarray(data_range, x.dtype)
-    c1 = (k1 * data_range) ** 2
-    c2 = (k2 * data_range) ** 2
-    # Filter the five moments in one convolution pass.
-    stacked = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-    f = _filter_valid(stacked, taps)
-    mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(f, 5, axis=-1)
-    var_x = e_xx - mu_x**2
-    var_y = e_yy - mu_y**2
-    cov = e_xy - mu_x * mu_y
-    cs_map = (2.0 * cov + c2) / (var_x + var_y + c2)
-    lum_map = (2.0 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
-    ssim_map = lum_map * cs_map
-    return jnp.mean(ssim_map, axis=(1, 2)), jnp.mean(cs_map, axis=(1, 2))
+  """Per-(image, channel) mean SSIM and mean contrast-structure, shapes (N, C)."""
+  if min(x.shape[1], x.shape[2]) < win_size:
+    raise ValueError(
+        f"image of size {x.shape[1]}x{x.shape[2]} is smaller than the SSIM " f"window ({win_size})"
+    )
+  taps = gaussian_kernel_1d(win_size, sigma)
+  data_range = jnp.asarray(data_range, x.dtype)
+  c1 = (k1 * data_range) ** 2
+  c2 = (k2 * data_range) ** 2
+  # Filter the five moments in one convolution pass.
+  stacked = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
+  f = _filter_valid(stacked, taps)
+  mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(f, 5, axis=-1)
+  var_x = e_xx - mu_x**2
+  var_y = e_yy - mu_y**2
+  cov = e_xy - mu_x * mu_y
+  cs_map = (2.0 * cov + c2) / (var_x + var_y + c2)
+  lum_map = (2.0 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+  ssim_map = lum_map * cs_map
+  return jnp.mean(ssim_map, axis=(1, 2)), jnp.mean(cs_map, axis=(1, 2))
 
 
-def ssim(x, y, data_range=2.0, *, win_size: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03):
-    """Structural similarity per image; NHWC -> (N,), averaged over channels.
+def ssim(
+    x,
+    y,
+    data_range=2.0,
+    *,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+):
+  """Structural similarity per image; NHWC -> (N,), averaged over channels.
 
-    Matches ``skimage.metrics.structural_similarity(x, y, data_range=...,
-    channel_axis=-1, gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False)`` per image.
-    """
-    x, y = _check_pair(x, y)
-    s, _ = _ssim_components(x, y, data_range, win_size, sigma, k1, k2)
-    return jnp.mean(s, axis=-1)
+  Matches ``skimage.metrics.structural_similarity(x, y, data_range=...,
+  channel_axis=-1, gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False)`` per image.
+  """
+  x, y = _check_pair(x, y)
+  s, _ = _ssim_components(x, y, data_range, win_size, sigma, k1, k2)
+  return jnp.mean(s, axis=-1)
 
 
 def _avg_pool2(x):
-    """2x2/stride-2 average pool, odd sides zero-padded (pads counted), NHWC."""
-    ph = x.shape[1] % 2
-    pw = x.shape[2] % 2
-    if ph or pw:
-        x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    h2 = (x.shape[1] - 2) // 2 + 1
-    w2 = (x.shape[2] - 2) // 2 + 1
-    x = x[:, : 2 * h2, : 2 * w2]
-    n, _, _, c = x.shape
-    return x.reshape(n, h2, 2, w2, 2, c).mean(axis=(2, 4))
+  """2x2/stride-2 average pool, odd sides zero-padded (pads counted), NHWC."""
+  ph = x.shape[1] % 2
+  pw = x.shape[2] % 2
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  h2 = (x.shape[1] - 2) // 2 + 1
+  w2 = (x.shape[2] - 2) // 2 + 1
+  x = x[:, : 2 * h2, : 2 * w2]
+  n, _, _, c = x.shape
+  return x.reshape(n, h2, 2, w2, 2, c).mean(axis=(2, 4))
 
 
 def ms_ssim_min_size(levels: int = 5, win_size: int = 11) -> int:
-    """Smallest image side for which ``levels`` scales all fit ``win_size``."""
-    side = win_size
-    for _ in range(levels - 1):
-        side = _min_side_before_pool(side)
-    return side
+  """Smallest image side for which ``levels`` scales all fit ``win_size``."""
+  side = win_size
+  for _ in range(levels - 1):
+    side = _min_side_before_pool(side)
+  return side
 
 
 def _min_side_before_pool(target):
-    # pooled size of s: s//2 if s even, (s+1)//2 if s odd -> smallest s giving >= target
-    return 2 * target - 1
+  # pooled size of s: s//2 if s even, (s+1)//2 if s odd -> smallest s giving >= target
+  return 2 * target - 1
 
 
-def ms_ssim(x, y, data_range=2.0, *, weights: Sequence[float] = MS_SSIM_WEIGHTS,
-            win_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
-            k2: float = 0.03):
-    """Multi-scale SSIM per image; NHWC -> (N,).
+def ms_ssim(
+    x,
+    y,
+    data_range=2.0,
+    *,
+    weights: Sequence[float] = MS_SSIM_WEIGHTS,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+):
+  """Multi-scale SSIM per image; NHWC -> (N,).
 
-    ``len(weights)`` scales are used (standard: 5). Raises ``ValueError`` when
-    the image is too small for that many scales (for 5 scales and an 11 window
-    the smallest side must be at least 161 pixels); pass e.g.
-    ``weights=MS_SSIM_WEIGHTS[:3]`` (renormalise yourself if you want them to
-    sum to one) to evaluate fewer scales on small images.
-    """
-    x, y = _check_pair(x, y)
-    levels = len(weights)
-    if levels < 1:
-        raise ValueError("ms_ssim needs at least one weight")
-    need = ms_ssim_min_size(levels, win_size)
-    if min(x.shape[1], x.shape[2]) < need:
-        raise ValueError(
-            f"ms_ssim with {levels} scales and a {win_size}-pixel window needs "
-            f"images at least {need} pixels on each side, got "
-            f"{x.shape[1]}x{x.shape[2]}; pass fewer `weights` (e.g. "
-            f"MS_SSIM_WEIGHTS[:3]) or use ssim")
-    w = jnp.asarray(weights, x.dtype)
-    terms = []
-    for level in range(levels):
-        s, cs = _ssim_components(x, y, data_range, win_size, sigma, k1, k2)
-        if level < levels - 1:
-            terms.append(jax.nn.relu(cs))
-            x = _avg_pool2(x)
-            y = _avg_pool2(y)
-        else:
-            terms.append(jax.nn.relu(s))
-    stacked = jnp.stack(terms, axis=0)  # (levels, N, C)
-    val = jnp.prod(stacked ** w[:, None, None], axis=0)
-    return jnp.mean(val, axis=-1)
+  ``len(weights)`` scales are used (standard: 5). Raises ``ValueError`` when
+  the image is too small for that many scales (for 5 scales and an 11 window
+  the smallest side must be at least 161 pixels); pass e.g.
+  ``weights=MS_SSIM_WEIGHTS[:3]`` (renormalise yourself if you want them to
+  sum to one) to evaluate fewer scales on small images.
+  """
+  x, y = _check_pair(x, y)
+  levels = len(weights)
+  if levels < 1:
+    raise ValueError("ms_ssim needs at least one weight")
+  need = ms_ssim_min_size(levels, win_size)
+  if min(x.shape[1], x.shape[2]) < need:
+    raise ValueError(
+        f"ms_ssim with {levels} scales and a {win_size}-pixel window needs "
+        f"images at least {need} pixels on each side, got "
+        f"{x.shape[1]}x{x.shape[2]}; pass fewer `weights` (e.g. "
+        f"MS_SSIM_WEIGHTS[:3]) or use ssim"
+    )
+  w = jnp.asarray(weights, x.dtype)
+  terms = []
+  for level in range(levels):
+    s, cs = _ssim_components(x, y, data_range, win_size, sigma, k1, k2)
+    if level < levels - 1:
+      terms.append(jax.nn.relu(cs))
+      x = _avg_pool2(x)
+      y = _avg_pool2(y)
+    else:
+      terms.append(jax.nn.relu(s))
+  stacked = jnp.stack(terms, axis=0)  # (levels, N, C)
+  val = jnp.prod(stacked ** w[:, None, None], axis=0)
+  return jnp.mean(val, axis=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -221,40 +241,47 @@ def ms_ssim(x, y, data_range=2.0, *, weights: Sequence[float] = MS_SSIM_WEIGHTS,
 # ---------------------------------------------------------------------------
 
 
-def lpips(x, y, features_fn: Optional[Callable] = None,
-          linear_weights: Optional[Sequence] = None, eps: float = 1e-10):
-    """LPIPS distance per image given a feature network and its linear heads.
+def lpips(
+    x,
+    y,
+    features_fn: Optional[Callable] = None,
+    linear_weights: Optional[Sequence] = None,
+    eps: float = 1e-10,
+):
+  """LPIPS distance per image given a feature network and its linear heads.
 
-    ``features_fn(images) -> list of NHWC feature maps`` (the images are passed
-    as given, in [-1, 1], which is what LPIPS nets expect) and
-    ``linear_weights[l]`` of shape ``(C_l,)`` are the learned non-negative
-    per-channel weights of layer ``l``. Computes
-    ``sum_l mean_hw sum_c w_lc (f̂1 - f̂2)^2`` with channel-unit-normalised
-    features, Zhang et al. 2018.
+  ``features_fn(images) -> list of NHWC feature maps`` (the images are passed
+  as given, in [-1, 1], which is what LPIPS nets expect) and
+  ``linear_weights[l]`` of shape ``(C_l,)`` are the learned non-negative
+  per-channel weights of layer ``l``. Computes
+  ``sum_l mean_hw sum_c w_lc (f̂1 - f̂2)^2`` with channel-unit-normalised
+  features, Zhang et al. 2018.
 
-    No LPIPS weights ship with s3jax (they cannot be downloaded here); without
-    them this raises ``ValueError`` instead of returning a made-up number.
-    """
-    if features_fn is None or linear_weights is None:
-        raise ValueError(
-            "lpips needs a feature network and its LPIPS linear-layer weights "
-            "(features_fn=..., linear_weights=...); none are bundled with s3jax "
-            "and they cannot be downloaded offline. Load the published "
-            "VGG/AlexNet LPIPS weights yourself and pass them in.")
-    x, y = _check_pair(x, y)
-    fx = features_fn(x)
-    fy = features_fn(y)
-    if len(fx) != len(linear_weights) or len(fy) != len(linear_weights):
-        raise ValueError(
-            f"features_fn returned {len(fx)} layers but {len(linear_weights)} "
-            f"linear weight vectors were given")
-    total = 0.0
-    for a, b, w in zip(fx, fy, linear_weights):
-        a = a / (jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True)) + eps)
-        b = b / (jnp.sqrt(jnp.sum(b * b, axis=-1, keepdims=True)) + eps)
-        d = jnp.sum(jnp.asarray(w) * (a - b) ** 2, axis=-1)
-        total = total + jnp.mean(d, axis=(1, 2))
-    return total
+  No LPIPS weights ship with s3jax (they cannot be downloaded here); without
+  them this raises ``ValueError`` instead of returning a made-up number.
+  """
+  if features_fn is None or linear_weights is None:
+    raise ValueError(
+        "lpips needs a feature network and its LPIPS linear-layer weights "
+        "(features_fn=..., linear_weights=...); none are bundled with s3jax "
+        "and they cannot be downloaded offline. Load the published "
+        "VGG/AlexNet LPIPS weights yourself and pass them in."
+    )
+  x, y = _check_pair(x, y)
+  fx = features_fn(x)
+  fy = features_fn(y)
+  if len(fx) != len(linear_weights) or len(fy) != len(linear_weights):
+    raise ValueError(
+        f"features_fn returned {len(fx)} layers but {len(linear_weights)} "
+        f"linear weight vectors were given"
+    )
+  total = 0.0
+  for a, b, w in zip(fx, fy, linear_weights):
+    a = a / (jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True)) + eps)
+    b = b / (jnp.sqrt(jnp.sum(b * b, axis=-1, keepdims=True)) + eps)
+    d = jnp.sum(jnp.asarray(w) * (a - b) ** 2, axis=-1)
+    total = total + jnp.mean(d, axis=(1, 2))
+  return total
 
 
 # ---------------------------------------------------------------------------
@@ -263,79 +290,79 @@ def lpips(x, y, features_fn: Optional[Callable] = None,
 
 
 def cosine_similarity(a, b, axis: int = -1, eps: float = 1e-12):
-    """Cosine similarity along ``axis`` (broadcasting)."""
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
-    na = jnp.sqrt(jnp.sum(a * a, axis=axis))
-    nb = jnp.sqrt(jnp.sum(b * b, axis=axis))
-    return jnp.sum(a * b, axis=axis) / jnp.maximum(na * nb, eps)
+  """Cosine similarity along ``axis`` (broadcasting)."""
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  na = jnp.sqrt(jnp.sum(a * a, axis=axis))
+  nb = jnp.sqrt(jnp.sum(b * b, axis=axis))
+  return jnp.sum(a * b, axis=axis) / jnp.maximum(na * nb, eps)
 
 
 def _unit(e, eps=1e-12):
-    e = jnp.asarray(e, jnp.float32)
-    if e.ndim != 2:
-        raise ValueError(f"expected identity embeddings of shape (T, D), got {e.shape}")
-    return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), eps)
+  e = jnp.asarray(e, jnp.float32)
+  if e.ndim != 2:
+    raise ValueError(f"expected identity embeddings of shape (T, D), got {e.shape}")
+  return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), eps)
 
 
 def tl_id(embs):
-    """Temporally-local identity consistency: mean cosine of adjacent frames.
+  """Temporally-local identity consistency: mean cosine of adjacent frames.
 
-    ``embs``: (T, D) per-frame identity embeddings, T >= 2.
-    """
-    e = _unit(embs)
-    if e.shape[0] < 2:
-        raise ValueError("tl_id needs at least 2 frames")
-    return jnp.mean(jnp.sum(e[1:] * e[:-1], axis=-1))
+  ``embs``: (T, D) per-frame identity embeddings, T >= 2.
+  """
+  e = _unit(embs)
+  if e.shape[0] < 2:
+    raise ValueError("tl_id needs at least 2 frames")
+  return jnp.mean(jnp.sum(e[1:] * e[:-1], axis=-1))
 
 
 def tg_id(embs):
-    """Temporally-global identity consistency: mean cosine over all pairs i<j.
+  """Temporally-global identity consistency: mean cosine over all pairs i<j.
 
-    ``embs``: (T, D) per-frame identity embeddings, T >= 2.
-    """
-    e = _unit(embs)
-    t = e.shape[0]
-    if t < 2:
-        raise ValueError("tg_id needs at least 2 frames")
-    sim = e @ e.T
-    iu = np.triu_indices(t, k=1)
-    return jnp.mean(sim[iu])
+  ``embs``: (T, D) per-frame identity embeddings, T >= 2.
+  """
+  e = _unit(embs)
+  t = e.shape[0]
+  if t < 2:
+    raise ValueError("tg_id needs at least 2 frames")
+  sim = e @ e.T
+  iu = np.triu_indices(t, k=1)
+  return jnp.mean(sim[iu])
 
 
 def tl_id_normalised(edited, original):
-    """``tl_id(edited) / tl_id(original)``; 1.0 = as consistent as the source."""
-    return tl_id(edited) / tl_id(original)
+  """``tl_id(edited) / tl_id(original)``; 1.0 = as consistent as the source."""
+  return tl_id(edited) / tl_id(original)
 
 
 def tg_id_normalised(edited, original):
-    """``tg_id(edited) / tg_id(original)``; 1.0 = as consistent as the source."""
-    return tg_id(edited) / tg_id(original)
+  """``tg_id(edited) / tg_id(original)``; 1.0 = as consistent as the source."""
+  return tg_id(edited) / tg_id(original)
 
 
 def identity_preservation(emb_a, emb_b):
-    """Mean per-frame cosine similarity between two aligned (T, D) embedding sets."""
-    a = jnp.asarray(emb_a)
-    b = jnp.asarray(emb_b)
-    if a.shape != b.shape:
-        raise ValueError(f"embedding shapes differ: {a.shape} vs {b.shape}")
-    return jnp.mean(cosine_similarity(a, b))
+  """Mean per-frame cosine similarity between two aligned (T, D) embedding sets."""
+  a = jnp.asarray(emb_a)
+  b = jnp.asarray(emb_b)
+  if a.shape != b.shape:
+    raise ValueError(f"embedding shapes differ: {a.shape} vs {b.shape}")
+  return jnp.mean(cosine_similarity(a, b))
 
 
 def locality_error(orig, edited, mask):
-    """Mean absolute change outside the edit mask.
+  """Mean absolute change outside the edit mask.
 
-    ``orig``/``edited``: NHWC images. ``mask``: 1 (or True) where the edit is
-    allowed (inside), 0 outside; shape NHW, NHW1 or NHWC (soft masks are
-    treated as weights of "inside"). Returns one value per image, the mean of
-    ``|edited - orig|`` over outside pixels and channels (0 if nothing is
-    outside).
-    """
-    x, y = _check_pair(orig, edited)
-    m = jnp.asarray(mask, x.dtype)
-    if m.ndim == 3:
-        m = m[..., None]
-    outside = jnp.broadcast_to(1.0 - m, x.shape)
-    num = jnp.sum(outside * jnp.abs(y - x), axis=(1, 2, 3))
-    den = jnp.sum(outside, axis=(1, 2, 3))
-    return jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
+  ``orig``/``edited``: NHWC images. ``mask``: 1 (or True) where the edit is
+  allowed (inside), 0 outside; shape NHW, NHW1 or NHWC (soft masks are
+  treated as weights of "inside"). Returns one value per image, the mean of
+  ``|edited - orig|`` over outside pixels and channels (0 if nothing is
+  outside).
+  """
+  x, y = _check_pair(orig, edited)
+  m = jnp.asarray(mask, x.dtype)
+  if m.ndim == 3:
+    m = m[..., None]
+  outside = jnp.broadcast_to(1.0 - m, x.shape)
+  num = jnp.sum(outside * jnp.abs(y - x), axis=(1, 2, 3))
+  den = jnp.sum(outside, axis=(1, 2, 3))
+  return jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)

@@ -10,14 +10,16 @@ error). Re-running with the same --workdir resumes from its newest checkpoint.
 Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
 (or run where jax.distributed auto-detects the cluster, e.g. TPU pods, SLURM).
 """
+
 import logging
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/voxceleb.py:demo",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/voxceleb.py:demo", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -25,6 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def maybe_initialize_distributed() -> None:
   """Initialises jax.distributed when the environment describes a multi-process job."""
   import jax
+
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     # Only affects the CPU backend (multi-process CPU runs need gloo collectives);
     # the backend must not be touched before initialize(), so set it unconditionally.
@@ -32,14 +35,20 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
-    logging.info("jax.distributed: process %d of %d, %d global devices",
-                 jax.process_index(), jax.process_count(), jax.device_count())
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+    logging.info(
+        "jax.distributed: process %d of %d, %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+    )
 
 
 def run(config, workdir):
   """Builds the task named by config.trainer and trains it. Returns the final metrics."""
   from s3jax.training import runner
+
   return runner.run(config, workdir)
 
 
@@ -50,6 +59,7 @@ def main(argv):
   config = _CONFIG.value
   if "data" in config:
     from data_prep.sample import ensure_sample_for
+
     ensure_sample_for(config.data)
   run(config, _WORKDIR.value)
 

@@ -1,4 +1,5 @@
 """The attribute-classifier trainer and the classifier edit direction."""
+
 import importlib.util
 import json
 import math
@@ -11,8 +12,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_config(arg=""):
-  spec = importlib.util.spec_from_file_location("celebahq_classifier",
-                                                REPO / "configs" / "celebahq_classifier.py")
+  spec = importlib.util.spec_from_file_location(
+      "celebahq_classifier", REPO / "configs" / "celebahq_classifier.py"
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config(arg)
@@ -21,15 +23,16 @@ def _load_config(arg=""):
 def _synthetic(dim, n, seed):
   """Attribute 0 linearly separable along a random direction; attribute 1 pure noise."""
   from s3jax.training.classifier import FeatureSet
+
   r = np.random.default_rng(seed)
   direction = np.random.default_rng(99).standard_normal(dim)
   direction /= np.linalg.norm(direction)
   z = r.standard_normal((n, dim)).astype(np.float32)
   s = z @ direction
   y0 = s > 0
-  z[y0] += 1.0 * direction.astype(np.float32)     # margin
+  z[y0] += 1.0 * direction.astype(np.float32)  # margin
   z[~y0] -= 1.0 * direction.astype(np.float32)
-  z /= np.linalg.norm(z, axis=1, keepdims=True)   # unit sphere, like z_id
+  z /= np.linalg.norm(z, axis=1, keepdims=True)  # unit sphere, like z_id
   y = np.stack([y0, r.random(n) < 0.5], 1).astype(np.float32)
   return FeatureSet(z, y, None), direction
 
@@ -39,6 +42,7 @@ def trained(request, tmp_path_factory):
   import jax
   from s3jax.training import loop, state
   from s3jax.training.classifier import ClassifierTask
+
   dim = request.param
   train, direction = _synthetic(dim, 512, 0)
   test, _ = _synthetic(dim, 256, 1)
@@ -86,6 +90,7 @@ def test_npz_format(trained):
 
 def test_edit_direction_formula(trained):
   from s3jax import editing
+
   workdir, _, _, _, dim = trained
   clf = editing.load_classifier(workdir)
   r = np.random.default_rng(3)
@@ -109,7 +114,8 @@ def test_edit_direction_formula(trained):
 
 def test_unknown_attribute_lists_valid(trained):
   from s3jax import editing
-  workdir, *_ , dim = trained
+
+  workdir, *_, dim = trained
   clf = editing.load_classifier(workdir)
   with pytest.raises(editing.UnknownAttributeError, match="Separable, Noise"):
     editing.edit_z_id(np.ones(dim) / math.sqrt(dim), clf, "Eyeglasses", 1.0)
@@ -119,6 +125,7 @@ def test_unknown_attribute_lists_valid(trained):
 
 def test_auc_and_otsu():
   from s3jax.training.classifier import auc_score, otsu_threshold
+
   assert auc_score([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
   assert auc_score([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
   assert auc_score([0.5, 0.5], [0, 1]) == 0.5
@@ -129,8 +136,9 @@ def test_auc_and_otsu():
 
 def test_measure_properties():
   from s3jax.training.classifier import measure_properties
+
   img = np.zeros((64, 64, 3), np.uint8)
-  img[:, :32] = (200, 100, 50)     # bright warm left half
+  img[:, :32] = (200, 100, 50)  # bright warm left half
   img[:, 32:] = (50, 50, 100)
   mask = np.ones((64, 64), np.uint8)
   lm = np.zeros((68, 2))

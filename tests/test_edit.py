@@ -4,6 +4,7 @@ One tiny checkpoint (a freshly initialised 32 px DVA whose zero-initialised conv
 replaced by small random weights, so eps depends on z_face) and one VideoEditor (10 DDIM
 steps) are shared by every test through session fixtures.
 """
+
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ WIDTH = 384  # 384x216: even, as H.264 yuv420p needs (odd sizes are padded by 1 
 
 def _tiny_config():
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("voxceleb_cfg", REPO / "configs" / "voxceleb.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -43,6 +45,7 @@ def tiny_checkpoint(tmp_path_factory):
   from s3jax.models.autoencoder import make_dva
   from s3jax.training.classifier import save_classifier_npz
   from s3jax.training.dva import init_train_state
+
   cfg = _tiny_config()
   workdir = tmp_path_factory.mktemp("tiny_dva")
   model = make_dva(cfg.model)
@@ -53,7 +56,10 @@ def tiny_checkpoint(tmp_path_factory):
   # weights, so eps -- and hence the decode -- depends on x_t and z_face.
   params = jax.tree.map(
       lambda x: (0.05 * r.standard_normal(x.shape)).astype(np.float32)
-      if x.ndim == 4 and not np.asarray(x).any() else x, state.params)
+      if x.ndim == 4 and not np.asarray(x).any()
+      else x,
+      state.params,
+  )
   params = jax.tree.map(np.asarray, params)
   state = state.replace(params=params, ema_params=params)
   write_config(workdir, cfg)
@@ -62,18 +68,26 @@ def tiny_checkpoint(tmp_path_factory):
   ck.close()
   # A classifier with two random directions on the 128-d dlib z_id.
   d = 128
-  save_classifier_npz(workdir / "classifier" / "classifier.npz", ["Smiling", "Eyeglasses"],
-                      r.standard_normal((d, 2)), np.zeros(2), np.zeros(d), np.full(d, 0.09),
-                      np.array([0.9, 0.8]))
+  save_classifier_npz(
+      workdir / "classifier" / "classifier.npz",
+      ["Smiling", "Eyeglasses"],
+      r.standard_normal((d, 2)),
+      np.zeros(2),
+      np.zeros(d),
+      np.full(d, 0.09),
+      np.array([0.9, 0.8]),
+  )
   return workdir
 
 
 @pytest.fixture(scope="session")
 def office_frames(office_clip_dir, tmp_path_factory):
   from s3jax import video
+
   frames, _ = video.read_frames(office_clip_dir, max_frames=NUM_FRAMES, resize_width=WIDTH)
   out = tmp_path_factory.mktemp("office_small")
   import cv2
+
   for i, f in enumerate(frames):
     cv2.imwrite(str(out / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
   frames, _ = video.read_frames(out)
@@ -83,16 +97,19 @@ def office_frames(office_clip_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def editor(tiny_checkpoint):
   from s3jax import editing
+
   return editing.VideoEditor(tiny_checkpoint, steps=STEPS, chunk=8)
 
 
 @pytest.fixture(scope="session")
 def hard_edit(editor, tiny_checkpoint, office_frames):
   from s3jax import editing
+
   _, frames = office_frames
   clf = editing.load_classifier(tiny_checkpoint / "classifier")
-  out, report, crops = editor.edit_video(frames, "Smiling", 1.0, blend="hard", classifier=clf,
-                                         return_crops=True)
+  out, report, crops = editor.edit_video(
+      frames, "Smiling", 1.0, blend="hard", classifier=clf, return_crops=True
+  )
   return frames, out, report, crops
 
 
@@ -108,26 +125,35 @@ def test_output_shape_and_edit_changes_face(hard_edit):
 @pytest.mark.parametrize("blend", ["hard", "feather"])
 def test_outside_dilated_mask_unchanged(blend, editor, hard_edit, tiny_checkpoint):
   from s3jax import editing, video
+
   frames, out_hard, _, crops = hard_edit
   code = editor.encode(frames)
   assert code.cache_hit  # the second encode of the clip comes from the cache
   out = out_hard if blend == "hard" else editor.paste(frames, code, crops, blend)
   for j, i in enumerate(code.frame_indices):
-    _, _, support = video.paste_back(frames[i], crops[j], code.quads[i], code.masks[j],
-                                     blend=blend, return_mask=True,
-                                     **editor.blend_params(blend))
+    _, _, support = video.paste_back(
+        frames[i],
+        crops[j],
+        code.quads[i],
+        code.masks[j],
+        blend=blend,
+        return_mask=True,
+        **editor.blend_params(blend),
+    )
     assert support.any() and not support.all()
     np.testing.assert_array_equal(out[i][~support], frames[i][~support])
 
 
 def test_strength_zero_is_ddim_reconstruction(editor, office_frames, tiny_checkpoint):
   from s3jax import editing
+
   _, frames = office_frames
   clf = editing.load_classifier(tiny_checkpoint / "classifier")
   code = editor.encode(frames)
   recon = editor.reconstruct(code)
-  out0, report0, crops0 = editor.edit_video(frames, "Eyeglasses", 0.0, classifier=clf,
-                                            compute_metrics=False, return_crops=True)
+  out0, report0, crops0 = editor.edit_video(
+      frames, "Eyeglasses", 0.0, classifier=clf, compute_metrics=False, return_crops=True
+  )
   assert np.abs(crops0.astype(int) - recon.astype(int)).max() <= 1
   pasted = editor.paste(frames, code, recon, "hard")
   assert np.abs(out0.astype(int) - pasted.astype(int)).max() <= 1
@@ -137,15 +163,24 @@ def test_strength_zero_is_ddim_reconstruction(editor, office_frames, tiny_checkp
   assert np.abs(crops1.astype(int) - recon.astype(int)).max() > 1
 
 
-def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_checkpoint,
-                                                  tmp_path):
+def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_checkpoint, tmp_path):
   from s3jax import edit, video
+
   folder, frames = office_frames
   out = tmp_path / "edited.mp4"
   png_dir = tmp_path / "png"
-  report = edit.run_edit(tiny_checkpoint, str(folder), "Smiling", 0.5, str(out), steps=STEPS,
-                         blend="feather", side_by_side=True, png_dir=str(png_dir),
-                         video_editor=editor)
+  report = edit.run_edit(
+      tiny_checkpoint,
+      str(folder),
+      "Smiling",
+      0.5,
+      str(out),
+      steps=STEPS,
+      blend="feather",
+      side_by_side=True,
+      png_dir=str(png_dir),
+      video_editor=editor,
+  )
   written, fps = video.read_frames(out)
   assert written.shape == frames.shape
   assert fps == pytest.approx(video.DEFAULT_FOLDER_FPS, rel=1e-3)
@@ -154,20 +189,40 @@ def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_ch
   rpath = edit.report_path(out)
   assert rpath.exists() and rpath == tmp_path / "edited.report.json"
   rep = json.loads(rpath.read_text())
-  for key in ("num_frames", "frame_size", "fps", "attribute", "strength", "steps", "blend",
-              "frames_without_face", "interpolated", "passthrough", "cache", "timings_s",
-              "identity", "input", "output", "checkpoint", "model_hash"):
+  for key in (
+      "num_frames",
+      "frame_size",
+      "fps",
+      "attribute",
+      "strength",
+      "steps",
+      "blend",
+      "frames_without_face",
+      "interpolated",
+      "passthrough",
+      "cache",
+      "timings_s",
+      "identity",
+      "input",
+      "output",
+      "checkpoint",
+      "model_hash",
+  ):
     assert key in rep, key
   for stage in ("read", "align", "features", "invert", "decode", "paste", "write", "total"):
-    assert stage in rep["timings_s"] or rep["cache"]["hit"] and stage in ("align", "features",
-                                                                         "invert"), stage
-  assert rep["cache"]["hit"] is True   # encoded by the earlier tests
+    assert (
+        stage in rep["timings_s"]
+        or rep["cache"]["hit"]
+        and stage in ("align", "features", "invert")
+    ), stage
+  assert rep["cache"]["hit"] is True  # encoded by the earlier tests
   assert rep["identity"]["tl_id"] > 0 and rep["identity"]["tg_id"] > 0
   assert rep["frames_without_face"] == [] and rep["passthrough"] == []
 
 
 def test_unknown_attribute_lists_valid(tiny_checkpoint, office_frames, tmp_path):
   from s3jax import edit
+
   folder, _ = office_frames
   with pytest.raises(edit.EditError, match="valid attributes: Smiling, Eyeglasses"):
     edit.run_edit(tiny_checkpoint, str(folder), "Bald", 1.0, str(tmp_path / "x.mp4"))
@@ -175,43 +230,92 @@ def test_unknown_attribute_lists_valid(tiny_checkpoint, office_frames, tmp_path)
 
 def test_missing_input_and_editor(tiny_checkpoint, tmp_path):
   from s3jax import edit
+
   with pytest.raises(edit.EditError, match="no such video"):
-    edit.run_edit(tiny_checkpoint, str(tmp_path / "nope.mp4"), "Smiling", 1.0,
-                  str(tmp_path / "x.mp4"))
+    edit.run_edit(
+        tiny_checkpoint, str(tmp_path / "nope.mp4"), "Smiling", 1.0, str(tmp_path / "x.mp4")
+    )
   with pytest.raises(edit.EditError, match="no classifier"):
-    edit.run_edit(tiny_checkpoint, str(tmp_path), "Smiling", 1.0, str(tmp_path / "x.mp4"),
-                  classifier=str(tmp_path / "absent"))
+    edit.run_edit(
+        tiny_checkpoint,
+        str(tmp_path),
+        "Smiling",
+        1.0,
+        str(tmp_path / "x.mp4"),
+        classifier=str(tmp_path / "absent"),
+    )
   with pytest.raises(edit.EditError, match="S3Editor|s3editor"):
-    edit.run_edit(tiny_checkpoint, str(tmp_path), "Smiling", 1.0, str(tmp_path / "x.mp4"),
-                  editor="s3editor", s3editor=str(tmp_path / "absent"))
+    edit.run_edit(
+        tiny_checkpoint,
+        str(tmp_path),
+        "Smiling",
+        1.0,
+        str(tmp_path / "x.mp4"),
+        editor="s3editor",
+        s3editor=str(tmp_path / "absent"),
+    )
 
 
 def test_no_face_video_is_a_clear_error(editor, tiny_checkpoint, tmp_path):
   import cv2
   import skimage.data
   from s3jax import edit
+
   coins = skimage.data.coins()
   folder = tmp_path / "coins"
   folder.mkdir()
   for i in range(3):
     cv2.imwrite(str(folder / f"{i}.png"), np.roll(coins, 5 * i, axis=1))
   with pytest.raises(edit.EditError, match="no face"):
-    edit.run_edit(tiny_checkpoint, str(folder), "Smiling", 1.0, str(tmp_path / "x.mp4"),
-                  video_editor=editor)
+    edit.run_edit(
+        tiny_checkpoint, str(folder), "Smiling", 1.0, str(tmp_path / "x.mp4"), video_editor=editor
+    )
   # As a program: exit status 1, one line on stderr, no traceback.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "s3jax.edit", "--checkpoint", str(tiny_checkpoint), "--input",
-       str(folder), "--attribute", "Smiling", "--strength", "1", "--out", str(tmp_path / "y.mp4"),
-       "--steps", str(STEPS), "--noprogress"],
-      capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+      [
+          sys.executable,
+          "-m",
+          "s3jax.edit",
+          "--checkpoint",
+          str(tiny_checkpoint),
+          "--input",
+          str(folder),
+          "--attribute",
+          "Smiling",
+          "--strength",
+          "1",
+          "--out",
+          str(tmp_path / "y.mp4"),
+          "--steps",
+          str(STEPS),
+          "--noprogress",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+      cwd=REPO,
+  )
   assert proc.returncode == 1, proc.stderr
   assert "no face" in proc.stderr
   assert "Traceback" not in proc.stderr
   # --list-attributes prints one name a line.
   proc = subprocess.run(
-      [sys.executable, "-m", "s3jax.edit", "--checkpoint", str(tiny_checkpoint),
-       "--list-attributes"], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+      [
+          sys.executable,
+          "-m",
+          "s3jax.edit",
+          "--checkpoint",
+          str(tiny_checkpoint),
+          "--list-attributes",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env=env,
+      cwd=REPO,
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split() == ["Smiling", "Eyeglasses"]
 
@@ -219,6 +323,7 @@ def test_no_face_video_is_a_clear_error(editor, tiny_checkpoint, tmp_path):
 def test_long_gap_passes_through(editor, office_frames, tiny_checkpoint):
   """Blank frames in a long run pass through unedited and are listed; a short gap is filled."""
   from s3jax import editing
+
   _, frames = office_frames
   blank = np.full_like(frames[0], 128)
   # frames: F F B F B B B B B B F  -> frame 2 interpolated, 4..9 a long gap (6 > max_gap 5)
@@ -237,6 +342,7 @@ def test_ddim_scan_matches_diffusion():
   import jax
   import jax.numpy as jnp
   from s3jax import diffusion, editing
+
   r = np.random.default_rng(0)
   x = jnp.asarray(r.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
   cond = jnp.asarray(r.standard_normal((2, 1, 1, 3)), jnp.float32)
@@ -247,9 +353,11 @@ def test_ddim_scan_matches_diffusion():
   for steps in (10, 20):
     want_inv = diffusion.ddim_invert(eps_fn, x, cond, steps)
     got_inv = jax.jit(lambda x, c: editing.ddim_scan(eps_fn, x, cond, c))(
-        x, editing.ddim_constants(steps, "invert"))
+        x, editing.ddim_constants(steps, "invert")
+    )
     np.testing.assert_allclose(got_inv, want_inv, atol=1e-5)
     want_dec = diffusion.ddim_sample(eps_fn, want_inv, cond, steps)
     got_dec = jax.jit(lambda x, c: editing.ddim_scan(eps_fn, x, cond, c))(
-        want_inv, editing.ddim_constants(steps, "decode"))
+        want_inv, editing.ddim_constants(steps, "decode")
+    )
     np.testing.assert_allclose(got_dec, want_dec, atol=1e-5)

@@ -1,5 +1,6 @@
 """Tests for s3jax.metrics: SSIM vs skimage, MS-SSIM vs independent references,
 PSNR/MSE, the LPIPS hook, and the STIT identity metrics."""
+
 import itertools
 
 import jax
@@ -12,92 +13,115 @@ from skimage.metrics import structural_similarity
 
 from s3jax import metrics
 
-
 # ---------------------------------------------------------------------------
 # Real images: astronaut downscaled, with noise / blur / contrast variants.
 # ---------------------------------------------------------------------------
 
 
 def _astronaut(h, w):
-    img = transform.resize(data.astronaut(), (h, w), anti_aliasing=True)
-    return img.astype(np.float32)  # [0, 1]
+  img = transform.resize(data.astronaut(), (h, w), anti_aliasing=True)
+  return img.astype(np.float32)  # [0, 1]
 
 
 def _variants(img, seed=0):
-    rng = np.random.default_rng(seed)
-    mild = np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
-    noisy = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
-    heavy = np.clip(img + rng.normal(0, 0.25, img.shape), 0, 1)
-    blur = ndimage.gaussian_filter(img, sigma=(1.5, 1.5, 0))
-    contrast = np.clip(0.6 * img + 0.3, 0, 1)
-    shifted = np.roll(img, 3, axis=1)
-    return {k: v.astype(np.float32) for k, v in dict(
-        mild=mild, noisy=noisy, heavy=heavy, blur=blur, contrast=contrast, shifted=shifted).items()}
+  rng = np.random.default_rng(seed)
+  mild = np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
+  noisy = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
+  heavy = np.clip(img + rng.normal(0, 0.25, img.shape), 0, 1)
+  blur = ndimage.gaussian_filter(img, sigma=(1.5, 1.5, 0))
+  contrast = np.clip(0.6 * img + 0.3, 0, 1)
+  shifted = np.roll(img, 3, axis=1)
+  return {
+      k: v.astype(np.float32)
+      for k, v in dict(
+          mild=mild, noisy=noisy, heavy=heavy, blur=blur, contrast=contrast, shifted=shifted
+      ).items()
+  }
 
 
 @pytest.fixture(scope="module")
 def astro_pairs():
-    img = _astronaut(128, 112)
-    var = _variants(img)
-    names = list(var)
-    x = np.stack([img] * len(names))
-    y = np.stack([var[n] for n in names])
-    return names, x, y
+  img = _astronaut(128, 112)
+  var = _variants(img)
+  names = list(var)
+  x = np.stack([img] * len(names))
+  y = np.stack([var[n] for n in names])
+  return names, x, y
 
 
 def _sk_ssim(a, b, data_range):
-    return structural_similarity(a, b, data_range=data_range, channel_axis=-1,
-                                 gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False)
+  return structural_similarity(
+      a,
+      b,
+      data_range=data_range,
+      channel_axis=-1,
+      gaussian_weights=True,
+      sigma=1.5,
+      use_sample_covariance=False,
+  )
 
 
 def test_ssim_matches_skimage(astro_pairs):
-    names, x, y = astro_pairs
-    ours = np.asarray(metrics.ssim(x, y, data_range=1.0))
-    ref = np.array([_sk_ssim(a, b, 1.0) for a, b in zip(x, y)])
-    err = np.abs(ours - ref)
-    assert err.max() < 1e-4, dict(zip(names, err))
-    # The variants span a useful range of SSIM values.
-    assert ref.min() < 0.4 and ref.max() > 0.85
+  names, x, y = astro_pairs
+  ours = np.asarray(metrics.ssim(x, y, data_range=1.0))
+  ref = np.array([_sk_ssim(a, b, 1.0) for a, b in zip(x, y)])
+  err = np.abs(ours - ref)
+  assert err.max() < 1e-4, dict(zip(names, err))
+  # The variants span a useful range of SSIM values.
+  assert ref.min() < 0.4 and ref.max() > 0.85
 
 
 def test_ssim_minus_one_one_range_and_grayscale(astro_pairs):
-    _, x, y = astro_pairs
-    xs, ys = 2 * x - 1, 2 * y - 1  # s3jax convention, data_range=2 default
-    ours = np.asarray(metrics.ssim(xs, ys))
-    ref = np.array([_sk_ssim(a, b, 2.0) for a, b in zip(xs, ys)])
-    np.testing.assert_allclose(ours, ref, atol=1e-4)
-    # single channel
-    g1, g2 = x[..., :1], y[..., :1]
-    ours = np.asarray(metrics.ssim(g1, g2, data_range=1.0))
-    ref = np.array([structural_similarity(a[..., 0], b[..., 0], data_range=1.0,
-                                          gaussian_weights=True, sigma=1.5,
-                                          use_sample_covariance=False)
-                    for a, b in zip(g1, g2)])
-    np.testing.assert_allclose(ours, ref, atol=1e-4)
+  _, x, y = astro_pairs
+  xs, ys = 2 * x - 1, 2 * y - 1  # s3jax convention, data_range=2 default
+  ours = np.asarray(metrics.ssim(xs, ys))
+  ref = np.array([_sk_ssim(a, b, 2.0) for a, b in zip(xs, ys)])
+  np.testing.assert_allclose(ours, ref, atol=1e-4)
+  # single channel
+  g1, g2 = x[..., :1], y[..., :1]
+  ours = np.asarray(metrics.ssim(g1, g2, data_range=1.0))
+  ref = np.array(
+      [
+          structural_similarity(
+              a[..., 0],
+              b[..., 0],
+              data_range=1.0,
+              gaussian_weights=True,
+              sigma=1.5,
+              use_sample_covariance=False,
+          )
+          for a, b in zip(g1, g2)
+      ]
+  )
+  np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
 def test_ssim_identity_and_jit(astro_pairs):
-    _, x, y = astro_pairs
-    np.testing.assert_allclose(np.asarray(metrics.ssim(x, x, data_range=1.0)), 1.0, atol=1e-6)
-    f = jax.jit(metrics.ssim)
-    np.testing.assert_allclose(np.asarray(f(x, y, 1.0)),
-                               np.asarray(metrics.ssim(x, y, data_range=1.0)), atol=1e-6)
-    with pytest.raises(ValueError, match="smaller than the SSIM window"):
-        metrics.ssim(x[:, :8, :8], y[:, :8, :8])
+  _, x, y = astro_pairs
+  np.testing.assert_allclose(np.asarray(metrics.ssim(x, x, data_range=1.0)), 1.0, atol=1e-6)
+  f = jax.jit(metrics.ssim)
+  np.testing.assert_allclose(
+      np.asarray(f(x, y, 1.0)), np.asarray(metrics.ssim(x, y, data_range=1.0)), atol=1e-6
+  )
+  with pytest.raises(ValueError, match="smaller than the SSIM window"):
+    metrics.ssim(x[:, :8, :8], y[:, :8, :8])
 
 
 def test_psnr_mse():
-    rng = np.random.default_rng(1)
-    x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-    y = x + rng.normal(0, 0.1, x.shape).astype(np.float32)
-    m = np.mean((x - y) ** 2, axis=(1, 2, 3))
-    np.testing.assert_allclose(np.asarray(metrics.mse(x, y)), m, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(metrics.psnr(x, y)), 10 * np.log10(4.0 / m), rtol=1e-5)
-    from skimage.metrics import peak_signal_noise_ratio
-    np.testing.assert_allclose(float(metrics.psnr(x[:1], y[:1], 2.0)[0]),
-                               peak_signal_noise_ratio(x[0], y[0], data_range=2.0), rtol=1e-4)
-    assert np.isinf(float(metrics.psnr(x, x)[0]))
+  rng = np.random.default_rng(1)
+  x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  y = x + rng.normal(0, 0.1, x.shape).astype(np.float32)
+  m = np.mean((x - y) ** 2, axis=(1, 2, 3))
+  np.testing.assert_allclose(np.asarray(metrics.mse(x, y)), m, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(metrics.psnr(x, y)), 10 * np.log10(4.0 / m), rtol=1e-5)
+  from skimage.metrics import peak_signal_noise_ratio
+
+  np.testing.assert_allclose(
+      float(metrics.psnr(x[:1], y[:1], 2.0)[0]),
+      peak_signal_noise_ratio(x[0], y[0], data_range=2.0),
+      rtol=1e-4,
+  )
+  assert np.isinf(float(metrics.psnr(x, x)[0]))
 
 
 # ---------------------------------------------------------------------------
@@ -106,98 +130,99 @@ def test_psnr_mse():
 
 
 def _np_ssim_terms(a, b, data_range):
-    """Wang et al. 2004 on one HxW channel, float64, valid Gaussian window."""
-    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    g /= g.sum()
+  """Wang et al. 2004 on one HxW channel, float64, valid Gaussian window."""
+  g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+  g /= g.sum()
 
-    def filt(img):
-        out = ndimage.correlate1d(img, g, axis=0, mode="constant")
-        out = ndimage.correlate1d(out, g, axis=1, mode="constant")
-        return out[5:-5, 5:-5]  # keep only windows fully inside the image
+  def filt(img):
+    out = ndimage.correlate1d(img, g, axis=0, mode="constant")
+    out = ndimage.correlate1d(out, g, axis=1, mode="constant")
+    return out[5:-5, 5:-5]  # keep only windows fully inside the image
 
-    c1 = (0.01 * data_range) ** 2
-    c2 = (0.03 * data_range) ** 2
-    mx, my = filt(a), filt(b)
-    sxx = filt(a * a) - mx**2
-    syy = filt(b * b) - my**2
-    sxy = filt(a * b) - mx * my
-    lum = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
-    cs = (2 * sxy + c2) / (sxx + syy + c2)
-    return float(np.mean(lum * cs)), float(np.mean(cs))
+  c1 = (0.01 * data_range) ** 2
+  c2 = (0.03 * data_range) ** 2
+  mx, my = filt(a), filt(b)
+  sxx = filt(a * a) - mx**2
+  syy = filt(b * b) - my**2
+  sxy = filt(a * b) - mx * my
+  lum = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
+  cs = (2 * sxy + c2) / (sxx + syy + c2)
+  return float(np.mean(lum * cs)), float(np.mean(cs))
 
 
 def _np_downsample(img):
-    """2x2 mean; an odd side gets one zero row/col on each side (pads counted)."""
-    h, w = img.shape
-    if h % 2:
-        img = np.concatenate([np.zeros((1, img.shape[1])), img, np.zeros((1, img.shape[1]))], 0)
-    if w % 2:
-        img = np.concatenate([np.zeros((img.shape[0], 1)), img, np.zeros((img.shape[0], 1))], 1)
-    h2, w2 = img.shape[0] // 2, img.shape[1] // 2
-    out = np.zeros((h2, w2))
-    for i in range(h2):
-        for j in range(w2):
-            out[i, j] = img[2 * i:2 * i + 2, 2 * j:2 * j + 2].sum() / 4.0
-    return out
+  """2x2 mean; an odd side gets one zero row/col on each side (pads counted)."""
+  h, w = img.shape
+  if h % 2:
+    img = np.concatenate([np.zeros((1, img.shape[1])), img, np.zeros((1, img.shape[1]))], 0)
+  if w % 2:
+    img = np.concatenate([np.zeros((img.shape[0], 1)), img, np.zeros((img.shape[0], 1))], 1)
+  h2, w2 = img.shape[0] // 2, img.shape[1] // 2
+  out = np.zeros((h2, w2))
+  for i in range(h2):
+    for j in range(w2):
+      out[i, j] = img[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].sum() / 4.0
+  return out
 
 
 def _np_ms_ssim(x, y, data_range, weights=metrics.MS_SSIM_WEIGHTS):
-    """MS-SSIM (Wang, Simoncelli, Bovik 2003) of one HWC image pair."""
-    vals = []
-    for c in range(x.shape[-1]):
-        a, b = x[..., c].astype(np.float64), y[..., c].astype(np.float64)
-        prod = 1.0
-        for j, wj in enumerate(weights):
-            s, cs = _np_ssim_terms(a, b, data_range)
-            if j < len(weights) - 1:
-                prod *= max(cs, 0.0) ** wj  # contrast*structure at scales 1..M-1
-                a, b = _np_downsample(a), _np_downsample(b)
-            else:
-                prod *= max(s, 0.0) ** wj  # luminance*contrast*structure at M
-        vals.append(prod)
-    return float(np.mean(vals))
+  """MS-SSIM (Wang, Simoncelli, Bovik 2003) of one HWC image pair."""
+  vals = []
+  for c in range(x.shape[-1]):
+    a, b = x[..., c].astype(np.float64), y[..., c].astype(np.float64)
+    prod = 1.0
+    for j, wj in enumerate(weights):
+      s, cs = _np_ssim_terms(a, b, data_range)
+      if j < len(weights) - 1:
+        prod *= max(cs, 0.0) ** wj  # contrast*structure at scales 1..M-1
+        a, b = _np_downsample(a), _np_downsample(b)
+      else:
+        prod *= max(s, 0.0) ** wj  # luminance*contrast*structure at M
+    vals.append(prod)
+  return float(np.mean(vals))
 
 
 @pytest.mark.parametrize("hw", [(176, 176), (171, 165)])
 def test_ms_ssim_matches_numpy_reference(hw):
-    img = _astronaut(*hw)
-    var = _variants(img)
-    names = ["noisy", "heavy", "blur", "contrast"]
-    x = np.stack([img] * len(names))
-    y = np.stack([var[n] for n in names])
-    ours = np.asarray(jax.jit(metrics.ms_ssim)(x, y, 1.0))
-    ref = np.array([_np_ms_ssim(a, b, 1.0) for a, b in zip(x, y)])
-    np.testing.assert_allclose(ours, ref, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(metrics.ms_ssim(x, x, 1.0)), 1.0, atol=1e-5)
-    # Heavy noise is the worst distortion for both SSIM and MS-SSIM.
-    assert names[int(np.argmin(ours))] == "heavy"
-    assert names[int(np.argmin(np.asarray(metrics.ssim(x, y, 1.0))))] == "heavy"
+  img = _astronaut(*hw)
+  var = _variants(img)
+  names = ["noisy", "heavy", "blur", "contrast"]
+  x = np.stack([img] * len(names))
+  y = np.stack([var[n] for n in names])
+  ours = np.asarray(jax.jit(metrics.ms_ssim)(x, y, 1.0))
+  ref = np.array([_np_ms_ssim(a, b, 1.0) for a, b in zip(x, y)])
+  np.testing.assert_allclose(ours, ref, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(metrics.ms_ssim(x, x, 1.0)), 1.0, atol=1e-5)
+  # Heavy noise is the worst distortion for both SSIM and MS-SSIM.
+  assert names[int(np.argmin(ours))] == "heavy"
+  assert names[int(np.argmin(np.asarray(metrics.ssim(x, y, 1.0))))] == "heavy"
 
 
 def test_ms_ssim_matches_torch_pooling_convention():
-    """The odd-size downsampling convention equals torch's avg_pool2d(padding=s%2)
-    (what pytorch_msssim uses), checked with the real torch op."""
-    torch = pytest.importorskip("torch")
-    import torch.nn.functional as F
-    rng = np.random.default_rng(3)
-    for h, w in [(9, 7), (8, 11), (10, 10)]:
-        x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
-        t = torch.from_numpy(x.transpose(0, 3, 1, 2))
-        ref = F.avg_pool2d(t, kernel_size=2, padding=[h % 2, w % 2]).numpy().transpose(0, 2, 3, 1)
-        np.testing.assert_allclose(np.asarray(metrics._avg_pool2(jnp.asarray(x))), ref, atol=1e-6)
+  """The odd-size downsampling convention equals torch's avg_pool2d(padding=s%2)
+  (what pytorch_msssim uses), checked with the real torch op."""
+  torch = pytest.importorskip("torch")
+  import torch.nn.functional as F
+
+  rng = np.random.default_rng(3)
+  for h, w in [(9, 7), (8, 11), (10, 10)]:
+    x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+    t = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    ref = F.avg_pool2d(t, kernel_size=2, padding=[h % 2, w % 2]).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(metrics._avg_pool2(jnp.asarray(x))), ref, atol=1e-6)
 
 
 def test_ms_ssim_small_images():
-    x = np.zeros((1, 160, 200, 3), np.float32)
-    with pytest.raises(ValueError, match="at least 161 pixels"):
-        metrics.ms_ssim(x, x)
-    assert metrics.ms_ssim_min_size(5, 11) == 161
-    assert metrics.ms_ssim_min_size(3, 11) == 41
-    img = _astronaut(64, 64)
-    y = _variants(img)["noisy"]
-    w = metrics.MS_SSIM_WEIGHTS[:3]
-    ours = float(metrics.ms_ssim(img[None], y[None], 1.0, weights=w)[0])
-    assert abs(ours - _np_ms_ssim(img, y, 1.0, weights=w)) < 1e-4
+  x = np.zeros((1, 160, 200, 3), np.float32)
+  with pytest.raises(ValueError, match="at least 161 pixels"):
+    metrics.ms_ssim(x, x)
+  assert metrics.ms_ssim_min_size(5, 11) == 161
+  assert metrics.ms_ssim_min_size(3, 11) == 41
+  img = _astronaut(64, 64)
+  y = _variants(img)["noisy"]
+  w = metrics.MS_SSIM_WEIGHTS[:3]
+  ours = float(metrics.ms_ssim(img[None], y[None], 1.0, weights=w)[0])
+  assert abs(ours - _np_ms_ssim(img, y, 1.0, weights=w)) < 1e-4
 
 
 # ---------------------------------------------------------------------------
@@ -206,39 +231,40 @@ def test_ms_ssim_small_images():
 
 
 def test_lpips_requires_weights():
-    x = np.zeros((1, 32, 32, 3), np.float32)
-    with pytest.raises(ValueError, match="LPIPS linear-layer weights"):
-        metrics.lpips(x, x)
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  with pytest.raises(ValueError, match="LPIPS linear-layer weights"):
+    metrics.lpips(x, x)
 
 
 def test_lpips_formula_with_given_features():
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
-    y = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
-    feats = lambda im: [im, im[:, ::2, ::2] * 2.0]  # noqa: E731
-    w = [np.array([1.0, 0.5, 0.0]), np.ones(3)]
-    got = np.asarray(metrics.lpips(x, y, feats, w))
-    exp = 0
-    for fx, fy, wl in zip(feats(x), feats(y), w):
-        fx = fx / (np.linalg.norm(fx, axis=-1, keepdims=True) + 1e-10)
-        fy = fy / (np.linalg.norm(fy, axis=-1, keepdims=True) + 1e-10)
-        exp = exp + ((fx - fy) ** 2 * wl).sum(-1).mean((1, 2))
-    np.testing.assert_allclose(got, exp, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(metrics.lpips(x, x, feats, w)), 0.0, atol=1e-7)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  y = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  feats = lambda im: [im, im[:, ::2, ::2] * 2.0]  # noqa: E731
+  w = [np.array([1.0, 0.5, 0.0]), np.ones(3)]
+  got = np.asarray(metrics.lpips(x, y, feats, w))
+  exp = 0
+  for fx, fy, wl in zip(feats(x), feats(y), w):
+    fx = fx / (np.linalg.norm(fx, axis=-1, keepdims=True) + 1e-10)
+    fy = fy / (np.linalg.norm(fy, axis=-1, keepdims=True) + 1e-10)
+    exp = exp + ((fx - fy) ** 2 * wl).sum(-1).mean((1, 2))
+  np.testing.assert_allclose(got, exp, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(metrics.lpips(x, x, feats, w)), 0.0, atol=1e-7)
 
 
 def test_locality_error():
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-    mask = np.zeros((2, 16, 16), np.float32)
-    mask[:, 4:12, 4:12] = 1
-    y = x.copy()
-    y[:, 4:12, 4:12] += 0.7  # change only inside
-    np.testing.assert_allclose(np.asarray(metrics.locality_error(x, y, mask)), 0.0, atol=1e-7)
-    y[:, 0, :] += 0.5  # change 16 outside pixels in row 0
-    outside = 16 * 16 - 64
-    np.testing.assert_allclose(np.asarray(metrics.locality_error(x, y, mask[..., None])),
-                               0.5 * 16 / outside, rtol=1e-5)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  mask = np.zeros((2, 16, 16), np.float32)
+  mask[:, 4:12, 4:12] = 1
+  y = x.copy()
+  y[:, 4:12, 4:12] += 0.7  # change only inside
+  np.testing.assert_allclose(np.asarray(metrics.locality_error(x, y, mask)), 0.0, atol=1e-7)
+  y[:, 0, :] += 0.5  # change 16 outside pixels in row 0
+  outside = 16 * 16 - 64
+  np.testing.assert_allclose(
+      np.asarray(metrics.locality_error(x, y, mask[..., None])), 0.5 * 16 / outside, rtol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -247,49 +273,49 @@ def test_locality_error():
 
 
 def _loops(e):
-    e = e / np.linalg.norm(e, axis=1, keepdims=True)
-    t = len(e)
-    tl = np.mean([e[i] @ e[i + 1] for i in range(t - 1)])
-    tg = np.mean([e[i] @ e[j] for i, j in itertools.combinations(range(t), 2)])
-    return tl, tg
+  e = e / np.linalg.norm(e, axis=1, keepdims=True)
+  t = len(e)
+  tl = np.mean([e[i] @ e[i + 1] for i in range(t - 1)])
+  tg = np.mean([e[i] @ e[j] for i, j in itertools.combinations(range(t), 2)])
+  return tl, tg
 
 
 def _drift_video(t=12, d=128, drift=0.0, jitter=0.0, seed=0):
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=d)
-    v = rng.normal(size=d)
-    e = np.stack([base + drift * i * v + jitter * rng.normal(size=d) for i in range(t)])
-    return e.astype(np.float32)
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=d)
+  v = rng.normal(size=d)
+  e = np.stack([base + drift * i * v + jitter * rng.normal(size=d) for i in range(t)])
+  return e.astype(np.float32)
 
 
 def test_tl_tg_id_identical_and_loops():
-    e = np.tile(_drift_video(1)[0], (10, 1))
-    assert abs(float(metrics.tl_id(e)) - 1.0) < 1e-6
-    assert abs(float(metrics.tg_id(e)) - 1.0) < 1e-6
-    e = _drift_video(9, 32, drift=0.1, jitter=0.3)
-    tl, tg = _loops(e.astype(np.float64))
-    assert abs(float(metrics.tl_id(e)) - tl) < 1e-5
-    assert abs(float(metrics.tg_id(e)) - tg) < 1e-5
-    assert abs(float(metrics.identity_preservation(e, 3 * e)) - 1.0) < 1e-6
-    with pytest.raises(ValueError):
-        metrics.tl_id(e[:1])
+  e = np.tile(_drift_video(1)[0], (10, 1))
+  assert abs(float(metrics.tl_id(e)) - 1.0) < 1e-6
+  assert abs(float(metrics.tg_id(e)) - 1.0) < 1e-6
+  e = _drift_video(9, 32, drift=0.1, jitter=0.3)
+  tl, tg = _loops(e.astype(np.float64))
+  assert abs(float(metrics.tl_id(e)) - tl) < 1e-5
+  assert abs(float(metrics.tg_id(e)) - tg) < 1e-5
+  assert abs(float(metrics.identity_preservation(e, 3 * e)) - 1.0) < 1e-6
+  with pytest.raises(ValueError):
+    metrics.tl_id(e[:1])
 
 
 def test_normalised_identity_metrics():
-    orig = _drift_video(16, 128, drift=0.02, jitter=0.1, seed=1)
-    # Original vs itself: exactly 1.
-    assert float(metrics.tl_id_normalised(orig, orig)) == 1.0
-    assert float(metrics.tg_id_normalised(orig, orig)) == 1.0
-    # Injected drift / flicker lowers both.
-    rng = np.random.default_rng(5)
-    drifted = orig + 0.08 * np.arange(16)[:, None] * rng.normal(size=128)[None]
-    flicker = orig + 0.6 * rng.normal(size=orig.shape)
-    assert float(metrics.tg_id_normalised(drifted, orig)) < 0.95
-    assert float(metrics.tg_id(drifted)) < float(metrics.tl_id(drifted))  # drift is global
-    assert float(metrics.tl_id_normalised(flicker, orig)) < 0.9
-    assert float(metrics.tg_id_normalised(flicker, orig)) < 0.9
-    # An edit that preserves consistency scores ~1 (same embeddings, rescaled).
-    assert abs(float(metrics.tl_id_normalised(2.0 * orig, orig)) - 1.0) < 1e-5
-    # jittable
-    f = jax.jit(metrics.tg_id_normalised)
-    assert abs(float(f(flicker, orig)) - float(metrics.tg_id_normalised(flicker, orig))) < 1e-6
+  orig = _drift_video(16, 128, drift=0.02, jitter=0.1, seed=1)
+  # Original vs itself: exactly 1.
+  assert float(metrics.tl_id_normalised(orig, orig)) == 1.0
+  assert float(metrics.tg_id_normalised(orig, orig)) == 1.0
+  # Injected drift / flicker lowers both.
+  rng = np.random.default_rng(5)
+  drifted = orig + 0.08 * np.arange(16)[:, None] * rng.normal(size=128)[None]
+  flicker = orig + 0.6 * rng.normal(size=orig.shape)
+  assert float(metrics.tg_id_normalised(drifted, orig)) < 0.95
+  assert float(metrics.tg_id(drifted)) < float(metrics.tl_id(drifted))  # drift is global
+  assert float(metrics.tl_id_normalised(flicker, orig)) < 0.9
+  assert float(metrics.tg_id_normalised(flicker, orig)) < 0.9
+  # An edit that preserves consistency scores ~1 (same embeddings, rescaled).
+  assert abs(float(metrics.tl_id_normalised(2.0 * orig, orig)) - 1.0) < 1e-5
+  # jittable
+  f = jax.jit(metrics.tg_id_normalised)
+  assert abs(float(f(flicker, orig)) - float(metrics.tg_id_normalised(flicker, orig))) < 1e-6

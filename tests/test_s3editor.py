@@ -4,6 +4,7 @@ The DVA is a tiny UNet at 16 px with randomly perturbed weights (so that z_id
 reaches the pixels), the identity stand-in a tiny random CNN, the classifier
 random directions over six attributes. These test the machinery, not quality.
 """
+
 import pathlib
 
 import grain
@@ -24,244 +25,282 @@ SIZE = 16
 # Two groups of local attributes (mouth vs eyes/brows) whose classifier
 # directions lie in two separated cones, so k-means (K=2) recovers them and
 # each cluster has off-target regions.
-NAMES = ("Mouth_Slightly_Open", "Big_Lips", "Wearing_Lipstick",
-         "Narrow_Eyes", "Bushy_Eyebrows", "Arched_Eyebrows")
+NAMES = (
+    "Mouth_Slightly_Open",
+    "Big_Lips",
+    "Wearing_Lipstick",
+    "Narrow_Eyes",
+    "Bushy_Eyebrows",
+    "Arched_Eyebrows",
+)
 N_FRAMES = 8
 
 
 def _tiny_config(tmp_lam_out=8.0, lam_in=0.5, total_steps=8):
-    c = S._load_config_module("s3editor", "demo")
-    c.prereq.train_missing = False
-    c.data.build_sample_if_missing = False
-    c.data.batch_size = 4
-    c.data.frames_per_item = 1
-    c.editor.num_clusters = 2
-    c.editor.num_regions = 4
-    c.editor.neurons_per_region = 4
-    c.editor.region_min_fraction = 0.25
-    c.strength.min, c.strength.max = 0.5, 1.0
-    c.decode.t = 400
-    c.optim.lr = 1e-2
-    c.sparsity.lam_in = lam_in
-    c.sparsity.lam_out = tmp_lam_out
-    c.total_steps = total_steps
-    c.log_every = 2
-    c.checkpoint_every = 1000
-    c.sample_every = 1000
-    c.num_sample_rows = 2
-    c.eval_steps = 10
-    c.ema_decay = 0.9
-    return c
+  c = S._load_config_module("s3editor", "demo")
+  c.prereq.train_missing = False
+  c.data.build_sample_if_missing = False
+  c.data.batch_size = 4
+  c.data.frames_per_item = 1
+  c.editor.num_clusters = 2
+  c.editor.num_regions = 4
+  c.editor.neurons_per_region = 4
+  c.editor.region_min_fraction = 0.25
+  c.strength.min, c.strength.max = 0.5, 1.0
+  c.decode.t = 400
+  c.optim.lr = 1e-2
+  c.sparsity.lam_in = lam_in
+  c.sparsity.lam_out = tmp_lam_out
+  c.total_steps = total_steps
+  c.log_every = 2
+  c.checkpoint_every = 1000
+  c.sample_every = 1000
+  c.num_sample_rows = 2
+  c.eval_steps = 10
+  c.ema_decay = 0.9
+  return c
 
 
 def _dva_config():
-    c = S._load_config_module("voxceleb", "demo")
-    c.model.unet.image_size = SIZE
-    c.model.unet.model_channels = 32
-    c.model.unet.channel_mult = (1, 1)
-    c.model.unet.attention_resolutions = ()
-    c.model.unet.embed_channels = 64
-    return c
+  c = S._load_config_module("voxceleb", "demo")
+  c.model.unet.image_size = SIZE
+  c.model.unet.model_channels = 32
+  c.model.unet.channel_mult = (1, 1)
+  c.model.unet.attention_resolutions = ()
+  c.model.unet.embed_channels = 64
+  return c
 
 
 def _synthetic_frames(seed=0):
-    rng = np.random.default_rng(seed)
-    frames = []
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    for i in range(N_FRAMES):
-        lm = E.MEAN_LANDMARKS_68 * SIZE * 0.7 + SIZE * 0.15 + rng.normal(0, 0.3, (68, 2))
-        img = np.stack([np.sin(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0, 1) * yy)
-                               + rng.uniform(0, 6)) for _ in range(3)], -1) * 0.6
-        z = rng.normal(size=128).astype(np.float32)
-        z /= np.linalg.norm(z)
-        frames.append({
+  rng = np.random.default_rng(seed)
+  frames = []
+  yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+  for i in range(N_FRAMES):
+    lm = E.MEAN_LANDMARKS_68 * SIZE * 0.7 + SIZE * 0.15 + rng.normal(0, 0.3, (68, 2))
+    img = (
+        np.stack(
+            [
+                np.sin(
+                    2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0, 1) * yy)
+                    + rng.uniform(0, 6)
+                )
+                for _ in range(3)
+            ],
+            -1,
+        )
+        * 0.6
+    )
+    z = rng.normal(size=128).astype(np.float32)
+    z /= np.linalg.norm(z)
+    frames.append(
+        {
             "image": img[None].astype(np.float32),
             "mask": np.ones((1, SIZE, SIZE, 1), np.float32),
             "z_id": z[None],
             "z_lnd": face_features.z_lnd_from_landmarks(lm[None], size=SIZE),
             "landmarks": lm[None].astype(np.float32),
-        })
-    return frames
+        }
+    )
+  return frames
 
 
 def _iterator(frames, batch_size=4):
-    return iter(grain.MapDataset.source(frames).repeat(None).to_iter_dataset().batch(batch_size))
+  return iter(grain.MapDataset.source(frames).repeat(None).to_iter_dataset().batch(batch_size))
 
 
 @pytest.fixture(scope="session")
 def prereqs():
-    dcfg = _dva_config()
-    model = make_dva(dcfg.model)
-    params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), jnp.zeros((1,), jnp.int32),
-                        jnp.zeros((1, 128)), jnp.zeros((1, 102)))["params"]
-    # The UNet's zero-initialised output convs would hide z_id: perturb every leaf.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                       for k, x in zip(keys, leaves)])
-    idm = id_standin.IdentityNet(features=128, width=8, depth=2, input_size=SIZE)
-    idp = idm.init(jax.random.key(2), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
-    frames = _synthetic_frames()
-    z = np.concatenate([f["z_id"] for f in frames])
-    cls = S.synthetic_classifier(z.mean(0), z.std(0) + 1e-3, names=NAMES, seed=0)
-    rng = np.random.default_rng(0)
-    u = np.linalg.qr(rng.normal(size=(128, 2)))[0].T            # two orthonormal centres
-    w = np.stack([u[i // 3] + 0.3 * rng.normal(size=128) / np.sqrt(128) for i in range(6)], 1)
-    cls["weight"] = (w / np.linalg.norm(w, axis=0)).astype(np.float32)
-    return S.Prereqs(model, params, dcfg, cls, idm, idp, {}, {"dva": "tiny"}), frames
+  dcfg = _dva_config()
+  model = make_dva(dcfg.model)
+  params = model.init(
+      jax.random.key(0),
+      jnp.zeros((1, SIZE, SIZE, 3)),
+      jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1, 128)),
+      jnp.zeros((1, 102)),
+  )["params"]
+  # The UNet's zero-initialised output convs would hide z_id: perturb every leaf.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(
+      tree, [x + 0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
+  idm = id_standin.IdentityNet(features=128, width=8, depth=2, input_size=SIZE)
+  idp = idm.init(jax.random.key(2), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
+  frames = _synthetic_frames()
+  z = np.concatenate([f["z_id"] for f in frames])
+  cls = S.synthetic_classifier(z.mean(0), z.std(0) + 1e-3, names=NAMES, seed=0)
+  rng = np.random.default_rng(0)
+  u = np.linalg.qr(rng.normal(size=(128, 2)))[0].T  # two orthonormal centres
+  w = np.stack([u[i // 3] + 0.3 * rng.normal(size=128) / np.sqrt(128) for i in range(6)], 1)
+  cls["weight"] = (w / np.linalg.norm(w, axis=0)).astype(np.float32)
+  return S.Prereqs(model, params, dcfg, cls, idm, idp, {}, {"dva": "tiny"}), frames
 
 
 def _task(prereqs, workdir, config=None, seed_frames=None):
-    p, frames = prereqs
-    config = config or _tiny_config()
-    mesh = state_lib.make_mesh(config.mesh)
-    sample = {k: np.stack([f[k] for f in frames[:2]]) for k in S.BATCH_KEYS}
-    return S.S3EditorTask(config, mesh, workdir, data_iterator=_iterator(frames), prereqs=p,
-                          mean_landmarks=E.MEAN_LANDMARKS_68, sample_batch=sample)
+  p, frames = prereqs
+  config = config or _tiny_config()
+  mesh = state_lib.make_mesh(config.mesh)
+  sample = {k: np.stack([f[k] for f in frames[:2]]) for k in S.BATCH_KEYS}
+  return S.S3EditorTask(
+      config,
+      mesh,
+      workdir,
+      data_iterator=_iterator(frames),
+      prereqs=p,
+      mean_landmarks=E.MEAN_LANDMARKS_68,
+      sample_batch=sample,
+  )
 
 
 @pytest.fixture(scope="session")
 def base_task(prereqs, tmp_path_factory):
-    return _task(prereqs, tmp_path_factory.mktemp("base"))
+  return _task(prereqs, tmp_path_factory.mktemp("base"))
 
 
 def _frames_batch(frames, n=4):
-    return {k: jnp.asarray(np.concatenate([f[k] for f in frames[:n]])) for k in S.BATCH_KEYS}
+  return {k: jnp.asarray(np.concatenate([f[k] for f in frames[:n]])) for k in S.BATCH_KEYS}
 
 
 def test_routing_gradient_reaches_only_the_chosen_transform(base_task, prereqs):
-    task = base_task
-    _, frames = prereqs
-    assign = np.asarray(task.stats.assignments)
-    assert task.num_clusters == 2 and set(assign) == {0, 1}
-    params = task.init_state().params
-    # Non-zero output layers, so W1/b1 get gradient too.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape)
-                                       for k, x in zip(keys, leaves)])
-    fr = _frames_batch(frames)
-    gamma = jnp.array([0.8, -0.6, 0.9, -1.0], jnp.float32)
-    grad_fn = jax.jit(jax.grad(lambda p, attr: task.loss_fn(p, fr, task.frozen, jax.random.key(0),
-                                                            attr, gamma)[0]))
-    for k in range(2):
-        a = int(np.flatnonzero(assign == k)[0])
-        grads = grad_fn(params, jnp.full((4,), a, jnp.int32))["editor"]
-        for j in range(2):
-            norms = {n: float(jnp.linalg.norm(v)) for n, v in grads[f"transform_{j}"].items()}
-            if j == k:
-                assert all(v > 0 for v in norms.values()), norms
-            else:
-                assert all(v == 0.0 for v in norms.values()), norms
+  task = base_task
+  _, frames = prereqs
+  assign = np.asarray(task.stats.assignments)
+  assert task.num_clusters == 2 and set(assign) == {0, 1}
+  params = task.init_state().params
+  # Non-zero output layers, so W1/b1 get gradient too.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(
+      tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
+  fr = _frames_batch(frames)
+  gamma = jnp.array([0.8, -0.6, 0.9, -1.0], jnp.float32)
+  grad_fn = jax.jit(
+      jax.grad(lambda p, attr: task.loss_fn(p, fr, task.frozen, jax.random.key(0), attr, gamma)[0])
+  )
+  for k in range(2):
+    a = int(np.flatnonzero(assign == k)[0])
+    grads = grad_fn(params, jnp.full((4,), a, jnp.int32))["editor"]
+    for j in range(2):
+      norms = {n: float(jnp.linalg.norm(v)) for n, v in grads[f"transform_{j}"].items()}
+      if j == k:
+        assert all(v > 0 for v in norms.values()), norms
+      else:
+        assert all(v == 0.0 for v in norms.values()), norms
 
 
 def _train(task, steps):
-    state = task.init_state()
-    curve = []
-    for _ in range(steps):
-        state, m = task.train_step(state, task.global_batch(next(task.data_iterator)))
-        curve.append({k: float(v) for k, v in jax.device_get(m).items()})
-    return state, curve
+  state = task.init_state()
+  curve = []
+  for _ in range(steps):
+    state, m = task.train_step(state, task.global_batch(next(task.data_iterator)))
+    curve.append({k: float(v) for k, v in jax.device_get(m).items()})
+  return state, curve
 
 
 def _eval_locality(task, params, frames):
-    fr = _frames_batch(frames, N_FRAMES)
-    fr = {k: np.concatenate([v, v]) for k, v in fr.items()}
-    n = fr["image"].shape[0]
-    attr = np.arange(n) % len(task.pool_names)
-    gamma = np.where(np.arange(n) % 2 == 0, 1.0, -1.0).astype(np.float32)
-    return {k: float(v) for k, v in jax.device_get(task.evaluate(params, fr, attr, gamma)).items()}
+  fr = _frames_batch(frames, N_FRAMES)
+  fr = {k: np.concatenate([v, v]) for k, v in fr.items()}
+  n = fr["image"].shape[0]
+  attr = np.arange(n) % len(task.pool_names)
+  gamma = np.where(np.arange(n) % 2 == 0, 1.0, -1.0).astype(np.float32)
+  return {k: float(v) for k, v in jax.device_get(task.evaluate(params, fr, attr, gamma)).items()}
 
 
 @pytest.fixture(scope="session")
 def lam_runs(prereqs, tmp_path_factory):
-    steps = 30
-    out = {}
-    for name, (lam_in, lam_out) in {"lam0": (0.0, 0.0), "lam": (0.5, 48.0)}.items():
-        cfg = _tiny_config(tmp_lam_out=lam_out, lam_in=lam_in, total_steps=steps)
-        # Ablation that isolates the proximal step: no L_loc, so any drop of the
-        # off-target change comes from the group sparsity alone. (With L_loc on,
-        # lam=0 reaches the same locality: see docs/s3editor.md.)
-        cfg.loss.loc = 0.0
-        task = _task(prereqs, tmp_path_factory.mktemp(name), cfg)
-        state, curve = _train(task, steps)
-        out[name] = (task, state, curve)
-    return out
+  steps = 30
+  out = {}
+  for name, (lam_in, lam_out) in {"lam0": (0.0, 0.0), "lam": (0.5, 48.0)}.items():
+    cfg = _tiny_config(tmp_lam_out=lam_out, lam_in=lam_in, total_steps=steps)
+    # Ablation that isolates the proximal step: no L_loc, so any drop of the
+    # off-target change comes from the group sparsity alone. (With L_loc on,
+    # lam=0 reaches the same locality: see docs/s3editor.md.)
+    cfg.loss.loc = 0.0
+    task = _task(prereqs, tmp_path_factory.mktemp(name), cfg)
+    state, curve = _train(task, steps)
+    out[name] = (task, state, curve)
+  return out
 
 
 def test_sparsity_appears_and_locality_improves(lam_runs, prereqs):
-    _, frames = prereqs
-    res = {}
-    for name, (task, state, curve) in lam_runs.items():
-        rep = S.optim.sparsity_report(jax.device_get(state.params), task.group_spec)
-        ev = _eval_locality(task, state.params["editor"], frames)
-        res[name] = (rep, ev)
-        print(f"\n{name}: zero groups {rep['num_zero']}/{rep['num_groups']} per cluster "
-              f"{ {k: v['zero'] for k, v in rep['per_cluster'].items()} }; "
-              f"outside-target pixel change T={ev['T/loc_out']:.5f} plain={ev['plain/loc_out']:.5f}; "
-              f"inside T={ev['T/loc_in']:.5f}; faith_acc T={ev['T/faith_acc']:.3f} "
-              f"plain={ev['plain/faith_acc']:.3f}")
-    assert res["lam0"][0]["num_zero"] == 0
-    assert res["lam"][0]["num_zero"] > 0
-    # Off-target groups go first (lam_out >> lam_in).
-    task = lam_runs["lam"][0]
-    zero = set(res["lam"][0]["zero_groups"])
-    off = {g for g, i in enumerate(task.group_spec.group_info) if not i["on_target"]}
-    assert zero & off
-    assert res["lam"][1]["T/loc_out"] < res["lam0"][1]["T/loc_out"]
+  _, frames = prereqs
+  res = {}
+  for name, (task, state, curve) in lam_runs.items():
+    rep = S.optim.sparsity_report(jax.device_get(state.params), task.group_spec)
+    ev = _eval_locality(task, state.params["editor"], frames)
+    res[name] = (rep, ev)
+    print(
+        f"\n{name}: zero groups {rep['num_zero']}/{rep['num_groups']} per cluster "
+        f"{ {k: v['zero'] for k, v in rep['per_cluster'].items()} }; "
+        f"outside-target pixel change T={ev['T/loc_out']:.5f} plain={ev['plain/loc_out']:.5f}; "
+        f"inside T={ev['T/loc_in']:.5f}; faith_acc T={ev['T/faith_acc']:.3f} "
+        f"plain={ev['plain/faith_acc']:.3f}"
+    )
+  assert res["lam0"][0]["num_zero"] == 0
+  assert res["lam"][0]["num_zero"] > 0
+  # Off-target groups go first (lam_out >> lam_in).
+  task = lam_runs["lam"][0]
+  zero = set(res["lam"][0]["zero_groups"])
+  off = {g for g, i in enumerate(task.group_spec.group_info) if not i["on_target"]}
+  assert zero & off
+  assert res["lam"][1]["T/loc_out"] < res["lam0"][1]["T/loc_out"]
 
 
 def test_self_training_loss_goes_down(lam_runs, prereqs):
-    """The loss on a fixed batch with fixed edits and noise falls from init to step 30
-    (the per-step loss is noisy: every step draws new attributes and strengths)."""
-    _, frames = prereqs
-    fr = _frames_batch(frames, N_FRAMES)
-    for name, (task, state, curve) in lam_runs.items():
-        init = task.init_state().params
-        f = lambda p: float(task.loss_fn(p, fr, task.frozen, jax.random.key(123))[0])  # noqa: E731
-        before, after = f(init), f(state.params)
-        per_step = np.array([m["loss"] for m in curve])
-        print(f"\n{name}: fixed-batch loss {before:.4f} -> {after:.4f}; per-step loss "
-              f"first5={per_step[:5].mean():.4f} last5={per_step[-5:].mean():.4f} "
-              f"(l_faith {np.mean([m['l_faith'] for m in curve[:5]]):.4f}->"
-              f"{np.mean([m['l_faith'] for m in curve[-5:]]):.4f})")
-        assert after < before
-        assert all(np.isfinite(m["loss"]) for m in curve)
+  """The loss on a fixed batch with fixed edits and noise falls from init to step 30
+  (the per-step loss is noisy: every step draws new attributes and strengths)."""
+  _, frames = prereqs
+  fr = _frames_batch(frames, N_FRAMES)
+  for name, (task, state, curve) in lam_runs.items():
+    init = task.init_state().params
+    f = lambda p: float(task.loss_fn(p, fr, task.frozen, jax.random.key(123))[0])  # noqa: E731
+    before, after = f(init), f(state.params)
+    per_step = np.array([m["loss"] for m in curve])
+    print(
+        f"\n{name}: fixed-batch loss {before:.4f} -> {after:.4f}; per-step loss "
+        f"first5={per_step[:5].mean():.4f} last5={per_step[-5:].mean():.4f} "
+        f"(l_faith {np.mean([m['l_faith'] for m in curve[:5]]):.4f}->"
+        f"{np.mean([m['l_faith'] for m in curve[-5:]]):.4f})"
+    )
+    assert after < before
+    assert all(np.isfinite(m["loss"]) for m in curve)
 
 
 def test_checkpoint_resume_is_exact(prereqs, tmp_path):
-    n = 6
-    straight = tmp_path / "straight"
-    cfg = _tiny_config(total_steps=n)
-    cfg.checkpoint_every = n // 2
-    loop.train(cfg, str(straight), _task(prereqs, straight, cfg))
-    split = tmp_path / "split"
-    half = _tiny_config(total_steps=n // 2)
-    loop.train(half, str(split), _task(prereqs, split, half))
-    out = loop.train(cfg, str(split), _task(prereqs, split, cfg))
-    assert out["step"] == n
-    a, _ = S._restore_raw_state(straight)
-    b, _ = S._restore_raw_state(split)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # The loop wrote a sample grid and the sparsity report at the last step.
-    assert list((straight / "samples").glob("*.png"))
-    assert (straight / "sparsity.json").exists()
-    # load_editor gives the EMA transformation.
-    edit = S.load_editor(straight)
-    z = jnp.asarray(np.concatenate([f["z_id"] for f in prereqs[1][:3]]))
-    out = edit(z, "Big_Lips", 0.7)
-    assert out.shape == z.shape and np.all(np.isfinite(np.asarray(out)))
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=-1), 1.0, rtol=1e-5)
-    with pytest.raises(KeyError):
-        edit(z, "Not_An_Attribute", 0.5)
+  n = 6
+  straight = tmp_path / "straight"
+  cfg = _tiny_config(total_steps=n)
+  cfg.checkpoint_every = n // 2
+  loop.train(cfg, str(straight), _task(prereqs, straight, cfg))
+  split = tmp_path / "split"
+  half = _tiny_config(total_steps=n // 2)
+  loop.train(half, str(split), _task(prereqs, split, half))
+  out = loop.train(cfg, str(split), _task(prereqs, split, cfg))
+  assert out["step"] == n
+  a, _ = S._restore_raw_state(straight)
+  b, _ = S._restore_raw_state(split)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The loop wrote a sample grid and the sparsity report at the last step.
+  assert list((straight / "samples").glob("*.png"))
+  assert (straight / "sparsity.json").exists()
+  # load_editor gives the EMA transformation.
+  edit = S.load_editor(straight)
+  z = jnp.asarray(np.concatenate([f["z_id"] for f in prereqs[1][:3]]))
+  out = edit(z, "Big_Lips", 0.7)
+  assert out.shape == z.shape and np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=-1), 1.0, rtol=1e-5)
+  with pytest.raises(KeyError):
+    edit(z, "Not_An_Attribute", 0.5)
 
 
 def test_region_map_and_decode_shapes():
-    lm = (E.MEAN_LANDMARKS_68 * SIZE)[None]
-    rol = E.landmark_regions(None, 3)
-    reg = np.asarray(S.region_map(jnp.asarray(lm), rol, SIZE))
-    assert reg.shape == (1, SIZE, SIZE) and set(np.unique(reg)) <= {0, 1, 2}
-    # The pixel at a landmark belongs to that landmark's region.
-    x, y = np.round(lm[0, 48]).astype(int)
-    assert reg[0, y, x] == rol[48]
+  lm = (E.MEAN_LANDMARKS_68 * SIZE)[None]
+  rol = E.landmark_regions(None, 3)
+  reg = np.asarray(S.region_map(jnp.asarray(lm), rol, SIZE))
+  assert reg.shape == (1, SIZE, SIZE) and set(np.unique(reg)) <= {0, 1, 2}
+  # The pixel at a landmark belongs to that landmark's region.
+  x, y = np.round(lm[0, 48]).astype(int)
+  assert reg[0, y, x] == rol[48]

@@ -1,4 +1,5 @@
 """The DVA trainer: determinism across devices and hosts, exact resume, preemption, failures."""
+
 import json
 import logging
 import os
@@ -29,22 +30,32 @@ def _losses(history):
 
 
 def _run_subprocess(args, n_devices, extra_env=None, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-             PYTHONPATH=str(REPO))
+  env = dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+      PYTHONPATH=str(REPO),
+  )
   env.update(extra_env or {})
-  return subprocess.Popen([sys.executable, MAIN, *map(str, args)], env=env, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+      [sys.executable, MAIN, *map(str, args)],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 def _history_from(proc, timeout=900):
   out, err = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, err[-3000:]
   line = [l for l in out.splitlines() if l.startswith("HISTORY ")][-1]
-  return json.loads(line[len("HISTORY "):])
+  return json.loads(line[len("HISTORY ") :])
 
 
 def _params(workdir, step=None):
   from s3jax.training.dva import restore_dva
+
   _, params, _, got = restore_dva(workdir, step=step, ema=False)
   return params, got
 
@@ -89,13 +100,23 @@ def test_four_devices_match_one_device(straight_run, tmp_path):
 
 def test_two_processes_match_one_process_with_four_devices(straight_run, tmp_path):
   import portpicker
+
   workdir, _ = straight_run
   data_dir = _data_dir(workdir)
   single = _history_from(_run_subprocess([tmp_path / "single", data_dir, 4], n_devices=4))
   port = portpicker.pick_unused_port()
-  procs = [_run_subprocess([tmp_path / "multi", data_dir, 4], n_devices=2, extra_env={
-      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-      "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  procs = [
+      _run_subprocess(
+          [tmp_path / "multi", data_dir, 4],
+          n_devices=2,
+          extra_env={
+              "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+              "JAX_NUM_PROCESSES": "2",
+              "JAX_PROCESS_ID": str(i),
+          },
+      )
+      for i in range(2)
+  ]
   multi = _history_from(procs[0])
   out, err = procs[1].communicate(timeout=900)
   assert procs[1].returncode == 0, err[-3000:]
@@ -171,6 +192,7 @@ def test_non_finite_loss_stops_without_writing_nan(straight_run, tmp_path):
   clean = task.data_iterator
 
   class PoisonAtStep3:
+
     def __init__(self):
       self.n = 0
 
@@ -199,16 +221,40 @@ def test_non_finite_loss_stops_without_writing_nan(straight_run, tmp_path):
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "s3jax.train", "--config", "configs/voxceleb.py:demo",
-       "--workdir", str(tmp_path), "--config.data.bogus_key=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "s3jax.train",
+          "--config",
+          "configs/voxceleb.py:demo",
+          "--workdir",
+          str(tmp_path),
+          "--config.data.bogus_key=1",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode != 0
   assert "bogus_key" in proc.stderr
 
 
 def test_unknown_config_variant_is_a_clear_error(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "s3jax.train", "--config", "configs/voxceleb.py:nonsense",
-       "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "s3jax.train",
+          "--config",
+          "configs/voxceleb.py:nonsense",
+          "--workdir",
+          str(tmp_path),
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode != 0
   assert "unknown config variant 'nonsense'" in proc.stderr

@@ -3,6 +3,7 @@
   python tests/tiny_train_main.py WORKDIR DATA_DIR TOTAL_STEPS
 Prints `HISTORY <json>` with the logged (step, metrics) on process 0.
 """
+
 import json
 import pathlib
 import sys
@@ -21,6 +22,7 @@ def main():
   workdir, data_dir, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
   train.maybe_initialize_distributed()
   import jax
+
   result = train.run(tiny_dva_config(data_dir, total_steps=total), workdir)
   if jax.process_index() == 0:
     print("HISTORY " + json.dumps(result["history"]), flush=True)

@@ -1,4 +1,5 @@
 """Tiny DVA trainer configs shared by the training tests and their subprocesses."""
+
 import importlib.util
 import pathlib
 
@@ -20,8 +21,15 @@ def tiny_dva_config(data_dir, total_steps=6, **overrides):
   c.data.batch_size = 4
   c.data.frames_per_item = 2
   c.data.build_sample_if_missing = False
-  c.model.unet.update(dict(image_size=32, model_channels=32, channel_mult=(1, 2),
-                           num_res_blocks=1, attention_resolutions=(16,)))
+  c.model.unet.update(
+      dict(
+          image_size=32,
+          model_channels=32,
+          channel_mult=(1, 2),
+          num_res_blocks=1,
+          attention_resolutions=(16,),
+      )
+  )
   c.diffusion.eval_steps = 10
   c.num_sample_rows = 2
   c.total_steps = total_steps

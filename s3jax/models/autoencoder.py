@@ -6,6 +6,7 @@ so the train step only sees the fusion layer and the UNet. The parameter tree
 mirrors the reference's names: `encoder/linear` is `encoder.linear.*` and
 `unet/...` are the UNet keys.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ LND_DIM = 102  # 68 landmarks x 2, minus the 17 jaw points
 
 class FaceFusion(nn.Module):
   """z_face = Linear(cat(z_id, z_lnd)); the reference's `encoder.linear`."""
+
   features: int = 512
 
   @nn.compact
@@ -28,6 +30,7 @@ class FaceFusion(nn.Module):
 
 class DVA(nn.Module):
   """Noise predictor eps(x_t, t, z_face(z_id, z_lnd))."""
+
   unet_config: UNetConfig
 
   def setup(self):

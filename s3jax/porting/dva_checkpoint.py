@@ -25,6 +25,7 @@ Round trip: ``import(export(ckpt))`` gives the params and EMA params bit for bit
 conversions are transposes only; everything stays float32). The optimizer state is not
 exported; import starts it fresh (``tx.init``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,405 +52,497 @@ ID_DIMS = {128: "dlib", 512: "official"}
 
 
 class DVACheckpointError(ValueError):
-    """A DVA checkpoint cannot be exported or imported; the message names the parameter."""
+  """A DVA checkpoint cannot be exported or imported; the message names the parameter."""
 
 
 # ------------------------------------------------------------------------------ params <-> sd
 def unet_config_of(model_config):
-    return make_dva(model_config).unet_config
+  return make_dva(model_config).unet_config
 
 
 def params_to_torch(params: Mapping[str, Any], model_config) -> dict[str, np.ndarray]:
-    """DVA Flax params ``{'encoder': {'linear'}, 'unet'}`` -> reference names (numpy, f32)."""
-    if set(params) != {"encoder", "unet"}:
-        raise DVACheckpointError(f"DVA params must hold 'encoder' and 'unet', got {sorted(params)}")
-    lin = params["encoder"]["linear"]
-    kernel = np.asarray(jax.device_get(lin["kernel"]), np.float32)
-    bias = np.asarray(jax.device_get(lin["bias"]), np.float32)
-    out = {LINEAR_W: np.ascontiguousarray(kernel.T), LINEAR_B: np.ascontiguousarray(bias)}
-    out.update(unet_params_to_torch(params["unet"], unet_config_of(model_config)))
-    return out
+  """DVA Flax params ``{'encoder': {'linear'}, 'unet'}`` -> reference names (numpy, f32)."""
+  if set(params) != {"encoder", "unet"}:
+    raise DVACheckpointError(f"DVA params must hold 'encoder' and 'unet', got {sorted(params)}")
+  lin = params["encoder"]["linear"]
+  kernel = np.asarray(jax.device_get(lin["kernel"]), np.float32)
+  bias = np.asarray(jax.device_get(lin["bias"]), np.float32)
+  out = {LINEAR_W: np.ascontiguousarray(kernel.T), LINEAR_B: np.ascontiguousarray(bias)}
+  out.update(unet_params_to_torch(params["unet"], unet_config_of(model_config)))
+  return out
 
 
 def _as_np(v) -> np.ndarray:
-    if hasattr(v, "detach"):
-        return v.detach().cpu().numpy()
-    return np.asarray(v)
+  if hasattr(v, "detach"):
+    return v.detach().cpu().numpy()
+  return np.asarray(v)
 
 
 def split_state_dict(sd: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-    """-> (encoder.linear keys, UNet keys, frozen encoder keys without 'encoder.')."""
-    linear, unet, frozen = {}, {}, {}
-    for k, v in sd.items():
-        if k.startswith(ENCODER_PREFIX):
-            rest = k[len(ENCODER_PREFIX):]
-            if rest.startswith("linear."):
-                linear[k] = v
-            elif rest.startswith(_FROZEN_NETS):
-                frozen[rest] = v
-            else:
-                raise DVACheckpointError(f"unexpected parameter {k!r} (the DVA encoder holds "
-                                         "linear, idnet, lndnet and bgnet only)")
-        else:
-            unet[k] = v
-    return linear, unet, frozen
+  """-> (encoder.linear keys, UNet keys, frozen encoder keys without 'encoder.')."""
+  linear, unet, frozen = {}, {}, {}
+  for k, v in sd.items():
+    if k.startswith(ENCODER_PREFIX):
+      rest = k[len(ENCODER_PREFIX) :]
+      if rest.startswith("linear."):
+        linear[k] = v
+      elif rest.startswith(_FROZEN_NETS):
+        frozen[rest] = v
+      else:
+        raise DVACheckpointError(
+            f"unexpected parameter {k!r} (the DVA encoder holds "
+            "linear, idnet, lndnet and bgnet only)"
+        )
+    else:
+      unet[k] = v
+  return linear, unet, frozen
 
 
 def infer_face_features(sd: Mapping[str, Any]) -> str:
-    """'dlib' or 'official' from the width of ``encoder.linear.weight``."""
-    if LINEAR_W not in sd:
-        raise DVACheckpointError(f"missing parameter {LINEAR_W!r} (the z_face fusion layer)")
-    shape = tuple(_as_np(sd[LINEAR_W]).shape)
-    if len(shape) != 2 or shape[1] - LND_DIM not in ID_DIMS:
-        raise DVACheckpointError(
-            f"parameter {LINEAR_W!r} has shape {shape}; expected (embed, 512+{LND_DIM}) for the "
-            f"official ArcFace features or (embed, 128+{LND_DIM}) for the dlib path")
-    return ID_DIMS[shape[1] - LND_DIM]
+  """'dlib' or 'official' from the width of ``encoder.linear.weight``."""
+  if LINEAR_W not in sd:
+    raise DVACheckpointError(f"missing parameter {LINEAR_W!r} (the z_face fusion layer)")
+  shape = tuple(_as_np(sd[LINEAR_W]).shape)
+  if len(shape) != 2 or shape[1] - LND_DIM not in ID_DIMS:
+    raise DVACheckpointError(
+        f"parameter {LINEAR_W!r} has shape {shape}; expected (embed, 512+{LND_DIM}) for the "
+        f"official ArcFace features or (embed, 128+{LND_DIM}) for the dlib path"
+    )
+  return ID_DIMS[shape[1] - LND_DIM]
 
 
 def params_from_torch(sd: Mapping[str, Any], model_config) -> dict:
-    """Reference-named DVA state dict (no frozen-encoder keys) -> Flax params (float32 numpy).
+  """Reference-named DVA state dict (no frozen-encoder keys) -> Flax params (float32 numpy).
 
-    Raises :class:`DVACheckpointError` / ``KeyMismatchError`` naming a missing, unexpected or
-    wrongly shaped parameter.
-    """
-    linear, unet, frozen = split_state_dict(sd)
-    if frozen:
-        raise DVACheckpointError("frozen-encoder keys (encoder.idnet/lndnet/bgnet.*) are not DVA "
-                                 "params; split them off with split_state_dict first")
-    for k in (LINEAR_W, LINEAR_B):
-        if k not in linear:
-            raise DVACheckpointError(f"missing parameter {k!r} (the z_face fusion layer)")
-    ucfg = unet_config_of(model_config)
-    from s3jax.models.autoencoder import id_dim
-    want_w = (ucfg.embed_channels, id_dim(model_config) + LND_DIM)
-    w = _as_np(linear[LINEAR_W]).astype(np.float32)
-    b = _as_np(linear[LINEAR_B]).astype(np.float32)
-    if tuple(w.shape) != want_w:
-        raise DVACheckpointError(
-            f"shape mismatch for {LINEAR_W}: state dict has {tuple(w.shape)}, the config "
-            f"(face_features={model_config.face_features!r}, embed_channels="
-            f"{ucfg.embed_channels}) expects {want_w}")
-    if tuple(b.shape) != (ucfg.embed_channels,):
-        raise DVACheckpointError(f"shape mismatch for {LINEAR_B}: state dict has "
-                                 f"{tuple(b.shape)}, the config expects ({ucfg.embed_channels},)")
-    unet_params = unet_params_from_torch({k: _as_np(v) for k, v in unet.items()}, ucfg)
-    return {"encoder": {"linear": {"kernel": np.ascontiguousarray(w.T), "bias": b}},
-            "unet": unet_params}
+  Raises :class:`DVACheckpointError` / ``KeyMismatchError`` naming a missing, unexpected or
+  wrongly shaped parameter.
+  """
+  linear, unet, frozen = split_state_dict(sd)
+  if frozen:
+    raise DVACheckpointError(
+        "frozen-encoder keys (encoder.idnet/lndnet/bgnet.*) are not DVA "
+        "params; split them off with split_state_dict first"
+    )
+  for k in (LINEAR_W, LINEAR_B):
+    if k not in linear:
+      raise DVACheckpointError(f"missing parameter {k!r} (the z_face fusion layer)")
+  ucfg = unet_config_of(model_config)
+  from s3jax.models.autoencoder import id_dim
+
+  want_w = (ucfg.embed_channels, id_dim(model_config) + LND_DIM)
+  w = _as_np(linear[LINEAR_W]).astype(np.float32)
+  b = _as_np(linear[LINEAR_B]).astype(np.float32)
+  if tuple(w.shape) != want_w:
+    raise DVACheckpointError(
+        f"shape mismatch for {LINEAR_W}: state dict has {tuple(w.shape)}, the config "
+        f"(face_features={model_config.face_features!r}, embed_channels="
+        f"{ucfg.embed_channels}) expects {want_w}"
+    )
+  if tuple(b.shape) != (ucfg.embed_channels,):
+    raise DVACheckpointError(
+        f"shape mismatch for {LINEAR_B}: state dict has "
+        f"{tuple(b.shape)}, the config expects ({ucfg.embed_channels},)"
+    )
+  unet_params = unet_params_from_torch({k: _as_np(v) for k, v in unet.items()}, ucfg)
+  return {
+      "encoder": {"linear": {"kernel": np.ascontiguousarray(w.T), "bias": b}},
+      "unet": unet_params,
+  }
 
 
 # ---------------------------------------------------------------------------- frozen encoders
 def frozen_encoders_dir(workdir) -> pathlib.Path:
-    return pathlib.Path(workdir).absolute() / FROZEN_ENCODERS_DIR
+  return pathlib.Path(workdir).absolute() / FROZEN_ENCODERS_DIR
 
 
 def save_frozen_encoders(workdir, variables: Mapping) -> pathlib.Path:
-    """Stores OfficialEncoders variables (``{'params', 'batch_stats'}``) in ``workdir``."""
-    import orbax.checkpoint as ocp
-    path = frozen_encoders_dir(workdir)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, jax.tree.map(np.asarray, dict(variables)), force=True)
-    ckptr.wait_until_finished()
-    return path
+  """Stores OfficialEncoders variables (``{'params', 'batch_stats'}``) in ``workdir``."""
+  import orbax.checkpoint as ocp
+
+  path = frozen_encoders_dir(workdir)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, jax.tree.map(np.asarray, dict(variables)), force=True)
+  ckptr.wait_until_finished()
+  return path
 
 
 def load_frozen_encoders(workdir) -> Optional[dict]:
-    """The frozen-encoder variables of ``workdir`` for the ``official`` path, or None."""
-    path = frozen_encoders_dir(workdir)
-    if not path.exists():
-        return None
-    import orbax.checkpoint as ocp
-    from s3jax.models.face_encoders import init_variables
-    abstract = init_variables()
-    restored = ocp.StandardCheckpointer().restore(path, abstract)
-    return jax.tree.map(np.asarray, restored)
+  """The frozen-encoder variables of ``workdir`` for the ``official`` path, or None."""
+  path = frozen_encoders_dir(workdir)
+  if not path.exists():
+    return None
+  import orbax.checkpoint as ocp
+  from s3jax.models.face_encoders import init_variables
+
+  abstract = init_variables()
+  restored = ocp.StandardCheckpointer().restore(path, abstract)
+  return jax.tree.map(np.asarray, restored)
 
 
 # ----------------------------------------------------------------------------------- export
 @dataclasses.dataclass
 class ExportResult:
-    path: pathlib.Path
-    step: int
-    num_keys: int
-    lightning: bool
-    ema: bool
-    face_features: str
-    frozen_encoders: bool
+  path: pathlib.Path
+  step: int
+  num_keys: int
+  lightning: bool
+  ema: bool
+  face_features: str
+  frozen_encoders: bool
 
 
 def checkpoint_state_dicts(checkpoint_dir, step: Optional[int] = None):
-    """(config, step, params sd, EMA sd, frozen-encoder sd) of a workdir, reference names."""
-    from s3jax.training.dva import restore_dva_state
-    _, state, config, step = restore_dva_state(checkpoint_dir, step)
-    params_sd = params_to_torch(state.params, config.model)
-    ema_sd = params_to_torch(state.ema_params, config.model)
-    frozen = load_frozen_encoders(checkpoint_dir)
-    frozen_sd = {}
-    if frozen is not None:
-        from s3jax.porting.encoder_keys import encoders_params_to_torch
-        frozen_sd = encoders_params_to_torch(frozen, prefix=ENCODER_PREFIX)
-    return config, int(step), params_sd, ema_sd, frozen_sd
+  """(config, step, params sd, EMA sd, frozen-encoder sd) of a workdir, reference names."""
+  from s3jax.training.dva import restore_dva_state
+
+  _, state, config, step = restore_dva_state(checkpoint_dir, step)
+  params_sd = params_to_torch(state.params, config.model)
+  ema_sd = params_to_torch(state.ema_params, config.model)
+  frozen = load_frozen_encoders(checkpoint_dir)
+  frozen_sd = {}
+  if frozen is not None:
+    from s3jax.porting.encoder_keys import encoders_params_to_torch
+
+    frozen_sd = encoders_params_to_torch(frozen, prefix=ENCODER_PREFIX)
+  return config, int(step), params_sd, ema_sd, frozen_sd
 
 
-def export_checkpoint(checkpoint_dir, out, *, ema: bool = False, lightning: bool = False,
-                      step: Optional[int] = None) -> ExportResult:
-    """Writes the workdir's DVA as a reference-named ``.pt``/``.pth``/``.ckpt``/``.safetensors``."""
-    out = pathlib.Path(out)
-    config, step, params_sd, ema_sd, frozen_sd = checkpoint_state_dicts(checkpoint_dir, step)
-    suffix = out.suffix.lower()
-    if lightning:
-        sd = {}
-        for prefix, part in (("model.", params_sd), ("ema_model.", ema_sd)):
-            sd.update({prefix + k: v for k, v in part.items()})
-            sd.update({prefix + k: v for k, v in frozen_sd.items()})
-        _save(sd, out, lightning_step=step)
-    else:
-        sd = dict(ema_sd if ema else params_sd)
-        sd.update(frozen_sd)
-        if suffix in sdlib.CKPT_SUFFIXES:
-            raise DVACheckpointError(f"{out}: a .ckpt file is a Lightning checkpoint; pass "
-                                     "--lightning or write .pt/.safetensors")
-        _save(sd, out)
-    return ExportResult(path=out, step=step, num_keys=len(sd), lightning=lightning, ema=ema,
-                        face_features=config.model.face_features,
-                        frozen_encoders=bool(frozen_sd))
+def export_checkpoint(
+    checkpoint_dir, out, *, ema: bool = False, lightning: bool = False, step: Optional[int] = None
+) -> ExportResult:
+  """Writes the workdir's DVA as a reference-named ``.pt``/``.pth``/``.ckpt``/``.safetensors``."""
+  out = pathlib.Path(out)
+  config, step, params_sd, ema_sd, frozen_sd = checkpoint_state_dicts(checkpoint_dir, step)
+  suffix = out.suffix.lower()
+  if lightning:
+    sd = {}
+    for prefix, part in (("model.", params_sd), ("ema_model.", ema_sd)):
+      sd.update({prefix + k: v for k, v in part.items()})
+      sd.update({prefix + k: v for k, v in frozen_sd.items()})
+    _save(sd, out, lightning_step=step)
+  else:
+    sd = dict(ema_sd if ema else params_sd)
+    sd.update(frozen_sd)
+    if suffix in sdlib.CKPT_SUFFIXES:
+      raise DVACheckpointError(
+          f"{out}: a .ckpt file is a Lightning checkpoint; pass "
+          "--lightning or write .pt/.safetensors"
+      )
+    _save(sd, out)
+  return ExportResult(
+      path=out,
+      step=step,
+      num_keys=len(sd),
+      lightning=lightning,
+      ema=ema,
+      face_features=config.model.face_features,
+      frozen_encoders=bool(frozen_sd),
+  )
 
 
 def _save(sd: Mapping[str, np.ndarray], out: pathlib.Path, lightning_step: Optional[int] = None):
-    """Atomic write of a torch (.pt/.pth/.ckpt) or .safetensors file; shapes kept exactly
-    (0-d buffers such as ``num_batches_tracked`` stay 0-d)."""
-    import os
-    suffix = out.suffix.lower()
-    arrays = {k: np.array(_as_np(v), order="C", copy=True) for k, v in sd.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if suffix in sdlib.PT_SUFFIXES + sdlib.CKPT_SUFFIXES:
-        import torch
-        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        obj = tensors if lightning_step is None else {
-            "state_dict": tensors, "global_step": int(lightning_step), "epoch": 0}
-        torch.save(obj, str(tmp))
-    elif suffix in sdlib.SAFETENSORS_SUFFIXES:
-        from safetensors.numpy import save_file
-        meta = None if lightning_step is None else {"global_step": str(int(lightning_step))}
-        save_file(arrays, str(tmp), metadata=meta)
-    else:
-        raise DVACheckpointError(f"cannot write {out}: use .pt, .pth, .ckpt or .safetensors")
-    os.replace(tmp, out)
+  """Atomic write of a torch (.pt/.pth/.ckpt) or .safetensors file; shapes kept exactly
+  (0-d buffers such as ``num_batches_tracked`` stay 0-d)."""
+  import os
+
+  suffix = out.suffix.lower()
+  arrays = {k: np.array(_as_np(v), order="C", copy=True) for k, v in sd.items()}
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(out.name + ".tmp")
+  if suffix in sdlib.PT_SUFFIXES + sdlib.CKPT_SUFFIXES:
+    import torch
+
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    obj = (
+        tensors
+        if lightning_step is None
+        else {"state_dict": tensors, "global_step": int(lightning_step), "epoch": 0}
+    )
+    torch.save(obj, str(tmp))
+  elif suffix in sdlib.SAFETENSORS_SUFFIXES:
+    from safetensors.numpy import save_file
+
+    meta = None if lightning_step is None else {"global_step": str(int(lightning_step))}
+    save_file(arrays, str(tmp), metadata=meta)
+  else:
+    raise DVACheckpointError(f"cannot write {out}: use .pt, .pth, .ckpt or .safetensors")
+  os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------------- import
 def load_config_file(spec: str):
-    """``'configs/voxceleb.py[:arg]'`` -> ``get_config(arg)`` (an ml_collections ConfigDict).
+  """``'configs/voxceleb.py[:arg]'`` -> ``get_config(arg)`` (an ml_collections ConfigDict).
 
-    A ``config.json`` (e.g. another workdir's) is read as is.
-    """
-    import ml_collections
-    path, _, arg = str(spec).partition(":")
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    if p.suffix.lower() == ".json":
-        return ml_collections.ConfigDict(json.loads(p.read_text()))
-    mod_spec = importlib.util.spec_from_file_location(f"_s3jax_cfg_{p.stem}", p)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+  A ``config.json`` (e.g. another workdir's) is read as is.
+  """
+  import ml_collections
+
+  path, _, arg = str(spec).partition(":")
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"config file not found: {p}")
+  if p.suffix.lower() == ".json":
+    return ml_collections.ConfigDict(json.loads(p.read_text()))
+  mod_spec = importlib.util.spec_from_file_location(f"_s3jax_cfg_{p.stem}", p)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def _read_sets(src, which: Optional[str]):
-    """-> (params sd, EMA sd) from ``src``; a bare file fills both with its one set."""
-    if which is not None:
-        sd = sdlib.load_state_dict(src, which=which)
-        return sd, sd
-    sets = {}
-    for w in ("model", "ema"):
-        try:
-            sets[w] = sdlib.load_state_dict(src, which=w)
-        except sdlib.StateDictError as e:
-            if "no '" not in str(e):
-                raise
-    if not sets:
-        raise DVACheckpointError(f"{src}: neither model.* nor ema_model.* keys")
-    model_sd = sets.get("model", sets.get("ema"))
-    ema_sd = sets.get("ema", model_sd)
-    return model_sd, ema_sd
+  """-> (params sd, EMA sd) from ``src``; a bare file fills both with its one set."""
+  if which is not None:
+    sd = sdlib.load_state_dict(src, which=which)
+    return sd, sd
+  sets = {}
+  for w in ("model", "ema"):
+    try:
+      sets[w] = sdlib.load_state_dict(src, which=w)
+    except sdlib.StateDictError as e:
+      if "no '" not in str(e):
+        raise
+  if not sets:
+    raise DVACheckpointError(f"{src}: neither model.* nor ema_model.* keys")
+  model_sd = sets.get("model", sets.get("ema"))
+  ema_sd = sets.get("ema", model_sd)
+  return model_sd, ema_sd
 
 
 @dataclasses.dataclass
 class ImportResult:
-    workdir: pathlib.Path
-    step: int
-    face_features: str
-    lightning_sets: bool
-    frozen_encoders: Optional[pathlib.Path]
-    num_params: int
+  workdir: pathlib.Path
+  step: int
+  face_features: str
+  lightning_sets: bool
+  frozen_encoders: Optional[pathlib.Path]
+  num_params: int
 
 
-def import_checkpoint(src, workdir, config, *, which: Optional[str] = None, step: int = 0,
-                      overwrite: bool = False) -> ImportResult:
-    """Reads a reference-named DVA file into an orbax checkpoint under ``workdir``.
+def import_checkpoint(
+    src, workdir, config, *, which: Optional[str] = None, step: int = 0, overwrite: bool = False
+) -> ImportResult:
+  """Reads a reference-named DVA file into an orbax checkpoint under ``workdir``.
 
-    ``which=None``: from a Lightning file ``model.*`` become the params and ``ema_model.*`` the
-    EMA params; ``which='ema'|'model'`` puts that one set in both. A bare file fills both.
-    ``config.model.face_features`` is set from the width of ``encoder.linear.weight``.
-    Frozen-encoder keys go to ``workdir/frozen_encoders`` (OfficialEncoders variables).
-    """
-    from s3jax import optim
-    from s3jax.checkpointing import Checkpointer, check_tree_matches, write_config
-    from s3jax.training.dva import init_train_state
-    from s3jax.training.state import TrainState
-    import functools
+  ``which=None``: from a Lightning file ``model.*`` become the params and ``ema_model.*`` the
+  EMA params; ``which='ema'|'model'`` puts that one set in both. A bare file fills both.
+  ``config.model.face_features`` is set from the width of ``encoder.linear.weight``.
+  Frozen-encoder keys go to ``workdir/frozen_encoders`` (OfficialEncoders variables).
+  """
+  from s3jax import optim
+  from s3jax.checkpointing import Checkpointer, check_tree_matches, write_config
+  from s3jax.training.dva import init_train_state
+  from s3jax.training.state import TrainState
+  import functools
 
-    workdir = pathlib.Path(workdir)
-    ckpt_dir = workdir / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; import into a new workdir")
-    model_sd, ema_sd = _read_sets(src, which)
-    lightning_sets = model_sd is not ema_sd
-    features = infer_face_features(model_sd)
-    config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
-    with config.unlocked() if hasattr(config, "unlocked") else _null():
-        if config.model.face_features != features:
-            logging.warning("config.model.face_features=%r but %s is %s-wide: using %r",
-                            config.model.face_features, LINEAR_W,
-                            _as_np(model_sd[LINEAR_W]).shape[1], features)
-            config.model.face_features = features
+  workdir = pathlib.Path(workdir)
+  ckpt_dir = workdir / "checkpoints"
+  if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f"{ckpt_dir} already holds checkpoints; import into a new workdir")
+  model_sd, ema_sd = _read_sets(src, which)
+  lightning_sets = model_sd is not ema_sd
+  features = infer_face_features(model_sd)
+  config = (
+      config.copy_and_resolve_references()
+      if hasattr(config, "copy_and_resolve_references")
+      else config
+  )
+  with config.unlocked() if hasattr(config, "unlocked") else _null():
+    if config.model.face_features != features:
+      logging.warning(
+          "config.model.face_features=%r but %s is %s-wide: using %r",
+          config.model.face_features,
+          LINEAR_W,
+          _as_np(model_sd[LINEAR_W]).shape[1],
+          features,
+      )
+      config.model.face_features = features
 
-    def convert(sd):
-        lin, unet, frozen = split_state_dict(sd)
-        return params_from_torch({**lin, **unet}, config.model), frozen
+  def convert(sd):
+    lin, unet, frozen = split_state_dict(sd)
+    return params_from_torch({**lin, **unet}, config.model), frozen
 
-    params, frozen = convert(model_sd)
-    ema_params, _ = convert(ema_sd) if lightning_sets else (params, None)
+  params, frozen = convert(model_sd)
+  ema_params, _ = convert(ema_sd) if lightning_sets else (params, None)
 
-    model = make_dva(config.model)
-    tx = optim.make_optimizer(config.optim)
-    abstract = jax.eval_shape(functools.partial(init_train_state, model, tx, config),
-                              jax.random.key(0))
-    check_tree_matches(abstract.params, params, what=f"{src} (params)")
-    state = TrainState(step=jnp.asarray(step, jnp.int32),
-                       params=jax.tree.map(jnp.asarray, params),
-                       ema_params=jax.tree.map(jnp.asarray, ema_params),
-                       opt_state=tx.init(jax.tree.map(jnp.asarray, params)))
-    check_tree_matches(abstract, state, what=f"{src} (train state)")
+  model = make_dva(config.model)
+  tx = optim.make_optimizer(config.optim)
+  abstract = jax.eval_shape(
+      functools.partial(init_train_state, model, tx, config), jax.random.key(0)
+  )
+  check_tree_matches(abstract.params, params, what=f"{src} (params)")
+  state = TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      params=jax.tree.map(jnp.asarray, params),
+      ema_params=jax.tree.map(jnp.asarray, ema_params),
+      opt_state=tx.init(jax.tree.map(jnp.asarray, params)),
+  )
+  check_tree_matches(abstract, state, what=f"{src} (train state)")
 
-    frozen_path = None
-    if frozen:
-        from s3jax.porting.encoder_keys import encoders_params_from_torch
-        variables = encoders_params_from_torch(frozen)
-        frozen_path = save_frozen_encoders(workdir, variables)
-    write_config(workdir, config)
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        ckpt.save(int(step), state, force=True)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return ImportResult(workdir=workdir, step=int(step), face_features=features,
-                        lightning_sets=lightning_sets, frozen_encoders=frozen_path, num_params=n)
+  frozen_path = None
+  if frozen:
+    from s3jax.porting.encoder_keys import encoders_params_from_torch
+
+    variables = encoders_params_from_torch(frozen)
+    frozen_path = save_frozen_encoders(workdir, variables)
+  write_config(workdir, config)
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    ckpt.save(int(step), state, force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return ImportResult(
+      workdir=workdir,
+      step=int(step),
+      face_features=features,
+      lightning_sets=lightning_sets,
+      frozen_encoders=frozen_path,
+      num_params=n,
+  )
 
 
 class _null:
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *a):
-        return False
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
 
 
 # ------------------------------------------------------------------------------- torch twin
 def torch_dva_from_state_dict(sd: Mapping[str, Any], model_config):
-    """A PyTorch DVA twin (eval mode) loaded strictly from reference-named keys.
+  """A PyTorch DVA twin (eval mode) loaded strictly from reference-named keys.
 
-    ``forward(x NCHW, t, z_id, z_lnd)`` computes ``z_face = encoder.linear(cat(z_id, z_lnd))``
-    and the UNet's eps. Frozen-encoder keys, if any, are ignored.
-    """
-    import torch
-    from torch import nn
-    from s3jax.torch_twin.unet import TorchUNet
+  ``forward(x NCHW, t, z_id, z_lnd)`` computes ``z_face = encoder.linear(cat(z_id, z_lnd))``
+  and the UNet's eps. Frozen-encoder keys, if any, are ignored.
+  """
+  import torch
+  from torch import nn
+  from s3jax.torch_twin.unet import TorchUNet
 
-    ucfg = unet_config_of(model_config)
-    linear, unet, _ = split_state_dict(sd)
+  ucfg = unet_config_of(model_config)
+  linear, unet, _ = split_state_dict(sd)
 
-    class _Encoder(nn.Module):
-        def __init__(self, cin, cout):
-            super().__init__()
-            self.linear = nn.Linear(cin, cout)
+  class _Encoder(nn.Module):
 
-    class TorchDVA(TorchUNet):
-        def __init__(self):
-            super().__init__(dataclasses.asdict(ucfg))
-            w = _as_np(linear[LINEAR_W])
-            self.encoder = _Encoder(w.shape[1], w.shape[0])
-            self.eval()
+    def __init__(self, cin, cout):
+      super().__init__()
+      self.linear = nn.Linear(cin, cout)
 
-        def z_face(self, z_id, z_lnd):
-            return self.encoder.linear(torch.cat([z_id, z_lnd], dim=1))
+  class TorchDVA(TorchUNet):
 
-        def forward(self, x, t, z_id, z_lnd):  # pylint: disable=arguments-differ
-            return super().forward(x, t, self.z_face(z_id, z_lnd))
+    def __init__(self):
+      super().__init__(dataclasses.asdict(ucfg))
+      w = _as_np(linear[LINEAR_W])
+      self.encoder = _Encoder(w.shape[1], w.shape[0])
+      self.eval()
 
-    model = TorchDVA()
-    tensors = {k: torch.as_tensor(np.ascontiguousarray(_as_np(v))) for k, v in
-               {**linear, **unet}.items()}
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+    def z_face(self, z_id, z_lnd):
+      return self.encoder.linear(torch.cat([z_id, z_lnd], dim=1))
+
+    def forward(self, x, t, z_id, z_lnd):  # pylint: disable=arguments-differ
+      return super().forward(x, t, self.z_face(z_id, z_lnd))
+
+  model = TorchDVA()
+  tensors = {
+      k: torch.as_tensor(np.ascontiguousarray(_as_np(v))) for k, v in {**linear, **unet}.items()
+  }
+  model.load_state_dict(tensors, strict=True)
+  return model.eval()
 
 
 __all__ = [
-    "DVACheckpointError", "KeyMismatchError", "params_to_torch", "params_from_torch",
-    "split_state_dict", "infer_face_features", "export_checkpoint", "import_checkpoint",
-    "checkpoint_state_dicts", "save_frozen_encoders", "load_frozen_encoders",
-    "frozen_encoders_dir", "torch_dva_from_state_dict", "load_config_file",
-    "ExportResult", "ImportResult",
+    "DVACheckpointError",
+    "KeyMismatchError",
+    "params_to_torch",
+    "params_from_torch",
+    "split_state_dict",
+    "infer_face_features",
+    "export_checkpoint",
+    "import_checkpoint",
+    "checkpoint_state_dicts",
+    "save_frozen_encoders",
+    "load_frozen_encoders",
+    "frozen_encoders_dir",
+    "torch_dva_from_state_dict",
+    "load_config_file",
+    "ExportResult",
+    "ImportResult",
 ]
 
 
 # ------------------------------------------------------------------------------------- CLI
 # The arguments are defined in s3jax/convert.py (export / import subcommands).
-_CLI_ERRORS = (DVACheckpointError, KeyMismatchError, sdlib.StateDictError, FileNotFoundError,
-               FileExistsError)
+_CLI_ERRORS = (
+    DVACheckpointError,
+    KeyMismatchError,
+    sdlib.StateDictError,
+    FileNotFoundError,
+    FileExistsError,
+)
 
 
 def _cli_error(e: BaseException) -> int:
-    import sys
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    return 2
+  import sys
+
+  print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+  return 2
 
 
 def run_export(args) -> int:
-    from s3jax.checkpointing import CheckpointShapeError
-    try:
-        res = export_checkpoint(args.checkpoint, args.out, ema=args.ema, lightning=args.lightning,
-                                step=args.step)
-    except _CLI_ERRORS + (CheckpointShapeError,) as e:
-        return _cli_error(e)
-    print(json.dumps({"wrote": str(res.path), "step": res.step, "keys": res.num_keys,
-                      "lightning": res.lightning,
-                      "weights": "model+ema" if res.lightning else ("ema" if res.ema else "model"),
-                      "face_features": res.face_features,
-                      "frozen_encoders": res.frozen_encoders}))
-    if res.face_features != "official":
-        print(f"note: this DVA uses the {res.face_features} features, so encoder.linear is "
-              f"(512, {128 + LND_DIM}); the published code expects (512, {512 + LND_DIM}) and "
-              "its own face encoders", flush=True)
-    return 0
+  from s3jax.checkpointing import CheckpointShapeError
+
+  try:
+    res = export_checkpoint(
+        args.checkpoint, args.out, ema=args.ema, lightning=args.lightning, step=args.step
+    )
+  except _CLI_ERRORS + (CheckpointShapeError,) as e:
+    return _cli_error(e)
+  print(
+      json.dumps(
+          {
+              "wrote": str(res.path),
+              "step": res.step,
+              "keys": res.num_keys,
+              "lightning": res.lightning,
+              "weights": "model+ema" if res.lightning else ("ema" if res.ema else "model"),
+              "face_features": res.face_features,
+              "frozen_encoders": res.frozen_encoders,
+          }
+      )
+  )
+  if res.face_features != "official":
+    print(
+        f"note: this DVA uses the {res.face_features} features, so encoder.linear is "
+        f"(512, {128 + LND_DIM}); the published code expects (512, {512 + LND_DIM}) and "
+        "its own face encoders",
+        flush=True,
+    )
+  return 0
 
 
 def run_import(args) -> int:
-    from s3jax.checkpointing import CheckpointShapeError
-    try:
-        config = load_config_file(args.config)
-        res = import_checkpoint(args.src, args.workdir, config, which=args.which,
-                                step=args.step, overwrite=args.overwrite)
-    except _CLI_ERRORS + (CheckpointShapeError, ValueError) as e:
-        return _cli_error(e)
-    print(json.dumps({"workdir": str(res.workdir), "step": res.step,
-                      "face_features": res.face_features,
-                      "params_and_ema_from_separate_sets": res.lightning_sets,
-                      "num_params": res.num_params,
-                      "frozen_encoders": str(res.frozen_encoders) if res.frozen_encoders
-                      else None}))
-    return 0
+  from s3jax.checkpointing import CheckpointShapeError
+
+  try:
+    config = load_config_file(args.config)
+    res = import_checkpoint(
+        args.src, args.workdir, config, which=args.which, step=args.step, overwrite=args.overwrite
+    )
+  except _CLI_ERRORS + (CheckpointShapeError, ValueError) as e:
+    return _cli_error(e)
+  print(
+      json.dumps(
+          {
+              "workdir": str(res.workdir),
+              "step": res.step,
+              "face_features": res.face_features,
+              "params_and_ema_from_separate_sets": res.lightning_sets,
+              "num_params": res.num_params,
+              "frozen_encoders": str(res.frozen_encoders) if res.frozen_encoders else None,
+          }
+      )
+  )
+  return 0

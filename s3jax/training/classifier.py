@@ -20,6 +20,7 @@ Labels: ``data.labels='attributes'`` uses the records' 40 CelebA-HQ labels
 ({-1, 1}); ``'measured'`` computes ``MEASURED_ATTRIBUTES`` from each aligned
 frame (see ``configs/celebahq_classifier.py`` for what they are).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,7 +70,8 @@ def measure_properties(image: np.ndarray, mask: np.ndarray, landmarks: np.ndarra
   xs = np.arange(img.shape[1])[None, :].repeat(img.shape[0], 0)
   left, right = m & (xs < split), m & (xs >= split)
   lit_left = (luma[left].mean() if left.any() else bright) - (
-      luma[right].mean() if right.any() else bright)
+      luma[right].mean() if right.any() else bright
+  )
   eye_l, eye_r = lm[36:42].mean(0), lm[42:48].mean(0)
   iod = max(np.linalg.norm(eye_r - eye_l), 1e-6)
   mouth = np.linalg.norm(lm[54] - lm[48]) / iod
@@ -104,14 +106,15 @@ def otsu_threshold(values) -> float:
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class FeatureSet:
-  z: np.ndarray            # (N, D) float32 z_id
-  y: np.ndarray            # (N, A) float32 in {0, 1}
-  raw: np.ndarray | None   # (N, P) measured properties (measured labels only)
+  z: np.ndarray  # (N, D) float32 z_id
+  y: np.ndarray  # (N, A) float32 in {0, 1}
+  raw: np.ndarray | None  # (N, P) measured properties (measured labels only)
 
 
 def read_split(data_dir, split: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
   """(z_id (N, D), labels) of a split: records' attributes ({-1,1}) or measured properties."""
   from s3jax.input_pipeline import decode_image  # pylint: disable=g-import-not-at-top
+
   src = input_pipeline.open_split(data_dir, split)
   zs, ys = [], []
   for i in range(len(src)):
@@ -119,12 +122,17 @@ def read_split(data_dir, split: str, labels: str) -> tuple[np.ndarray, np.ndarra
     zs.append(np.asarray(rec["z_id"], np.float32))
     if labels == "attributes":
       if "attributes" not in rec:
-        raise ValueError(f"{src.version_dir} ({split}) has no 'attributes' in its records; "
-                         "use data.labels='measured' or a data_prep.celebahq dataset")
+        raise ValueError(
+            f"{src.version_dir} ({split}) has no 'attributes' in its records; "
+            "use data.labels='measured' or a data_prep.celebahq dataset"
+        )
       ys.append(np.asarray(rec["attributes"], np.float64))
     elif labels == "measured":
-      ys.append(measure_properties(decode_image(rec["image"], 3), decode_image(rec["mask"], 1),
-                                   rec["landmarks"]))
+      ys.append(
+          measure_properties(
+              decode_image(rec["image"], 3), decode_image(rec["mask"], 1), rec["landmarks"]
+          )
+      )
     else:
       raise ValueError(f"data.labels must be 'attributes' or 'measured', got {labels!r}")
   if not zs:
@@ -140,6 +148,7 @@ def auc_score(scores, labels) -> float:
   if npos == 0 or nneg == 0:
     return float("nan")
   from scipy.stats import rankdata  # pylint: disable=g-import-not-at-top
+
   r = rankdata(s)
   return float((r[y].sum() - npos * (npos + 1) / 2.0) / (npos * nneg))
 
@@ -149,10 +158,14 @@ def save_classifier_npz(path, names, weight, bias, mean, std, auc) -> None:
   names = np.asarray([str(n) for n in names])
   weight = np.asarray(weight, np.float32)
   d, a = weight.shape
-  arrays = dict(names=names, weight=weight, bias=np.asarray(bias, np.float32).reshape(a),
-                mean=np.asarray(mean, np.float32).reshape(d),
-                std=np.asarray(std, np.float32).reshape(d),
-                auc=np.asarray(auc, np.float32).reshape(a))
+  arrays = dict(
+      names=names,
+      weight=weight,
+      bias=np.asarray(bias, np.float32).reshape(a),
+      mean=np.asarray(mean, np.float32).reshape(d),
+      std=np.asarray(std, np.float32).reshape(d),
+      auc=np.asarray(auc, np.float32).reshape(a),
+  )
   if len(names) != a:
     raise ValueError(f"{len(names)} names for {a} weight columns")
   path = pathlib.Path(path)
@@ -193,7 +206,8 @@ class ClassifierTask:
     self.num_attributes = len(self.names)
     self.tx = optax.chain(
         optax.add_decayed_weights(float(config.optim.get("weight_decay", 0.0))),
-        optax.adam(float(config.optim.lr)))
+        optax.adam(float(config.optim.lr)),
+    )
     self.rng = jax.random.key(int(config.seed))
 
     self.abstract_state = jax.eval_shape(self._init)
@@ -201,12 +215,17 @@ class ClassifierTask:
     self.state_sharding = jax.tree.map(lambda _: repl, self.abstract_state)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        self.abstract_state, self.state_sharding)
+        self.abstract_state,
+        self.state_sharding,
+    )
     self.init_state = jax.jit(self._init, out_shardings=self.state_sharding)
     batch_sharding = state_lib.batch_sharding(mesh)
     self.train_step = jax.jit(
-        self._train_step, in_shardings=(self.state_sharding, batch_sharding),
-        out_shardings=(self.state_sharding, repl), donate_argnums=0)
+        self._train_step,
+        in_shardings=(self.state_sharding, batch_sharding),
+        out_shardings=(self.state_sharding, repl),
+        donate_argnums=0,
+    )
     self.data_iterator = self._make_iterator()
 
   # -- data ------------------------------------------------------------------
@@ -218,6 +237,7 @@ class ClassifierTask:
     if dva_workdir:
       from s3jax.checkpointing import read_config  # pylint: disable=g-import-not-at-top
       from s3jax.models.autoencoder import id_dim  # pylint: disable=g-import-not-at-top
+
       dva_cfg = read_config(dva_workdir)
       if not data_dir:
         data_dir = dva_cfg.data.data_dir
@@ -230,14 +250,17 @@ class ClassifierTask:
     splits = input_pipeline.available_splits(data_dir)
     test_split = cfg.data.test_split
     if test_split not in splits:
-      logging.warning("no %r split in %s; evaluating on %r", test_split, data_dir,
-                      cfg.data.train_split)
+      logging.warning(
+          "no %r split in %s; evaluating on %r", test_split, data_dir, cfg.data.train_split
+      )
       test_split = cfg.data.train_split
     z_tr, v_tr = read_split(data_dir, cfg.data.train_split, labels)
     z_te, v_te = read_split(data_dir, test_split, labels)
     if expected_dim is not None and z_tr.shape[1] != expected_dim:
-      raise ValueError(f"{data_dir} holds z_id of width {z_tr.shape[1]} but the DVA in "
-                       f"{dva_workdir} uses {expected_dim} ({self.meta['face_features']})")
+      raise ValueError(
+          f"{data_dir} holds z_id of width {z_tr.shape[1]} but the DVA in "
+          f"{dva_workdir} uses {expected_dim} ({self.meta['face_features']})"
+      )
     if labels == "measured":
       names = list(MEASURED_ATTRIBUTES)
       thr = np.array([otsu_threshold(v_tr[:, k]) for k in range(v_tr.shape[1])])
@@ -269,10 +292,16 @@ class ClassifierTask:
 
   # -- model -----------------------------------------------------------------
   def _init(self):
-    params = {"weight": jnp.zeros((self.dim, self.num_attributes), jnp.float32),
-              "bias": jnp.zeros((self.num_attributes,), jnp.float32)}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=self.tx.init(params))
+    params = {
+        "weight": jnp.zeros((self.dim, self.num_attributes), jnp.float32),
+        "bias": jnp.zeros((self.num_attributes,), jnp.float32),
+    }
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=self.tx.init(params),
+    )
 
   def logits(self, params, z):
     zn = (z - jnp.asarray(self.mean)) / jnp.asarray(self.std)
@@ -292,8 +321,10 @@ class ClassifierTask:
     ema = state_lib.ema_update(state.ema_params, params, decay) if decay > 0 else params
     finite = state_lib.all_finite(grads) & jnp.isfinite(loss)
     new = state_lib.keep_if_finite(
-        finite, TrainState(step=state.step + 1, params=params, ema_params=ema,
-                           opt_state=opt_state), state)
+        finite,
+        TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state),
+        state,
+    )
     return new, {"loss": loss, "accuracy": acc, "finite": finite.astype(jnp.float32)}
 
   # -- evaluation and export -------------------------------------------------
@@ -321,9 +352,15 @@ class ClassifierTask:
     """Writes classifier.npz and classifier.json; returns the json content."""
     per = self.evaluate(params)
     auc = np.array([per[n]["auc"] for n in self.names], np.float32)
-    save_classifier_npz(self.workdir / "classifier.npz", self.names,
-                        jax.device_get(params["weight"]), jax.device_get(params["bias"]),
-                        self.mean, self.std, auc)
+    save_classifier_npz(
+        self.workdir / "classifier.npz",
+        self.names,
+        jax.device_get(params["weight"]),
+        jax.device_get(params["bias"]),
+        self.mean,
+        self.std,
+        auc,
+    )
     finite = auc[np.isfinite(auc)]
     summary = {
         "step": int(step),
@@ -332,8 +369,13 @@ class ClassifierTask:
         "num_train": int(len(self.train_set.z)),
         "num_test": int(len(self.test_set.z)),
         "mean_auc": float(finite.mean()) if len(finite) else None,
-        "attributes": {n: {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                           for k, v in d.items()} for n, d in per.items()},
+        "attributes": {
+            n: {
+                k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                for k, v in d.items()
+            }
+            for n, d in per.items()
+        },
         **self.meta,
     }
     (self.workdir / "classifier.json").write_text(json.dumps(summary, indent=2))
@@ -343,10 +385,15 @@ class ClassifierTask:
     params = state.ema_params
     summary = self.export(params, step) if jax.process_index() == 0 else None
     if summary is not None:
-      scalars = {f"auc/{n}": d["auc"] for n, d in summary["attributes"].items()
-                 if d["auc"] is not None}
+      scalars = {
+          f"auc/{n}": d["auc"] for n, d in summary["attributes"].items() if d["auc"] is not None
+      }
       if summary["mean_auc"] is not None:
         scalars["auc/mean"] = summary["mean_auc"]
       writer.write_scalars(step, scalars)
-      logging.info("classifier step %d: mean test AUC %s; wrote %s", step, summary["mean_auc"],
-                   self.workdir / "classifier.npz")
+      logging.info(
+          "classifier step %d: mean test AUC %s; wrote %s",
+          step,
+          summary["mean_auc"],
+          self.workdir / "classifier.npz",
+      )

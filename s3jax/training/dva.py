@@ -1,4 +1,5 @@
 """The DVA trainer task: init, the pure train step, and the sample grids."""
+
 import functools
 import logging
 import pathlib
@@ -24,14 +25,20 @@ def flatten_frames(batch):
 def init_train_state(model, tx, config, rng) -> TrainState:
   """Fresh params (EMA starts equal to them) and optimizer state."""
   size = config.model.unet.image_size
-  dummy = (jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
-           jnp.zeros((1, id_dim(config.model))), jnp.zeros((1, LND_DIM)))
+  dummy = (
+      jnp.zeros((1, size, size, 3)),
+      jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1, id_dim(config.model))),
+      jnp.zeros((1, LND_DIM)),
+  )
   params = model.init({"params": rng}, *dummy)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+  )
 
 
 class DVATask:
+
   def __init__(self, config, mesh, workdir, data_iterator=None):
     self.config = config
     self.workdir = pathlib.Path(workdir)
@@ -41,15 +48,20 @@ class DVATask:
     self.rng = jax.random.key(config.seed)
 
     self.abstract_state, self.state_sharding, self.init_state = state_lib.sharded_init(
-        self._init, self.rng, mesh)
+        self._init, self.rng, mesh
+    )
     self._batch_sharding = state_lib.batch_sharding(mesh)
     self.train_step = jax.jit(
         self._train_step,
         in_shardings=(self.state_sharding, self._batch_sharding),
         out_shardings=(self.state_sharding, state_lib.replicated(mesh)),
-        donate_argnums=0)
-    self.data_iterator = data_iterator if data_iterator is not None else (
-        input_pipeline.make_train_iterator(config.data, seed=config.seed))
+        donate_argnums=0,
+    )
+    self.data_iterator = (
+        data_iterator
+        if data_iterator is not None
+        else (input_pipeline.make_train_iterator(config.data, seed=config.seed))
+    )
     self._sample_fn = None
 
   # -- state ---------------------------------------------------------------
@@ -76,10 +88,11 @@ class DVATask:
 
     def loss_fn(params):
       def eps_fn(x_t, t2):
-        return self.model.apply({"params": params}, x_t, t2, z_id2, z_lnd2, train=True,
-                                rngs={"dropout": rng_drop})
-      return losses.dva_loss(eps_fn, x0, t, frames["mask"], noise1, noise2,
-                             cfg.loss.reg_coef)
+        return self.model.apply(
+            {"params": params}, x_t, t2, z_id2, z_lnd2, train=True, rngs={"dropout": rng_drop}
+        )
+
+      return losses.dva_loss(eps_fn, x0, t, frames["mask"], noise1, noise2, cfg.loss.reg_coef)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
@@ -88,11 +101,16 @@ class DVATask:
     finite = state_lib.all_finite(grads) & jnp.isfinite(metrics["loss"])
     # A non-finite step leaves the state untouched; the loop then stops the run.
     new_state = state_lib.keep_if_finite(
-        finite, TrainState(step=state.step + 1, params=new_params, ema_params=new_ema,
-                           opt_state=new_opt), state)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   lr=optim.learning_rate_at(cfg.optim, state.step),
-                   finite=finite.astype(jnp.float32))
+        finite,
+        TrainState(step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt),
+        state,
+    )
+    metrics = dict(
+        metrics,
+        grad_norm=optax.tree.norm(grads),
+        lr=optim.learning_rate_at(cfg.optim, state.step),
+        finite=finite.astype(jnp.float32),
+    )
     return new_state, metrics
 
   # -- sample grids ----------------------------------------------------------
@@ -109,9 +127,13 @@ class DVATask:
       x_t = diffusion.ddim_invert(eps_fn, image, z_face(z_id, z_lnd), steps)
       # One decode of 3N rows: reconstruction; identity swap (another row's z_id
       # with this frame's motion and noise map); motion swap (another row's landmarks).
-      conds = jnp.concatenate([z_face(z_id, z_lnd),
-                               z_face(jnp.roll(z_id, 1, axis=0), z_lnd),
-                               z_face(z_id, jnp.roll(z_lnd, 1, axis=0))])
+      conds = jnp.concatenate(
+          [
+              z_face(z_id, z_lnd),
+              z_face(jnp.roll(z_id, 1, axis=0), z_lnd),
+              z_face(z_id, jnp.roll(z_lnd, 1, axis=0)),
+          ]
+      )
       decoded = diffusion.ddim_sample(eps_fn, jnp.concatenate([x_t] * 3), conds, steps)
       return jnp.concatenate([image[None], decoded.reshape((3,) + image.shape)])
 
@@ -132,8 +154,9 @@ class DVATask:
 
   def _sample_batch(self, state):
     if not hasattr(self, "_fixed_sample_batch"):
-      it = input_pipeline.make_eval_iterator(self.config.data, seed=self.config.seed,
-                                             batch_size=self.config.num_sample_rows)
+      it = input_pipeline.make_eval_iterator(
+          self.config.data, seed=self.config.seed, batch_size=self.config.num_sample_rows
+      )
       b = next(it)
       self._fixed_sample_batch = {k: jnp.asarray(b[k][:, :1]) for k in BATCH_KEYS}
     return self._fixed_sample_batch
@@ -148,6 +171,7 @@ def make_grid(rows):
 
 def save_png(path, image):
   from PIL import Image
+
   Image.fromarray(image).save(path)
 
 
@@ -157,6 +181,7 @@ def restore_dva_state(workdir, step=None):
   The model config comes from `workdir/config.json`, so no flags are needed.
   """
   from s3jax.checkpointing import read_config, restore_state_only
+
   config = read_config(workdir)
   model = make_dva(config.model)
   tx = optim.make_optimizer(config.optim)

@@ -6,6 +6,7 @@ Data flows in from `task.data_iterator` (grain), the step is `task.train_step`
 `init_state()`, `train_step(state, batch)`, `data_iterator`, `global_batch(batch)`
 and optionally `write_samples(state, step, writer)` and `summary(state)`.
 """
+
 import logging
 import signal
 import time
@@ -82,7 +83,8 @@ def train(config, workdir, task) -> dict:
     if not np.isfinite(host["loss"]) or host.get("finite", 1.0) < 1.0:
       raise NonFiniteLossError(
           f"non-finite loss at step {done_step} ({host}); the update was not applied and "
-          "no checkpoint was written after it. Lower optim.lr or check the data.")
+          "no checkpoint was written after it. Lower optim.lr or check the data."
+      )
     return host
 
   with _Preemption() as preemption:

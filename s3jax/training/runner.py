@@ -1,16 +1,20 @@
 """Builds the task named by `config.trainer` and runs the shared loop on it."""
+
 from s3jax.training import loop, state
 
 
 def make_task(config, mesh, workdir):
   if config.trainer == "dva":
     from s3jax.training.dva import DVATask
+
     return DVATask(config, mesh, workdir)
   if config.trainer == "classifier":
     from s3jax.training.classifier import ClassifierTask
+
     return ClassifierTask(config, mesh, workdir)
   if config.trainer == "s3editor":
     from s3jax.training.s3editor import S3EditorTask
+
     return S3EditorTask(config, mesh, workdir)
   raise ValueError(f"config.trainer={config.trainer!r}; expected dva | classifier | s3editor")
 

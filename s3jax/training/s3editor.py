@@ -26,6 +26,7 @@ One train step (per frame f of the batch, all inside one jitted function):
 
 See docs/s3editor.md for the choices and measured numbers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,13 +57,24 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 # Target parts of the attributes the classifier demo *measures* on the sample
 # (s3jax.training.classifier.MEASURED_ATTRIBUTES); photometric ones are global.
 MEASURED_ATTRIBUTE_PARTS = {
-    "Bright_Face": E._ALL, "Warm_Tint": E._ALL, "Lit_From_Left": E._ALL,  # pylint: disable=protected-access
-    "Mouth_Wide": ("mouth",), "Eyes_Open": ("eyes",),
+    "Bright_Face": E._ALL,
+    "Warm_Tint": E._ALL,
+    "Lit_From_Left": E._ALL,  # pylint: disable=protected-access
+    "Mouth_Wide": ("mouth",),
+    "Eyes_Open": ("eyes",),
 }
 PART_TABLE = {**E.DEFAULT_ATTRIBUTE_PARTS, **MEASURED_ATTRIBUTE_PARTS}
 
-__all__ = ["Prereqs", "prepare_prerequisites", "S3EditorTask", "load_editor", "region_map",
-           "decode_from_noised", "synthetic_classifier", "load_classifier"]
+__all__ = [
+    "Prereqs",
+    "prepare_prerequisites",
+    "S3EditorTask",
+    "load_editor",
+    "region_map",
+    "decode_from_noised",
+    "synthetic_classifier",
+    "load_classifier",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -75,7 +87,7 @@ class Prereqs:
   dva_model: Any
   dva_params: Any
   dva_config: Any
-  classifier: dict            # names, weight (D, A), bias, mean, std, auc
+  classifier: dict  # names, weight (D, A), bias, mean, std, auc
   id_model: Any
   id_params: Any
   id_report: dict
@@ -99,9 +111,15 @@ def synthetic_classifier(mean, std, names=E.CELEBA_ATTRIBUTES, seed: int = 0) ->
   rng = np.random.default_rng(seed)
   w = rng.normal(size=(d, len(names))).astype(np.float32)
   w /= np.linalg.norm(w, axis=0, keepdims=True)
-  return {"names": np.asarray(names), "weight": w, "bias": np.zeros(len(names), np.float32),
-          "mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32),
-          "auc": np.full(len(names), np.nan, np.float32), "synthetic": np.asarray(True)}
+  return {
+      "names": np.asarray(names),
+      "weight": w,
+      "bias": np.zeros(len(names), np.float32),
+      "mean": np.asarray(mean, np.float32),
+      "std": np.asarray(std, np.float32),
+      "auc": np.full(len(names), np.nan, np.float32),
+      "synthetic": np.asarray(True),
+  }
 
 
 def _load_config_module(name: str, arg: str):
@@ -117,12 +135,14 @@ def _load_config_module(name: str, arg: str):
 def _has_checkpoint(workdir) -> bool:
   d = pathlib.Path(workdir)
   ck = d / "checkpoints"
-  return (d / "config.json").exists() and ck.is_dir() and any(
-      p.name.isdigit() for p in ck.iterdir())
+  return (
+      (d / "config.json").exists() and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
+  )
 
 
 def _ensure_data(data_config):
   from data_prep.sample import ensure_sample_for  # pylint: disable=g-import-not-at-top
+
   ensure_sample_for(data_config)
 
 
@@ -146,9 +166,13 @@ def _train_prereq(config, workdir):
   _ensure_data(config.data)
   workdir = pathlib.Path(workdir)
   logging.info("training prerequisite %s into %s", config.trainer, workdir)
-  print(f"s3editor: training prerequisite '{config.trainer}' into {workdir} "
-        f"({config.total_steps} steps)", flush=True)
+  print(
+      f"s3editor: training prerequisite '{config.trainer}' into {workdir} "
+      f"({config.total_steps} steps)",
+      flush=True,
+  )
   from s3jax.training import runner  # pylint: disable=g-import-not-at-top
+
   runner.run(config, str(workdir))
   (workdir / DONE_FILE).write_text("done\n")
 
@@ -156,6 +180,7 @@ def _train_prereq(config, workdir):
 def prepare_prerequisites(config, workdir) -> Prereqs:
   """Finds (or, with ``prereq.train_missing``, trains) the DVA, classifier and id stand-in."""
   from s3jax.training.dva import restore_dva  # pylint: disable=g-import-not-at-top
+
   workdir = pathlib.Path(workdir)
   pre = workdir / "prereq"
   train_missing = bool(config.prereq.train_missing)
@@ -167,8 +192,10 @@ def prepare_prerequisites(config, workdir) -> Prereqs:
     dva_dir = pre / "dva"
     if not (dva_dir / DONE_FILE).exists():
       if not train_missing:
-        raise FileNotFoundError(f"no DVA checkpoint in {config.dva_workdir} (set "
-                                "prereq.train_missing=True to train a demo-size one)")
+        raise FileNotFoundError(
+            f"no DVA checkpoint in {config.dva_workdir} (set "
+            "prereq.train_missing=True to train a demo-size one)"
+        )
       c = _load_config_module("voxceleb", "demo")
       c.data = config.data.copy_and_resolve_references()
       c.data.frames_per_item = 2
@@ -198,10 +225,15 @@ def prepare_prerequisites(config, workdir) -> Prereqs:
       if not cls_path.exists():
         raise FileNotFoundError(f"the classifier trainer did not write {cls_path}")
     elif config.prereq.classifier_fallback == "synthetic":
-      logging.warning("no classifier trainer (configs/celebahq_classifier.py) found: using "
-                      "SYNTHETIC random attribute directions (plumbing only)")
-      print("s3editor: WARNING no attribute classifier available; using synthetic random "
-            "directions (plumbing only)", flush=True)
+      logging.warning(
+          "no classifier trainer (configs/celebahq_classifier.py) found: using "
+          "SYNTHETIC random attribute directions (plumbing only)"
+      )
+      print(
+          "s3editor: WARNING no attribute classifier available; using synthetic random "
+          "directions (plumbing only)",
+          flush=True,
+      )
       _ensure_data(config.data)
       mean, std = _dataset_z_stats(config.data)
       cls_path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,16 +251,27 @@ def prepare_prerequisites(config, workdir) -> Prereqs:
     if not train_missing:
       raise FileNotFoundError(f"no identity stand-in in {config.idnet_dir}")
     _ensure_data(config.data)
-    print(f"s3editor: distilling the identity stand-in into {id_dir} "
-          f"({config.prereq.idnet_steps} steps)", flush=True)
+    print(
+        f"s3editor: distilling the identity stand-in into {id_dir} "
+        f"({config.prereq.idnet_steps} steps)",
+        flush=True,
+    )
     it = input_pipeline.make_train_iterator(config.data, seed=config.seed + 17)
     d = int(classifier["weight"].shape[0])
     model, params, curve = id_standin.distill(
-        it, features=d, steps=int(config.prereq.idnet_steps), seed=config.seed,
-        width=int(config.prereq.idnet_width), input_size=min(64, int(config.data.image_size)))
+        it,
+        features=d,
+        steps=int(config.prereq.idnet_steps),
+        seed=config.seed,
+        width=int(config.prereq.idnet_width),
+        input_size=min(64, int(config.data.image_size)),
+    )
     ev = input_pipeline.make_eval_iterator(config.data, seed=0, batch_size=4)
-    report = {"test": id_standin.agreement(
-        model, params, [next(ev) for _ in range(int(config.prereq.idnet_eval_batches))])}
+    report = {
+        "test": id_standin.agreement(
+            model, params, [next(ev) for _ in range(int(config.prereq.idnet_eval_batches))]
+        )
+    }
     tr = input_pipeline.make_train_iterator(config.data, seed=config.seed + 99)
     report["train"] = id_standin.agreement(model, params, [next(tr) for _ in range(4)])
     report["final_train_1_minus_cos"] = float(np.mean(curve[-20:]))
@@ -236,8 +279,16 @@ def prepare_prerequisites(config, workdir) -> Prereqs:
     print(f"s3editor: id stand-in agreement with dlib: {json.dumps(report)}", flush=True)
   id_model, id_params, id_meta = id_standin.load(id_dir)
   sources["id_standin"] = str(id_dir)
-  return Prereqs(dva_model, dva_params, dva_config, classifier, id_model, id_params,
-                 id_meta.get("report", {}), sources)
+  return Prereqs(
+      dva_model,
+      dva_params,
+      dva_config,
+      classifier,
+      id_model,
+      id_params,
+      id_meta.get("report", {}),
+      sources,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -257,10 +308,13 @@ def region_map(landmarks, region_of_landmark, size: int, resolution: int = 64):
   scale = size / res
   c = (jnp.arange(res, dtype=jnp.float32) + 0.5) * scale - 0.5
   gy, gx = jnp.meshgrid(c, c, indexing="ij")
-  grid = jnp.stack([gx, gy], -1).reshape(-1, 2)                       # (P, 2) as (x, y)
+  grid = jnp.stack([gx, gy], -1).reshape(-1, 2)  # (P, 2) as (x, y)
   lm = jnp.asarray(landmarks, jnp.float32)
-  d2 = (jnp.sum(grid ** 2, -1)[None, :, None] - 2.0 * jnp.einsum("pc,nlc->npl", grid, lm)
-        + jnp.sum(lm ** 2, -1)[:, None, :])
+  d2 = (
+      jnp.sum(grid**2, -1)[None, :, None]
+      - 2.0 * jnp.einsum("pc,nlc->npl", grid, lm)
+      + jnp.sum(lm**2, -1)[:, None, :]
+  )
   nearest = jnp.argmin(d2, axis=-1)
   reg = jnp.asarray(region_of_landmark, jnp.int32)[nearest].reshape(-1, res, res)
   if res != size:
@@ -322,13 +376,22 @@ class S3EditorTask:
     mean_landmarks: optional (68, 2) mean layout in [0, 1] (default: from the data).
   """
 
-  def __init__(self, config, mesh, workdir, data_iterator=None, prereqs: Optional[Prereqs] = None,
-               mean_landmarks=None, sample_batch=None):
+  def __init__(
+      self,
+      config,
+      mesh,
+      workdir,
+      data_iterator=None,
+      prereqs: Optional[Prereqs] = None,
+      mean_landmarks=None,
+      sample_batch=None,
+  ):
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.mesh = mesh
-    if config.data.get("build_sample_if_missing") and (data_iterator is None or
-                                                       mean_landmarks is None):
+    if config.data.get("build_sample_if_missing") and (
+        data_iterator is None or mean_landmarks is None
+    ):
       _ensure_data(config.data)
     self.prereqs = prereqs if prereqs is not None else prepare_prerequisites(config, workdir)
     p = self.prereqs
@@ -354,11 +417,17 @@ class S3EditorTask:
     if not pool:
       raise ValueError("empty attribute pool")
     self.pool_names = [names[i] for i in pool]
-    w = np.asarray(cls["weight"], np.float32)[:, pool]           # (D, P)
+    w = np.asarray(cls["weight"], np.float32)[:, pool]  # (D, P)
     self.num_clusters = min(int(config.editor.num_clusters), len(pool))
     scale = float(config.editor.direction_scale) or None
-    self.stats = E.make_edit_stats(w.T, cls["mean"], cls["std"], self.num_clusters,
-                                   seed=int(config.editor.kmeans_seed), scale=scale)
+    self.stats = E.make_edit_stats(
+        w.T,
+        cls["mean"],
+        cls["std"],
+        self.num_clusters,
+        seed=int(config.editor.kmeans_seed),
+        scale=scale,
+    )
     d = w.shape[0]
     if p.id_model.features != d:
       raise ValueError(f"identity stand-in gives {p.id_model.features}-d, classifier wants {d}")
@@ -370,8 +439,11 @@ class S3EditorTask:
     R = int(config.editor.num_regions)
     self.region_of_landmark = E.landmark_regions(self.mean_landmarks, R, seed=config.seed)
     self.attr_targets = E.attribute_target_regions(
-        self.region_of_landmark, self.pool_names, table=PART_TABLE,
-        min_fraction=float(config.editor.region_min_fraction))
+        self.region_of_landmark,
+        self.pool_names,
+        table=PART_TABLE,
+        min_fraction=float(config.editor.region_min_fraction),
+    )
     self.attr_target_table = np.zeros((len(pool), R), bool)
     for i, s in enumerate(self.attr_targets):
       self.attr_target_table[i, sorted(s)] = True
@@ -379,37 +451,53 @@ class S3EditorTask:
     self.cluster_targets = E.cluster_target_regions(assign, self.attr_targets, self.num_clusters)
 
     # -- model, optimizer, group spec -----------------------------------------
-    self.editor = E.Editor(num_clusters=self.num_clusters, num_regions=R,
-                           neurons_per_region=int(config.editor.neurons_per_region),
-                           routing=config.editor.routing,
-                           temperature=float(config.editor.temperature),
-                           normalize_output=bool(config.editor.normalize_output))
+    self.editor = E.Editor(
+        num_clusters=self.num_clusters,
+        num_regions=R,
+        neurons_per_region=int(config.editor.neurons_per_region),
+        routing=config.editor.routing,
+        temperature=float(config.editor.temperature),
+        normalize_output=bool(config.editor.normalize_output),
+    )
     abstract_params = jax.eval_shape(self._init_params, self.rng)
     self.group_spec = E.group_spec_for_editor(
-        abstract_params, self.editor.region_of_neuron(), float(config.sparsity.lam_in),
-        float(config.sparsity.lam_out), self.cluster_targets)
+        abstract_params,
+        self.editor.region_of_neuron(),
+        float(config.sparsity.lam_in),
+        float(config.sparsity.lam_out),
+        self.cluster_targets,
+    )
     self.tx = self._make_tx()
 
-    frozen = {"stats": self.stats, "id": p.id_params,
-              "cls_w": jnp.asarray(w), "cls_b": jnp.asarray(np.asarray(cls["bias"])[pool]),
-              "cls_mean": jnp.asarray(cls["mean"], jnp.float32),
-              "cls_std": jnp.asarray(cls["std"], jnp.float32),
-              "targets": jnp.asarray(self.attr_target_table),
-              "rol": jnp.asarray(self.region_of_landmark)}
+    frozen = {
+        "stats": self.stats,
+        "id": p.id_params,
+        "cls_w": jnp.asarray(w),
+        "cls_b": jnp.asarray(np.asarray(cls["bias"])[pool]),
+        "cls_mean": jnp.asarray(cls["mean"], jnp.float32),
+        "cls_std": jnp.asarray(cls["std"], jnp.float32),
+        "targets": jnp.asarray(self.attr_target_table),
+        "rol": jnp.asarray(self.region_of_landmark),
+    }
     if not self.finetune:
       frozen["dva"] = p.dva_params
     self.frozen = jax.device_put(frozen, state_lib.replicated(mesh))
 
     self.abstract_state, self.state_sharding, self.init_state = state_lib.sharded_init(
-        self._init, self.rng, mesh)
+        self._init, self.rng, mesh
+    )
     self._batch_sharding = state_lib.batch_sharding(mesh)
     self._jit_step = jax.jit(
         self._train_step,
         in_shardings=(self.state_sharding, self._batch_sharding, None),
         out_shardings=(self.state_sharding, state_lib.replicated(mesh)),
-        donate_argnums=0)
-    self.data_iterator = data_iterator if data_iterator is not None else (
-        input_pipeline.make_train_iterator(config.data, seed=config.seed))
+        donate_argnums=0,
+    )
+    self.data_iterator = (
+        data_iterator
+        if data_iterator is not None
+        else (input_pipeline.make_train_iterator(config.data, seed=config.seed))
+    )
     self._fixed_sample_batch = sample_batch
     self._sample_fn = None
     if jax.process_index() == 0:
@@ -419,8 +507,11 @@ class S3EditorTask:
   def _init_params(self, rng):
     d = int(self.prereqs.classifier["weight"].shape[0])
     z = jnp.zeros((1, d))
-    params = {"editor": self.editor.init(rng, z, jnp.zeros((1,), jnp.int32), 0.0,
-                                         stats=self.stats)["params"]}
+    params = {
+        "editor": self.editor.init(rng, z, jnp.zeros((1,), jnp.int32), 0.0, stats=self.stats)[
+            "params"
+        ]
+    }
     if self.finetune:
       params["dva"] = self.prereqs.dva_params
     return params
@@ -432,7 +523,8 @@ class S3EditorTask:
     if self.finetune:
       inner = optax.multi_transform(
           {"editor": adam(sched), "dva": adam(float(cfg.unet_lr))},
-          lambda p: {k: jax.tree.map(lambda _: k, v) for k, v in p.items()})
+          lambda p: {k: jax.tree.map(lambda _: k, v) for k, v in p.items()},
+      )
     else:
       inner = adam(sched)
     parts = [optax.clip_by_global_norm(float(cfg.grad_clip))] if cfg.grad_clip else []
@@ -441,8 +533,12 @@ class S3EditorTask:
 
   def _init(self, rng):
     params = self._init_params(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=self.tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=self.tx.init(params),
+    )
 
   def global_batch(self, batch):
     local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
@@ -456,22 +552,30 @@ class S3EditorTask:
     """Uniform attribute of the pool and gamma = +-U(min, max)."""
     r_a, r_m, r_s = jax.random.split(rng, 3)
     attr = jax.random.randint(r_a, (n,), 0, len(self.pool_names))
-    mag = jax.random.uniform(r_m, (n,), minval=float(self.config.strength.min),
-                             maxval=float(self.config.strength.max))
+    mag = jax.random.uniform(
+        r_m, (n,), minval=float(self.config.strength.min), maxval=float(self.config.strength.max)
+    )
     sign = jnp.where(jax.random.bernoulli(r_s, 0.5, (n,)), 1.0, -1.0)
     return attr, sign * mag
 
   def _eps_fn(self, dva_params, train=False, rngs=None):
     def eps_fn(x, t, z_face):
-      return self.dva.apply({"params": dva_params}, x, t, z_face, train, method="denoise",
-                            rngs=rngs)
+      return self.dva.apply(
+          {"params": dva_params}, x, t, z_face, train, method="denoise", rngs=rngs
+      )
+
     return eps_fn
 
   def _decode(self, dva_params, frames, z_id, noise):
     zf = self.dva.apply({"params": dva_params}, z_id, frames["z_lnd"], method="z_face")
-    return decode_from_noised(self._eps_fn(dva_params), frames["image"],
-                              int(self.config.decode.t), noise, zf,
-                              int(self.config.decode.steps))
+    return decode_from_noised(
+        self._eps_fn(dva_params),
+        frames["image"],
+        int(self.config.decode.t),
+        noise,
+        zf,
+        int(self.config.decode.steps),
+    )
 
   def _faith(self, frozen, emb, attr, gamma):
     logits = ((emb - frozen["cls_mean"]) / frozen["cls_std"]) @ frozen["cls_w"] + frozen["cls_b"]
@@ -494,12 +598,16 @@ class S3EditorTask:
     inside = frozen["targets"][attr[:, None, None], regmap].astype(jnp.float32)
     outside = 1.0 - inside
 
-    x_hat = self.editor.apply({"params": params["editor"]}, frames["z_id"], attr, gamma,
-                              stats=frozen["stats"])
+    x_hat = self.editor.apply(
+        {"params": params["editor"]}, frames["z_id"], attr, gamma, stats=frozen["stats"]
+    )
     if f_rec is None or self.finetune:
-      both = self._decode(dva_params, {k: jnp.concatenate([v, v]) for k, v in frames.items()},
-                          jnp.concatenate([x_hat, frames["z_id"]]),
-                          jnp.concatenate([noise, noise]))
+      both = self._decode(
+          dva_params,
+          {k: jnp.concatenate([v, v]) for k, v in frames.items()},
+          jnp.concatenate([x_hat, frames["z_id"]]),
+          jnp.concatenate([noise, noise]),
+      )
       f_hat, f_rec = both[:n], both[n:]
     else:
       f_hat = self._decode(dva_params, frames, x_hat, noise)
@@ -521,19 +629,32 @@ class S3EditorTask:
       z2 = jnp.concatenate([frames["z_id"]] * 2)
       l2 = jnp.concatenate([frames["z_lnd"]] * 2)
       l_gen, _ = losses.dva_loss(
-          lambda xt, tt: self.dva.apply({"params": dva_params}, xt, tt, z2, l2, train=True,
-                                        rngs={"dropout": k3}),
-          f, t, frames["mask"], jax.random.normal(k1, f.shape), jax.random.normal(k2, f.shape),
-          float(w.reg_coef))
+          lambda xt, tt: self.dva.apply(
+              {"params": dva_params}, xt, tt, z2, l2, train=True, rngs={"dropout": k3}
+          ),
+          f,
+          t,
+          frames["mask"],
+          jax.random.normal(k1, f.shape),
+          jax.random.normal(k2, f.shape),
+          float(w.reg_coef),
+      )
     else:
       l_gen = jnp.zeros((), jnp.float32)
-    loss = (float(w.id) * l_id + float(w.faith) * l_faith + float(w.gen) * l_gen
-            + float(w.loc) * l_loc)
-    metrics = {"loss": loss, "l_id": l_id, "l_faith": l_faith, "l_gen": l_gen, "l_loc": l_loc,
-               "faith_acc": jnp.mean(acc),
-               "loc_in": jnp.sum(loc_in) / jnp.maximum(jnp.sum(has_in), 1),
-               "loc_out": jnp.sum(loc_out) / jnp.maximum(jnp.sum(has_out), 1),
-               "edit_norm": jnp.mean(jnp.linalg.norm(x_hat - frames["z_id"], axis=-1))}
+    loss = (
+        float(w.id) * l_id + float(w.faith) * l_faith + float(w.gen) * l_gen + float(w.loc) * l_loc
+    )
+    metrics = {
+        "loss": loss,
+        "l_id": l_id,
+        "l_faith": l_faith,
+        "l_gen": l_gen,
+        "l_loc": l_loc,
+        "faith_acc": jnp.mean(acc),
+        "loc_in": jnp.sum(loc_in) / jnp.maximum(jnp.sum(has_in), 1),
+        "loc_out": jnp.sum(loc_out) / jnp.maximum(jnp.sum(has_out), 1),
+        "edit_norm": jnp.mean(jnp.linalg.norm(x_hat - frames["z_id"], axis=-1)),
+    }
     return loss, metrics
 
   def _reference_metrics(self, frozen, frames, rng):
@@ -544,11 +665,20 @@ class S3EditorTask:
     attr, gamma = self.draw_edits(r_edit, n)
     noise = jax.random.normal(r_noise, f.shape)
     st = frozen["stats"]
-    x_plain = _plain_edit(frames["z_id"], st.directions[attr], gamma, st.mean, st.std,
-                          bool(self.config.editor.normalize_output))
-    both = self._decode(frozen["dva"], {k: jnp.concatenate([v, v]) for k, v in frames.items()},
-                        jnp.concatenate([x_plain, frames["z_id"]]),
-                        jnp.concatenate([noise, noise]))
+    x_plain = _plain_edit(
+        frames["z_id"],
+        st.directions[attr],
+        gamma,
+        st.mean,
+        st.std,
+        bool(self.config.editor.normalize_output),
+    )
+    both = self._decode(
+        frozen["dva"],
+        {k: jnp.concatenate([v, v]) for k, v in frames.items()},
+        jnp.concatenate([x_plain, frames["z_id"]]),
+        jnp.concatenate([noise, noise]),
+    )
     f_plain, f_rec = both[:n], both[n:]
     regmap = region_map(frames["landmarks"], frozen["rol"], f.shape[1])
     inside = frozen["targets"][attr[:, None, None], regmap].astype(jnp.float32)
@@ -556,9 +686,11 @@ class S3EditorTask:
     e = self.idnet.apply({"params": frozen["id"]}, f_plain)
     e_real = self.idnet.apply({"params": frozen["id"]}, f)
     _, acc = self._faith(frozen, e, attr, gamma)
-    m = {"plain_loc_out": jnp.sum(loc_out) / jnp.maximum(jnp.sum(has_out), 1),
-         "plain_faith_acc": jnp.mean(acc),
-         "plain_l_id": jnp.mean(1.0 - jnp.sum(e * e_real, -1))}
+    m = {
+        "plain_loc_out": jnp.sum(loc_out) / jnp.maximum(jnp.sum(has_out), 1),
+        "plain_faith_acc": jnp.mean(acc),
+        "plain_l_id": jnp.mean(1.0 - jnp.sum(e * e_real, -1)),
+    }
     if bool(self.config.loss.report_gen):
       t = jax.random.randint(r_gen, (n,), 0, diffusion.NUM_TIMESTEPS)
       k1, k2 = jax.random.split(r_gen)
@@ -566,8 +698,13 @@ class S3EditorTask:
       l2 = jnp.concatenate([frames["z_lnd"]] * 2)
       _, gm = losses.dva_loss(
           lambda xt, tt: self.dva.apply({"params": frozen["dva"]}, xt, tt, z2, l2),
-          f, t, frames["mask"], jax.random.normal(k1, f.shape), jax.random.normal(k2, f.shape),
-          float(self.config.loss.reg_coef))
+          f,
+          t,
+          frames["mask"],
+          jax.random.normal(k1, f.shape),
+          jax.random.normal(k2, f.shape),
+          float(self.config.loss.reg_coef),
+      )
       m["l_gen_frozen"] = gm["loss"]
     return (attr, gamma, noise, f_rec), m
 
@@ -580,23 +717,32 @@ class S3EditorTask:
     extra = {}
     if self.finetune:
       (_, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-          state.params, frames, frozen, r_loss)
+          state.params, frames, frozen, r_loss
+      )
     else:
       # The same edits and noise as the loss (r_loss's split), so f_rec is shared.
       (attr, gamma, noise, f_rec), extra = self._reference_metrics(frozen, frames, r_loss)
       (_, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-          state.params, frames, frozen, r_loss, attr, gamma, f_rec)
+          state.params, frames, frozen, r_loss, attr, gamma, f_rec
+      )
     updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
     new_params = jax.tree.map(jnp.add, state.params, updates)
     new_ema = state_lib.ema_update(state.ema_params, new_params, cfg.ema_decay)
     new_ema = optim.zero_groups_like(new_ema, new_params, self.group_spec)
     finite = state_lib.all_finite(grads) & jnp.isfinite(metrics["loss"])
     new_state = state_lib.keep_if_finite(
-        finite, TrainState(step=state.step + 1, params=new_params, ema_params=new_ema,
-                           opt_state=new_opt), state)
-    metrics = dict(metrics, **extra, **self._sparsity_metrics(new_state.params),
-                   grad_norm=optax.tree.norm(grads),
-                   lr=optim.learning_rate_at(cfg.optim, state.step), finite=finite.astype(jnp.float32))
+        finite,
+        TrainState(step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt),
+        state,
+    )
+    metrics = dict(
+        metrics,
+        **extra,
+        **self._sparsity_metrics(new_state.params),
+        grad_norm=optax.tree.norm(grads),
+        lr=optim.learning_rate_at(cfg.optim, state.step),
+        finite=finite.astype(jnp.float32),
+    )
     return new_state, metrics
 
   def _sparsity_metrics(self, params):
@@ -604,9 +750,11 @@ class S3EditorTask:
     info = self.group_spec.group_info
     on = np.array([g["on_target"] for g in info])
     cl = np.array([g["cluster"] for g in info])
-    m = {"zero_groups": jnp.sum(zero),
-         "zero_groups_on_target": jnp.sum(zero * on),
-         "zero_groups_off_target": jnp.sum(zero * (~on))}
+    m = {
+        "zero_groups": jnp.sum(zero),
+        "zero_groups_on_target": jnp.sum(zero * on),
+        "zero_groups_off_target": jnp.sum(zero * (~on)),
+    }
     for k in range(self.num_clusters):
       m[f"zero_groups_c{k}"] = jnp.sum(zero * (cl == k))
     return m
@@ -619,8 +767,14 @@ class S3EditorTask:
       raise NotImplementedError("evaluate() uses the frozen DVA")
     f = jnp.asarray(frames["image"])
     noise = jax.random.normal(jax.random.key(seed), f.shape)
-    return self._evaluate_jit(editor_params, frozen, {k: jnp.asarray(v) for k, v in frames.items()},
-                              jnp.asarray(attr, jnp.int32), jnp.asarray(gamma, jnp.float32), noise)
+    return self._evaluate_jit(
+        editor_params,
+        frozen,
+        {k: jnp.asarray(v) for k, v in frames.items()},
+        jnp.asarray(attr, jnp.int32),
+        jnp.asarray(gamma, jnp.float32),
+        noise,
+    )
 
   @functools.cached_property
   def _evaluate_jit(self):
@@ -628,12 +782,22 @@ class S3EditorTask:
       st = frozen["stats"]
       n = attr.shape[0]
       x_t = self.editor.apply({"params": editor_params}, frames["z_id"], attr, gamma, stats=st)
-      x_p = _plain_edit(frames["z_id"], st.directions[attr], gamma, st.mean, st.std,
-                        bool(self.config.editor.normalize_output))
+      x_p = _plain_edit(
+          frames["z_id"],
+          st.directions[attr],
+          gamma,
+          st.mean,
+          st.std,
+          bool(self.config.editor.normalize_output),
+      )
       rep = lambda v: jnp.concatenate([v, v, v])  # noqa: E731
-      out = self._decode(frozen["dva"], {k: rep(v) for k, v in frames.items()},
-                         jnp.concatenate([x_t, x_p, frames["z_id"]]), rep(noise))
-      f_t, f_p, f_r = out[:n], out[n:2 * n], out[2 * n:]
+      out = self._decode(
+          frozen["dva"],
+          {k: rep(v) for k, v in frames.items()},
+          jnp.concatenate([x_t, x_p, frames["z_id"]]),
+          rep(noise),
+      )
+      f_t, f_p, f_r = out[:n], out[n : 2 * n], out[2 * n :]
       regmap = region_map(frames["landmarks"], frozen["rol"], f_r.shape[1])
       inside = frozen["targets"][attr[:, None, None], regmap].astype(jnp.float32)
       e_real = self.idnet.apply({"params": frozen["id"]}, frames["image"])
@@ -649,12 +813,14 @@ class S3EditorTask:
         res[f"{name}/faith_acc"] = jnp.mean(acc)
         res[f"{name}/id_cos"] = jnp.mean(jnp.sum(e * e_real, -1))
       return res
+
     return jax.jit(ev)
 
   def _sample_batch(self):
     if self._fixed_sample_batch is None:
-      it = input_pipeline.make_eval_iterator(self.config.data, seed=self.config.seed,
-                                             batch_size=self.config.num_sample_rows)
+      it = input_pipeline.make_eval_iterator(
+          self.config.data, seed=self.config.seed, batch_size=self.config.num_sample_rows
+      )
       b = next(it)
       self._fixed_sample_batch = {k: np.asarray(b[k][:, :1]) for k in BATCH_KEYS}
     return flatten_frames(self._fixed_sample_batch)
@@ -675,8 +841,14 @@ class S3EditorTask:
       st = frozen["stats"]
       x_t = diffusion.ddim_invert(eps_fn, image, zf(z_id), steps)
       rec = diffusion.ddim_sample(eps_fn, x_t, zf(z_id), steps)
-      x_p = _plain_edit(z_id, st.directions[attr], gamma, st.mean, st.std,
-                        bool(self.config.editor.normalize_output))
+      x_p = _plain_edit(
+          z_id,
+          st.directions[attr],
+          gamma,
+          st.mean,
+          st.std,
+          bool(self.config.editor.normalize_output),
+      )
       plain = diffusion.ddim_sample(eps_fn, x_t, zf(x_p), steps)
       x_e = self.editor.apply({"params": editor_params}, z_id, attr, gamma, stats=st)
       edited = diffusion.ddim_sample(eps_fn, x_t, zf(x_e), steps)
@@ -695,25 +867,44 @@ class S3EditorTask:
     if not self.finetune:
       if self._sample_fn is None:
         self._sample_fn = self._build_sample_fn()
-      rows = self._sample_fn(params, self.frozen, jnp.asarray(frames["image"]),
-                             jnp.asarray(frames["z_id"]), jnp.asarray(frames["z_lnd"]),
-                             jnp.asarray(attr), jnp.asarray(gamma))
+      rows = self._sample_fn(
+          params,
+          self.frozen,
+          jnp.asarray(frames["image"]),
+          jnp.asarray(frames["z_id"]),
+          jnp.asarray(frames["z_lnd"]),
+          jnp.asarray(attr),
+          jnp.asarray(gamma),
+      )
       grid = make_grid(np.asarray(jax.device_get(rows)))
       ev = jax.device_get(self.evaluate(params, frames, attr, gamma))
       scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
     rep = optim.sparsity_report(jax.device_get(state.params), self.group_spec)
-    used = E.attribute_regions_used(jax.device_get(state.params), self.group_spec,
-                                    np.asarray(self.stats.assignments), self.pool_names)
+    used = E.attribute_regions_used(
+        jax.device_get(state.params),
+        self.group_spec,
+        np.asarray(self.stats.assignments),
+        self.pool_names,
+    )
     summary = {
-        "step": int(step), "num_groups": rep["num_groups"], "num_zero": rep["num_zero"],
+        "step": int(step),
+        "num_groups": rep["num_groups"],
+        "num_zero": rep["num_zero"],
         "per_cluster": {str(k): v for k, v in rep["per_cluster"].items()},
-        "cluster_attributes": {str(k): [a for a, c in zip(self.pool_names,
-                                                          np.asarray(self.stats.assignments))
-                                        if int(c) == k] for k in range(self.num_clusters)},
-        "cluster_target_regions": {str(k): sorted(int(r) for r in s)
-                                   for k, s in enumerate(self.cluster_targets)},
+        "cluster_attributes": {
+            str(k): [
+                a
+                for a, c in zip(self.pool_names, np.asarray(self.stats.assignments))
+                if int(c) == k
+            ]
+            for k in range(self.num_clusters)
+        },
+        "cluster_target_regions": {
+            str(k): sorted(int(r) for r in s) for k, s in enumerate(self.cluster_targets)
+        },
         "attribute_regions_used": {a: list(r) for a, r in used.items()},
-        "eval": scalars, "sample_attributes": [self.pool_names[i] for i in attr],
+        "eval": scalars,
+        "sample_attributes": [self.pool_names[i] for i in attr],
         "sample_strength": float(gamma[0]),
     }
     if jax.process_index() == 0:
@@ -725,26 +916,40 @@ class S3EditorTask:
         save_png(path, grid)
         logging.info("wrote sample grid %s", path)
       (self.workdir / "sparsity.json").write_text(json.dumps(summary, indent=2))
-      print(f"s3editor step {step}: zero groups {rep['num_zero']}/{rep['num_groups']} "
-            f"per cluster {[v['zero'] for v in rep['per_cluster'].values()]}; "
-            + " ".join(f"{k}={v:.4f}" for k, v in scalars.items()), flush=True)
+      print(
+          f"s3editor step {step}: zero groups {rep['num_zero']}/{rep['num_groups']} "
+          f"per cluster {[v['zero'] for v in rep['per_cluster'].values()]}; "
+          + " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
+          flush=True,
+      )
 
   # -- metadata for load_editor -----------------------------------------------
   def write_meta(self):
     self.workdir.mkdir(parents=True, exist_ok=True)
-    hp = {"num_clusters": self.num_clusters, "num_regions": int(self.config.editor.num_regions),
-          "neurons_per_region": int(self.config.editor.neurons_per_region),
-          "routing": str(self.config.editor.routing),
-          "temperature": float(self.config.editor.temperature),
-          "normalize_output": bool(self.config.editor.normalize_output),
-          "sources": self.prereqs.sources, "id_standin_report": self.prereqs.id_report}
+    hp = {
+        "num_clusters": self.num_clusters,
+        "num_regions": int(self.config.editor.num_regions),
+        "neurons_per_region": int(self.config.editor.neurons_per_region),
+        "routing": str(self.config.editor.routing),
+        "temperature": float(self.config.editor.temperature),
+        "normalize_output": bool(self.config.editor.normalize_output),
+        "sources": self.prereqs.sources,
+        "id_standin_report": self.prereqs.id_report,
+    }
     st = self.stats
-    np.savez(self.workdir / META_FILE, names=np.asarray(self.pool_names),
-             mean=np.asarray(st.mean), std=np.asarray(st.std),
-             directions=np.asarray(st.directions), assignments=np.asarray(st.assignments),
-             centroids=np.asarray(st.centroids), region_of_landmark=self.region_of_landmark,
-             attr_targets=self.attr_target_table, mean_landmarks=self.mean_landmarks,
-             hparams=np.asarray(json.dumps(hp)))
+    np.savez(
+        self.workdir / META_FILE,
+        names=np.asarray(self.pool_names),
+        mean=np.asarray(st.mean),
+        std=np.asarray(st.std),
+        directions=np.asarray(st.directions),
+        assignments=np.asarray(st.assignments),
+        centroids=np.asarray(st.centroids),
+        region_of_landmark=self.region_of_landmark,
+        attr_targets=self.attr_target_table,
+        mean_landmarks=self.mean_landmarks,
+        hparams=np.asarray(json.dumps(hp)),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -755,6 +960,7 @@ class S3EditorTask:
 def _restore_raw_state(workdir, step=None):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from s3jax.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+
   ck = Checkpointer(workdir, async_save=False)
   try:
     steps = ck.all_steps()
@@ -780,13 +986,21 @@ def load_editor(directory, step: Optional[int] = None, ema: bool = True):
     meta = {k: f[k] for k in f.files}
   hp = json.loads(str(meta["hparams"]))
   names = [str(n) for n in meta["names"]]
-  stats = E.EditStats(mean=jnp.asarray(meta["mean"]), std=jnp.asarray(meta["std"]),
-                      directions=jnp.asarray(meta["directions"]),
-                      assignments=jnp.asarray(meta["assignments"]),
-                      centroids=jnp.asarray(meta["centroids"]))
-  editor = E.Editor(num_clusters=hp["num_clusters"], num_regions=hp["num_regions"],
-                    neurons_per_region=hp["neurons_per_region"], routing=hp["routing"],
-                    temperature=hp["temperature"], normalize_output=hp["normalize_output"])
+  stats = E.EditStats(
+      mean=jnp.asarray(meta["mean"]),
+      std=jnp.asarray(meta["std"]),
+      directions=jnp.asarray(meta["directions"]),
+      assignments=jnp.asarray(meta["assignments"]),
+      centroids=jnp.asarray(meta["centroids"]),
+  )
+  editor = E.Editor(
+      num_clusters=hp["num_clusters"],
+      num_regions=hp["num_regions"],
+      neurons_per_region=hp["neurons_per_region"],
+      routing=hp["routing"],
+      temperature=hp["temperature"],
+      normalize_output=hp["normalize_output"],
+  )
   state, step = _restore_raw_state(d, step)
   params = jax.tree.map(jnp.asarray, state["ema_params" if ema else "params"]["editor"])
 

@@ -1,4 +1,5 @@
 """Train state, device mesh and shardings shared by every trainer."""
+
 from typing import Any
 
 import flax
@@ -41,7 +42,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 16) -> Any:
+def param_sharding(mesh: Mesh, tree: Any, min_size: int = 2**16) -> Any:
   """FSDP: split each large parameter on its largest axis divisible by the fsdp size.
 
   With fsdp=1 everything is replicated (pure data parallelism).
@@ -77,8 +78,7 @@ def keep_if_finite(finite, new_state, old_state):
   One `lax.cond` over the whole state: a per-leaf `jnp.where` gives the same
   result but made XLA's CPU compile of the train step ~8x slower.
   """
-  return jax.lax.cond(finite, lambda: new_state,
-                      lambda: old_state.replace(step=new_state.step))
+  return jax.lax.cond(finite, lambda: new_state, lambda: old_state.replace(step=new_state.step))
 
 
 def sharded_init(init_fn, rng, mesh):
@@ -89,7 +89,8 @@ def sharded_init(init_fn, rng, mesh):
   """
   abstract = jax.eval_shape(init_fn, rng)
   sharding = param_sharding(mesh, abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, sharding)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding
+  )
   init_jit = jax.jit(init_fn, out_shardings=sharding)
   return abstract, sharding, lambda: init_jit(rng)
