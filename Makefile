@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := runs/demo
 
-.PHONY: install demo demo-s3editor test bench clean-demo
+.PHONY: install sample-data demo-dva demo-classifier demo-id-standin demo demo-s3editor test test-fast bench clean-demo
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -16,19 +16,33 @@ install: $(VENV)/.installed
 # Compiled XLA programs are cached here so the later demo steps reuse them.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/runs/.jax_cache
 
+# The demo, step by step: each target makes one thing; training targets resume
+# (and finish at once when their run is complete).
+SAMPLE := runs/data/sample
+
+sample-data: install
+	$(PY) -m data_prep.sample --out $(SAMPLE) --size 64
+
+demo-dva: sample-data
+	$(PY) -m s3jax.train --config configs/voxceleb.py:demo --workdir $(DEMO)
+
+demo-classifier: demo-dva
+	$(PY) -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir $(DEMO)/classifier
+
+demo-id-standin: sample-data
+	$(PY) -m s3jax.train --config configs/id_standin.py:demo --workdir $(DEMO)/id_standin
+
 # Train the demo DVA on the embedded sample, then the demo attribute classifier,
 # then edit a held-out sample clip with it (input | edit side by side).
-demo: install
-	$(PY) -m s3jax.train --config configs/voxceleb.py:demo --workdir $(DEMO)
-	$(PY) -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir $(DEMO)/classifier
+demo: demo-dva demo-classifier
 	$(PY) -m data_prep.sample --clip $(DEMO)/edit/sample_clip.mp4 --frames 24
 	$(PY) -m s3jax.edit --checkpoint $(DEMO) --input $(DEMO)/edit/sample_clip.mp4 \
 	    --attribute Mouth_Wide --strength 1.5 --steps 20 --blend feather --side-by-side \
 	    --out $(DEMO)/edit/edited.mp4
 	@echo "demo outputs: $(DEMO)/samples/, $(DEMO)/classifier/classifier.json, $(DEMO)/edit/"
 
-# After `make demo`: S3Editor on top of the demo DVA and classifier, then an edit with it.
-demo-s3editor: demo
+# S3Editor on top of the demo DVA, classifier and identity stand-in, then an edit with it.
+demo-s3editor: demo demo-id-standin
 	$(PY) -m s3jax.train --config configs/s3editor.py:demo --workdir $(DEMO)/s3editor
 	$(PY) -m s3jax.edit --checkpoint $(DEMO) --input $(DEMO)/edit/sample_clip.mp4 \
 	    --attribute Eyes_Open --strength 1.5 --steps 20 --blend feather --side-by-side \
@@ -36,6 +50,10 @@ demo-s3editor: demo
 
 test: install
 	$(PY) -m pytest -q
+
+# Skips the tests marked `slow` (> ~15 s each); CI runs everything (`make test`).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -41,7 +41,13 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # CPU wheel; `pip install torch==2.13.0` takes it from the local disk here.
     "torch": ["torch==2.13.0"],
-    "test": ["pytest==9.2.0", "torch==2.13.0"],
+    # Everything the tests import beyond install_requires, plus the formatter test_style runs.
+    "test": [
+        "pytest==9.2.0",
+        "torch==2.13.0",
+        "portpicker==1.6.0",
+        "pyink==26.5.1",
+    ],
     "cuda": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
 }

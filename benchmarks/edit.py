@@ -83,7 +83,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from s3jax import diffusion, editing, video  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the checkout's `configs` package
+import configs  # noqa: E402
+from s3jax import diffusion, editing, images, loading, optim, video  # noqa: E402
+from s3jax.checkpointing import Checkpointer  # noqa: E402
+from s3jax.models.autoencoder import id_dim, make_dva  # noqa: E402
 from s3jax.models.unet import UNetConfig  # noqa: E402
 from s3jax.porting.unet_keys import unet_params_to_torch  # noqa: E402
 from s3jax.torch_twin.unet import from_state_dict  # noqa: E402
@@ -96,18 +100,9 @@ UTILISATION = 0.5
 
 def demo_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
   """A randomly initialised demo-config DVA checkpoint (zero-init convs made random)."""
-  import importlib.util
-  from s3jax import optim
-  from s3jax.checkpointing import Checkpointer, write_config
-  from s3jax.models.autoencoder import make_dva
-  from s3jax.training.dva import init_train_state
-
-  spec = importlib.util.spec_from_file_location("voxceleb_cfg", ROOT / "configs" / "voxceleb.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("demo")
+  cfg = configs.get("voxceleb:demo")
   model = make_dva(cfg.model)
-  state = init_train_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))
+  state = loading.init_dva_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))
   r = np.random.default_rng(0)
   params = jax.tree.map(
       lambda x: (0.05 * r.standard_normal(x.shape)).astype(np.float32)
@@ -116,9 +111,8 @@ def demo_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
       state.params,
   )
   state = state.replace(params=params, ema_params=params)
-  write_config(workdir, cfg)
   ck = Checkpointer(workdir, async_save=False)
-  ck.save(0, state, force=True)
+  ck.save(0, state, config=cfg, force=True)
   ck.close()
   return workdir
 
@@ -137,21 +131,16 @@ class TwinDDIM:
       self.fuse.weight.copy_(torch.as_tensor(np.asarray(lin["kernel"]).T))
       self.fuse.bias.copy_(torch.as_tensor(np.asarray(lin["bias"])))
 
-  @staticmethod
-  def _consts(steps, target):
-    s = diffusion.respaced_schedule(steps)
-    ac = s["alphas_cumprod"]
-    f = lambda a: np.asarray(a, np.float64).astype(np.float32)  # noqa: E731
-    return (s["timesteps"], f(np.sqrt(1.0 / ac)), f(np.sqrt(1.0 / ac - 1.0)), f(s[target]))
-
   @torch.no_grad()
-  def _scan(self, x, z_face, ts, rec, recm1, tgt, order):
-    for i in order:
-      t = torch.full((x.shape[0],), int(ts[i]), dtype=torch.int64)
+  def _scan(self, x, z_face, consts):
+    """`diffusion.ddim_step` in torch, over the same step constants."""
+    for i in range(len(consts["t"])):
+      t = torch.full((x.shape[0],), int(consts["t"][i]), dtype=torch.int64)
+      rec, recm1 = float(consts["sqrt_recip"][i]), float(consts["sqrt_recipm1"][i])
       eps = self.unet(x, t, z_face)
-      x0 = (float(rec[i]) * x - float(recm1[i]) * eps).clamp(-1.0, 1.0)
-      eps = (float(rec[i]) * x - x0) / float(recm1[i])
-      a = float(tgt[i])
+      x0 = (rec * x - recm1 * eps).clamp(-1.0, 1.0)
+      eps = (rec * x - x0) / recm1
+      a = float(consts["a_target"][i])
       x = x0 * a**0.5 + (1.0 - a) ** 0.5 * eps
     return x
 
@@ -160,13 +149,11 @@ class TwinDDIM:
     return self.fuse(torch.cat([torch.as_tensor(z_id), torch.as_tensor(z_lnd)], -1).float())
 
   def invert(self, x0_nhwc, z_face, steps):
-    ts, rec, recm1, nxt = self._consts(steps, "alphas_cumprod_next")
     x = torch.as_tensor(np.ascontiguousarray(x0_nhwc.transpose(0, 3, 1, 2)))
-    return self._scan(x, z_face, ts, rec, recm1, nxt, range(steps - 1))
+    return self._scan(x, z_face, diffusion.ddim_constants(steps, "invert"))
 
   def decode(self, x_T, z_face, steps):
-    ts, rec, recm1, prev = self._consts(steps, "alphas_cumprod_prev")
-    x = self._scan(x_T, z_face, ts, rec, recm1, prev, reversed(range(steps)))
+    x = self._scan(x_T, z_face, diffusion.ddim_constants(steps, "decode"))
     return x.numpy().transpose(0, 2, 3, 1)
 
 
@@ -176,25 +163,19 @@ def _median(xs):
 
 def bench_single_edit(ed: editing.VideoEditor, twin: TwinDDIM, code, steps: int, repeats=2):
   """frames/s of one edit (invert + decode) at `steps`, JAX batched vs twin."""
-  ed_s = editing.VideoEditor(
-      ed.checkpoint_dir,
-      steps=steps,
-      chunk=ed.chunk,
-      cache=False,
-      model=(ed.model, ed.params, ed.config),
-  )
+  runner = editing.DDIMRunner(ed.model, ed.params, steps, mesh=ed.mesh, chunk=ed.chunk)
   n = len(code.frame_indices)
-  x0 = code.crops.astype(np.float32) / 127.5 - 1.0
+  x0 = images.to_model(code.crops)
   z = np.repeat(code.z_id[None], n, 0)
   timings = {}
-  ed_s._run_chunks("invert", x0, z, code.z_lnd, timings)  # compile + warm-up
-  ed_s._run_chunks("decode", x0, z, code.z_lnd, timings)
+  runner.invert(x0, z, code.z_lnd, timings)  # compile + warm-up
+  runner.decode(x0, z, code.z_lnd, timings)
   compile_s = timings.get("compile", 0.0)
   jax_times = []
   for _ in range(repeats):
     t = {}
-    x_T = ed_s._run_chunks("invert", x0, z, code.z_lnd, t)
-    ed_s._run_chunks("decode", x_T, z, code.z_lnd, t)
+    x_T = runner.invert(x0, z, code.z_lnd, t)
+    runner.decode(x_T, z, code.z_lnd, t)
     jax_times.append(t["invert"] + t["decode"])
   zf = twin.z_face(z, code.z_lnd)
   # Twin, one frame at a time (the reference procedure).
@@ -204,7 +185,7 @@ def bench_single_edit(ed: editing.VideoEditor, twin: TwinDDIM, code, steps: int,
     twin.decode(xt, zf[i : i + 1], steps)
   twin_single = time.perf_counter() - t0
   # Twin batched like the JAX chunks.
-  chunk = ed_s.chunk_size(n)
+  chunk = runner.chunk_size(n)
   t0 = time.perf_counter()
   for c in range(0, n, chunk):
     xt = twin.invert(x0[c : c + chunk], zf[c : c + chunk], steps)
@@ -246,17 +227,17 @@ def _ours_sweep(ckpt, model, frames, strengths, steps, chunk, cache_dir, clf):
 
 def _reference_sweep(twin, ours, code, frames, strengths, steps, clf):
   """The reference procedure on the twin: per edit, invert + decode each frame alone; paste."""
-  x0 = code.crops.astype(np.float32) / 127.5 - 1.0
+  x0 = images.to_model(code.crops)
   n = len(code.frame_indices)
   t0 = time.perf_counter()
   for s in strengths:
-    z_new = editing.edit_z_id(code.z_id, clf, "Probe", s)
+    z_new = clf.edit(code.z_id, "Probe", s)
     zf_avg = twin.z_face(np.repeat(code.z_id[None], n, 0), code.z_lnd)
     zf_new = twin.z_face(np.repeat(z_new[None], n, 0), code.z_lnd)
     crops = []
     for i in range(n):
       xt = twin.invert(x0[i : i + 1], zf_avg[i : i + 1], steps)
-      crops.append(editing._to_uint8(twin.decode(xt, zf_new[i : i + 1], steps))[0])  # pylint: disable=protected-access
+      crops.append(images.to_uint8(twin.decode(xt, zf_new[i : i + 1], steps))[0])
     ours.paste(frames, code, np.stack(crops), "hard")
   return time.perf_counter() - t0
 
@@ -319,11 +300,9 @@ def bench_sweep(ckpt, model, frames, strengths, steps, chunk, tmp, rounds=2):
 
 
 def sweep_classifier(config):
-  from s3jax.models.autoencoder import id_dim
-
   d = id_dim(config.model)
   r = np.random.default_rng(0)
-  return editing.Classifier(
+  return loading.Classifier(
       names=["Probe"],
       weight=r.standard_normal((d, 1)),
       bias=np.zeros(1),
@@ -335,14 +314,7 @@ def sweep_classifier(config):
 
 def projection():
   """Paper-size UNet forward FLOPs (XLA cost analysis) -> 300 frames x 100 steps on one H100."""
-  sys.path.insert(0, str(ROOT))
-  import importlib.util
-  from s3jax.models.autoencoder import make_dva
-
-  spec = importlib.util.spec_from_file_location("voxceleb_cfg", ROOT / "configs" / "voxceleb.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("")
+  cfg = configs.get("voxceleb")
   model = make_dva(cfg.model)
   s = cfg.model.unet.image_size
   x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)

@@ -7,7 +7,7 @@ At the mid config (64 px, model_channels 64, mult (1,2,2,4), batch 4 images =
 one batched forward of 2B, L1 on eps, the masked x0 regulariser, backward,
 global-norm clip, Adam and the EMA update. Also reported, from the same run:
 - the step's FLOPs (XLA cost analysis) and its FLOP/s against XLA's own 3x3-conv
-  rate (the CPU bound; DESIGN.md's performance facts);
+  rate (the CPU bound; docs/design.md's performance facts);
 - compile time;
 - input-pipeline frames/s at the mid config's batch shape, against the frames/s
   the train step consumes (it must be well above);

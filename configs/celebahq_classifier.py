@@ -33,54 +33,13 @@ ones for the latter (`<workdir>/classifier.json` has the measured figures).
 
 import ml_collections
 
-CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow",
-    "Arched_Eyebrows",
-    "Attractive",
-    "Bags_Under_Eyes",
-    "Bald",
-    "Bangs",
-    "Big_Lips",
-    "Big_Nose",
-    "Black_Hair",
-    "Blond_Hair",
-    "Blurry",
-    "Brown_Hair",
-    "Bushy_Eyebrows",
-    "Chubby",
-    "Double_Chin",
-    "Eyeglasses",
-    "Goatee",
-    "Gray_Hair",
-    "Heavy_Makeup",
-    "High_Cheekbones",
-    "Male",
-    "Mouth_Slightly_Open",
-    "Mustache",
-    "Narrow_Eyes",
-    "No_Beard",
-    "Oval_Face",
-    "Pale_Skin",
-    "Pointy_Nose",
-    "Receding_Hairline",
-    "Rosy_Cheeks",
-    "Sideburns",
-    "Smiling",
-    "Straight_Hair",
-    "Wavy_Hair",
-    "Wearing_Earrings",
-    "Wearing_Hat",
-    "Wearing_Lipstick",
-    "Wearing_Necklace",
-    "Wearing_Necktie",
-    "Young",
-)
+from s3jax import config_blocks
+from s3jax.models.editor import CELEBA_ATTRIBUTES
 
 
 def get_config(arg: str = ""):
   """`arg` is '' (CelebA-HQ, 40 attributes) or 'demo' (measured labels on the sample)."""
-  if arg not in ("", "demo"):
-    raise ValueError(f"unknown config variant {arg!r}; use '' or 'demo'")
+  arg = config_blocks.parse_variant(arg)
   c = ml_collections.ConfigDict()
   c.trainer = "classifier"
   c.seed = 0
@@ -96,26 +55,23 @@ def get_config(arg: str = ""):
           test_split="test",  # falls back to train (with a warning) when absent
           batch_size=256,  # global batch of z_id vectors
           shuffle_seed=0,
-          build_sample_if_missing=False,
       )
   )
-  c.optim = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0))
+  c.optim = config_blocks.adam(1e-3, grad_clip=0.0, weight_decay=0.0)  # no clipping: convex
   c.ema_decay = 0.0  # the classifier is convex; EMA off (ema_params = params)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.total_steps = 5000
-  c.log_every = 250
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 1
-  c.sample_every = 5000  # evaluates AUC and writes classifier.{json,npz}
+  c.mesh = config_blocks.mesh()
+  # sample_every: evaluates AUC and writes classifier.{json,npz}.
+  config_blocks.loop(
+      c, 5000, log_every=250, checkpoint_every=5000, sample_every=5000, keep_checkpoints=1
+  )
   if arg == "demo":
     c.dva_workdir = "runs/demo"
-    c.data.data_dir = ""  # from runs/demo/config.json
+    c.data.data_dir = ""  # from the config of the DVA checkpoint in runs/demo
     c.data.labels = "measured"
     c.data.attribute_names = ()  # MEASURED_ATTRIBUTES
     c.data.batch_size = 32
     c.optim.lr = 1e-2
-    c.total_steps = 300
-    c.log_every = 50
-    c.checkpoint_every = 300
-    c.sample_every = 300
+    config_blocks.loop(
+        c, 300, log_every=50, checkpoint_every=300, sample_every=300, keep_checkpoints=1
+    )
   return c

@@ -7,18 +7,20 @@
 '' (default): the paper-style sweep of a trained DVA on the held-out VoxCeleb
 split: CelebA-HQ attribute classifiers, strengths +-0.5/1/1.5, 20 and 100 DDIM steps.
 ':demo': the demo DVA (`runs/demo`) and its demo classifier (`runs/demo/classifier`,
-the measured attributes of the embedded sample) on the sample's test split, 10
-and 20 steps: runs in a few minutes on a laptop CPU.
+the measured attributes of the embedded sample) on the sample's test split
+(`runs/data/sample`, made by `make sample-data` or `python -m data_prep.sample --out
+runs/data/sample --size 64`), 10 and 20 steps: runs in a few minutes on a laptop CPU.
 
 Checkpoints are workdirs: 'DIR' (newest step), 'DIR@STEP' or 'DIR@all' (every kept step).
 """
 
 import ml_collections
 
+from s3jax import config_blocks
+
 
 def get_config(arg: str = ""):
-  if arg not in ("", "demo"):
-    raise ValueError(f"unknown config variant {arg!r}; use '' or 'demo'")
+  arg = config_blocks.parse_variant(arg)
   c = ml_collections.ConfigDict()
   c.checkpoints = ("runs/dva",)
   c.classifier = "runs/classifier"  # classifier workdir (classifier.npz); '' = none
@@ -31,15 +33,13 @@ def get_config(arg: str = ""):
           videos=(),  # video files or frame folders; () = the held-out split
           data_dir="data/voxceleb",  # data_prep output (used when `videos` is empty)
           split="test",
-          image_size=256,  # only for build_sample_if_missing
-          build_sample_if_missing=False,
           max_videos=8,
           max_frames=16,  # frames per video (the first ones)
           resize_width=480,  # downscale given videos while reading (0 = keep)
       )
   )
   c.lpips = ""  # 'module:function' -> (features_fn, linear_weights); '' = off
-  c.ms_ssim_max_scales = 5  # fewer are used when the crop is too small (see evaluate.py)
+  c.ms_ssim_max_scales = 5  # fewer are used when the crop is too small (s3jax.evaluation)
   c.cache_encodings = True  # keep VideoEditor encodings of given videos in workdir
   c.retry_failed = False  # re-run cells stored as failed
   c.save_samples = True  # input/output strip per cell in workdir/samples
@@ -52,8 +52,6 @@ def get_config(arg: str = ""):
     c.strengths = (-1.0, 1.0, 2.0)
     c.ddim_steps = (10, 20)
     c.data.data_dir = "runs/data/sample"
-    c.data.image_size = 64
-    c.data.build_sample_if_missing = True
     c.data.max_videos = 2
     c.data.max_frames = 8
   return c

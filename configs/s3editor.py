@@ -4,19 +4,21 @@
   python -m s3jax.train --config configs/s3editor.py:demo --workdir runs/demo/s3editor
 
 The DVA comes from `dva_workdir`, the classifiers from `classifier_dir`
-(`classifier.npz`), the differentiable identity stand-in from `idnet_dir`.
-Missing prerequisites are trained at demo size into `<workdir>/prereq` when
-`prereq.train_missing` is set (the demo), else it is an error.
+(`classifier.npz`), the differentiable identity stand-in from `idnet_dir`
+(`configs/id_standin.py`). Each is trained by its own task first (`make
+demo-s3editor` runs all of them); a missing one is an error naming the
+command that makes it.
 See docs/s3editor.md for every loss, default and choice.
 """
 
 import ml_collections
 
+from s3jax import config_blocks
+
 
 def get_config(arg: str = ""):
   """`arg` is '' (paper-scale settings) or 'demo' (tiny CPU run on the embedded sample)."""
-  if arg not in ("", "demo"):
-    raise ValueError(f"unknown config variant {arg!r}; use '' or 'demo'")
+  arg = config_blocks.parse_variant(arg)
   c = ml_collections.ConfigDict()
   c.trainer = "s3editor"
   c.seed = 0
@@ -25,30 +27,8 @@ def get_config(arg: str = ""):
   c.dva_workdir = "runs/dva"
   c.classifier_dir = "runs/classifier"
   c.idnet_dir = "runs/id_standin"  # the distilled identity stand-in (no ArcFace weights)
-  c.prereq = ml_collections.ConfigDict(
-      dict(
-          train_missing=False,  # train demo-size prerequisites into <workdir>/prereq
-          dva_steps=150,
-          classifier_steps=0,  # 0: the classifier config's own total_steps
-          classifier_fallback="",  # 'synthetic': random directions when no classifier trainer exists
-          idnet_steps=300,
-          idnet_width=32,
-          idnet_eval_batches=4,
-      )
-  )
 
-  c.data = ml_collections.ConfigDict(
-      dict(
-          data_dir="data/voxceleb",
-          build_sample_if_missing=False,
-          image_size=256,
-          batch_size=8,  # items per global batch
-          frames_per_item=2,
-          shuffle_seed=0,
-          num_workers=0,
-          skip_corrupt=False,
-      )
-  )
+  c.data = config_blocks.data()
 
   # The editor: K routed residual MLPs on z_id, hidden = R * neurons_per_region.
   c.editor = ml_collections.ConfigDict(
@@ -61,7 +41,7 @@ def get_config(arg: str = ""):
           normalize_output=True,  # x_hat is L2-normalised like z_id
           attributes=(),  # the pool; () = every classifier attribute with a part table entry
           min_auc=0.0,  # drop attributes whose classifier AUC is below this
-          direction_scale=0.0,  # 0: sqrt(D), as DESIGN's classifier edit
+          direction_scale=0.0,  # 0: sqrt(D), as docs/design.md's classifier edit
           region_min_fraction=0.25,  # editor.part_regions(min_fraction=...)
           kmeans_seed=0,
       )
@@ -91,13 +71,9 @@ def get_config(arg: str = ""):
       dict(lr=1e-3, grad_clip=1.0, b1=0.9, b2=0.999, warmup_steps=0, unet_lr=1e-5)
   )
   c.ema_decay = 0.999
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.mesh = config_blocks.mesh()
 
-  c.total_steps = 20_000
-  c.log_every = 100
-  c.checkpoint_every = 2000
-  c.keep_checkpoints = 3
-  c.sample_every = 2000
+  config_blocks.loop(c, 20_000, log_every=100, checkpoint_every=2000, sample_every=2000)
   c.num_sample_rows = 4
   c.eval_steps = 20  # DDIM steps (invert + decode) for the sample grids
   c.sample_strength = 1.0
@@ -107,12 +83,7 @@ def get_config(arg: str = ""):
     c.dva_workdir = "runs/demo"
     c.classifier_dir = "runs/demo/classifier"
     c.idnet_dir = "runs/demo/id_standin"
-    c.prereq.train_missing = True
-    c.prereq.classifier_fallback = "synthetic"
-    c.prereq.dva_steps = 150
-    c.prereq.idnet_steps = 200
     c.data.data_dir = "runs/data/sample"
-    c.data.build_sample_if_missing = True
     c.data.image_size = 64
     c.data.batch_size = 4
     c.data.frames_per_item = 1
@@ -123,12 +94,9 @@ def get_config(arg: str = ""):
     c.sparsity.lam_in = 1.0
     c.sparsity.lam_out = 48.0
     c.ema_decay = 0.9
-    c.total_steps = 60
-    c.log_every = 10
-    c.checkpoint_every = 30
-    c.sample_every = 60
+    config_blocks.loop(c, 60, log_every=10, checkpoint_every=30, sample_every=60)
     c.eval_steps = 10
     # The demo classifier's attributes are measured on the sample (see
-    # configs/celebahq_classifier.py); the synthetic fallback uses CelebA names.
+    # configs/celebahq_classifier.py).
     c.sample_attributes = ("Mouth_Wide", "Eyes_Open", "Bright_Face", "Smiling")
   return c

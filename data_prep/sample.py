@@ -197,12 +197,6 @@ def write_sample_clip(
   return path
 
 
-def ensure_sample_for(data_config) -> None:
-  """Builds the sample into `data_config.data_dir` when the config asks for it and it is missing."""
-  if data_config.get("build_sample_if_missing"):
-    ensure_sample_dataset(data_config.data_dir, data_config.image_size)
-
-
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -216,7 +210,8 @@ def main(argv):
   import time  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  version_dir = build_sample_dataset(
+  # Idempotent, so `make demo` can run it every time.
+  version_dir = ensure_sample_dataset(
       f.out, size=f.size, frames_per_video=f.frames, seed=f.seed, progress=True
   )
   print(f"sample dataset: {version_dir} ({time.perf_counter() - t0:.1f} s)")

@@ -344,6 +344,3 @@ def build_dataset(
   (version_dir / VIDEO_INDEX_FILE).write_text(json.dumps(index, indent=1))
   manifest_path.write_text(json.dumps(manifest, indent=1))
   return version_dir
-
-
-from s3jax.input_pipeline import find_version_dir  # noqa: E402,F401  (re-export)

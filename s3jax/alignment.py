@@ -31,9 +31,14 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import time
 from typing import Iterable, List, NamedTuple, Optional, Sequence
 
+import cv2
+import dlib
 import numpy as np
+from scipy.ndimage import gaussian_filter1d
+from tqdm import tqdm
 
 __all__ = [
     "NoFaceError",
@@ -103,8 +108,6 @@ def model_path(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def get_detector(kind: str = "hog"):
-  import dlib
-
   if kind == "hog":
     return dlib.get_frontal_face_detector()
   if kind == "cnn":
@@ -114,8 +117,6 @@ def get_detector(kind: str = "hog"):
 
 @functools.lru_cache(maxsize=None)
 def get_shape_predictor():
-  import dlib
-
   return dlib.shape_predictor(model_path("shape_predictor_68_face_landmarks.dat"))
 
 
@@ -176,8 +177,6 @@ def detect_landmarks(
   With ``return_score=True`` returns ``(landmarks, score)`` (``(None, None)``
   when nothing is found).
   """
-  import dlib
-
   img = _as_rgb_uint8(frame)
   if min_score is None:
     min_score = DEFAULT_HOG_MIN_SCORE if detector == "hog" else DEFAULT_CNN_MIN_SCORE
@@ -185,8 +184,6 @@ def detect_landmarks(
   scale = 1.0
   small = img
   if detect_max_side is not None and max(h, w) > detect_max_side:
-    import cv2
-
     scale = detect_max_side / float(max(h, w))
     small = cv2.resize(
         img,
@@ -220,8 +217,6 @@ def detect_landmarks_batch(
   """``detect_landmarks`` over frames; a tqdm bar when ``progress``."""
   it = frames
   if progress:
-    from tqdm import tqdm
-
     it = tqdm(frames, desc="landmarks", total=len(frames) if hasattr(frames, "__len__") else None)
   return [detect_landmarks(f, detector=detector, upsample=upsample, **kwargs) for f in it]
 
@@ -271,8 +266,6 @@ def smooth_quads(quads, sigma_center: float = 1.0, sigma_xy: float = 3.0) -> np.
   ``quads`` is (N, 4, 2).  Uses ``scipy.ndimage.gaussian_filter1d`` with its
   default 'reflect' boundary, as STIT does.  A sigma of 0 disables that part.
   """
-  from scipy.ndimage import gaussian_filter1d
-
   q = np.asarray(quads, dtype=np.float64)
   if q.ndim != 3 or q.shape[1:] != (4, 2):
     raise ValueError(f"expected (N, 4, 2) quads, got {q.shape}")
@@ -387,8 +380,6 @@ def paste_matrix(quad, size: int) -> np.ndarray:
 
 def crop_matrix(quad, size: int) -> np.ndarray:
   """2x3 affine: frame pixel-index coords -> crop pixel-index coords."""
-  import cv2
-
   return cv2.invertAffineTransform(paste_matrix(quad, size))
 
 
@@ -416,8 +407,6 @@ def crop_from_quad(
   ``border``: 'reflect' (like FFHQ's padded recipe, default) or 'constant'
   (black, like STIT without padding).
   """
-  import cv2
-
   img = _as_rgb_uint8(frame)
   q = np.asarray(quad, dtype=np.float64)
   side = max(np.hypot(*(q[3] - q[0])), np.hypot(*(q[1] - q[0])))
@@ -437,8 +426,6 @@ def predict_landmarks_in_crop(crop) -> np.ndarray:
   Runs dlib's shape predictor inside ``CANONICAL_FACE_RECT`` (where the HOG
   detector's box lands on aligned crops), so it cannot fail.
   """
-  import dlib
-
   img = _as_rgb_uint8(crop)
   h, w = img.shape[:2]
   l, t, r, b = CANONICAL_FACE_RECT
@@ -504,8 +491,6 @@ def align_video(
   ``CANONICAL_FACE_RECT``.  ``scale`` enlarges the FFHQ quad (STIT's
   ``scale``).  Raises ``NoFaceError`` if no frame has a face.
   """
-  import time
-
   frames = list(frames) if not isinstance(frames, np.ndarray) else frames
   n = len(frames)
   t0 = time.perf_counter()

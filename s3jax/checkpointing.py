@@ -1,8 +1,10 @@
-"""Orbax checkpoints of the train state and the grain iterator.
+"""Orbax checkpoints of the train state, the grain iterator and the config.
 
-A checkpoint step holds two items: `state` (params, EMA params, optimizer
-state, step) and `data` (the grain iterator position, one JSON file per
-process). Saves are async and atomic (orbax writes to a tmp dir and renames).
+A checkpoint step holds three items: `state` (params, EMA params, optimizer
+state, step), `data` (the grain iterator position, one JSON file per process)
+and `config` (the resolved run config as JSON, so a loader reads the config
+of the very step it restores). Saves are async and atomic (orbax writes to a
+tmp dir and renames).
 Restore picks the newest step that loads; a broken newest step falls back to
 the previous one with a warning, never silently to a fresh start.
 """
@@ -12,10 +14,32 @@ import logging
 import pathlib
 from typing import Any, Optional
 
+import flax
 import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What every trainer checkpoints: step, params, their EMA and the optimizer state."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def new_train_state(params, tx) -> TrainState:
+  """A fresh state at step 0; the EMA starts equal to the params."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+  )
 
 
 class CheckpointShapeError(ValueError):
@@ -75,6 +99,7 @@ class Checkpointer:
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
         },
     )
 
@@ -84,11 +109,22 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+  def save(
+      self, step: int, state: Any, data_iterator: Any = None, config=None, force: bool = False
+  ) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
+    if config is not None:
+      items["config"] = ocp.args.JsonSave(config_to_dict(config))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore_config(self, step: int):
+    """The config saved with `step` (a ConfigDict), or None for a step saved without one."""
+    if not (self.directory / str(step) / "config").exists():
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(restored["config"])
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -97,7 +133,7 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-  def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any):
+  def restore_step(self, step: int, abstract_state: Any, data_iterator: Any):
     metadata = self.manager.item_metadata(step)
     state_meta = metadata["state"] if metadata is not None else None
     if state_meta is None:
@@ -121,7 +157,7 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        return self._restore_step(step, abstract_state, data_iterator), step
+        return self.restore_step(step, abstract_state, data_iterator), step
       except CheckpointShapeError:
         raise
       except Exception as e:  # A truncated or missing file: try the step before.
@@ -138,8 +174,46 @@ class Checkpointer:
     )
 
 
+def latest_step(workdir) -> int:
+  """The newest checkpoint step of `workdir`; FileNotFoundError when it has none."""
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+  finally:
+    ckpt.close()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
+  return steps[-1]
+
+
+def read_config(workdir, step: Optional[int] = None):
+  """The config saved with checkpoint `step` (default: the newest) of `workdir`.
+
+  Workdirs written before configs travelled with checkpoints fall back to
+  `workdir/config.json`.
+  """
+  config = None
+  if (pathlib.Path(workdir) / "checkpoints").is_dir():
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+      steps = ckpt.all_steps()
+      if step is None and steps:
+        step = steps[-1]
+      config = ckpt.restore_config(step) if step in steps else None
+    finally:
+      ckpt.close()
+  if config is not None:
+    return config
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found and no checkpoint with a config: is {workdir} an " "s3jax workdir?"
+    )
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
 def restore_state_only(workdir, abstract_state: Any, step: Optional[int] = None):
-  """Restores just the train state (for editing/eval), newest step by default."""
+  """Restores just the train state (for editing/eval), newest loadable step by default."""
   ckpt = Checkpointer(workdir, async_save=False)
   try:
     steps = ckpt.all_steps()
@@ -148,22 +222,34 @@ def restore_state_only(workdir, abstract_state: Any, step: Optional[int] = None)
     if step is None:
       state, step = ckpt.restore_latest(abstract_state)
     else:
-      state = ckpt._restore_step(step, abstract_state, None)
+      state = ckpt.restore_step(step, abstract_state, None)
     return state, step
   finally:
     ckpt.close()
 
 
+def restore_saved_state(workdir, step: Optional[int] = None) -> Any:
+  """The state tree of checkpoint `step` (default: newest) exactly as saved, as numpy arrays.
+
+  For loaders of models whose template is not a full train state (the EMA
+  editor, the identity stand-in); they check the shapes they use.
+  """
+  step = latest_step(workdir) if step is None else int(step)
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out["state"]
+  finally:
+    ckpt.close()
+
+
+def config_to_dict(config) -> dict:
+  """The resolved config as plain JSON types (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
 def write_config(workdir, config) -> None:
-  path = pathlib.Path(workdir) / "config.json"
+  """`workdir/config.json`, for people; loaders read the copy inside each checkpoint."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(config.to_json_best_effort(indent=2))
-
-
-def read_config(workdir):
-  import ml_collections
-
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: is {workdir} an s3jax workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -7,7 +7,9 @@ Follows the reference (`diffusion/base.py`, `diffusion/diffusion.py`):
   The model is always called with the *original* timestep.
 - `ddim_invert` runs N-1 steps (`range(N)[:-1]`) with alphas_cumprod_next; `ddim_sample` runs N
   steps down to t=0. Both clip the predicted x0 to [-1, 1] and re-derive eps from it.
-Each sampler is one `jax.lax.scan`; `eps_fn(x, t, cond)` is any traceable callable.
+Every DDIM here is `ddim_scan` (one `jax.lax.scan` of `ddim_step`) over step constants
+from `ddim_constants` (the respaced samplers) or `step_constants` (any timesteps and
+target alphas); `eps_fn(x, t, cond)` is any traceable callable.
 """
 
 from __future__ import annotations
@@ -107,15 +109,62 @@ def respaced_schedule(num_steps: int, num_timesteps: int = NUM_TIMESTEPS) -> dic
   }
 
 
-def _ddim_step_consts(sched: dict, target: str) -> dict:
-  ac = sched["alphas_cumprod"]
-  f32 = lambda a: jnp.asarray(np.asarray(a, np.float64).astype(np.float32))  # noqa: E731
-  return {
-      "t": jnp.asarray(sched["timesteps"], jnp.int32),
+def step_constants(timesteps, target_alphas, alphas=None, valid=None) -> dict:
+  """Step constants for ``ddim_scan``: one entry per step, in scan order (numpy, host).
+
+  Args:
+    timesteps: original timesteps the model is called with, one per step.
+    target_alphas: the cumulative alpha each step moves x to (1.0 lands on the x0 estimate).
+    alphas: the cumulative alpha at each step's timestep; default ``alphas_cumprod()[t]``.
+    valid: optional 0/1 per step; a step with 0 leaves x unchanged (padding, see
+      ``ddim_constants``). Without it every step runs and the scan has no ``lax.cond``.
+
+  Returns a dict of arrays: t (int32), sqrt_recip, sqrt_recipm1, a_target (float32,
+  computed in float64 and cast, as the reference's coefficients), and valid (int32)
+  when given.
+  """
+  ts = np.asarray(timesteps, np.int64).reshape(-1)
+  ac = alphas_cumprod()[ts] if alphas is None else np.asarray(alphas, np.float64).reshape(-1)
+  target = np.asarray(target_alphas, np.float64).reshape(-1)
+  if not len(ts) == len(ac) == len(target):
+    raise ValueError(
+        f"{len(ts)} timesteps, {len(ac)} alphas and {len(target)} target alphas: one per step"
+    )
+  f32 = lambda a: np.asarray(a, np.float64).astype(np.float32)  # noqa: E731
+  consts = {
+      "t": ts.astype(np.int32),
       "sqrt_recip": f32(np.sqrt(1.0 / ac)),
       "sqrt_recipm1": f32(np.sqrt(1.0 / ac - 1.0)),
-      "a_target": f32(sched[target]),
+      "a_target": f32(target),
   }
+  if valid is not None:
+    consts["valid"] = np.asarray(valid, np.int32).reshape(len(ts))
+  return consts
+
+
+def ddim_constants(num_steps: int, kind: str, pad: bool = False) -> dict:
+  """Step constants of ``ddim_invert`` (kind='invert') or ``ddim_sample`` ('decode').
+
+  Decoding runs the respaced steps N-1 ... 0 towards alphas_cumprod_prev; inversion runs
+  0 ... N-2 towards alphas_cumprod_next (N-1 steps). With ``pad``, both kinds carry
+  ``valid`` and have N entries (inversion ends with a skipped step), so one compiled
+  ``ddim_scan`` serves both with the constants as arguments.
+  """
+  sched = respaced_schedule(num_steps)
+  n = len(sched["timesteps"])
+  if kind == "invert":
+    idx = np.arange(n if pad else n - 1)
+    target = sched["alphas_cumprod_next"]
+    valid = (idx < n - 1).astype(np.int32) if pad else None
+  elif kind == "decode":
+    idx = np.arange(n)[::-1]
+    target = sched["alphas_cumprod_prev"]
+    valid = np.ones(n, np.int32) if pad else None
+  else:
+    raise ValueError(f"kind must be 'invert' or 'decode', got {kind!r}")
+  return step_constants(
+      sched["timesteps"][idx], target[idx], alphas=sched["alphas_cumprod"][idx], valid=valid
+  )
 
 
 def ddim_step(eps_fn: EpsFn, x: jax.Array, cond, c: dict, clip: bool = True) -> jax.Array:
@@ -123,7 +172,8 @@ def ddim_step(eps_fn: EpsFn, x: jax.Array, cond, c: dict, clip: bool = True) -> 
 
   Predicts eps, then x0 (clamped to [-1, 1] when `clip`), re-derives eps from that x0
   (as the reference does), and steps. `c` holds scalars: t, sqrt_recip, sqrt_recipm1,
-  a_target.
+  a_target (one entry of ``step_constants``). With a_target 1.0 the result is the x0
+  estimate.
   """
   t = jnp.full((x.shape[0],), c["t"], jnp.int32)
   eps = eps_fn(x, t, cond).astype(x.dtype)
@@ -135,8 +185,21 @@ def ddim_step(eps_fn: EpsFn, x: jax.Array, cond, c: dict, clip: bool = True) -> 
   return x0 * jnp.sqrt(a) + jnp.sqrt(1.0 - a) * eps
 
 
-def _ddim_scan(eps_fn: EpsFn, x: jax.Array, cond, consts: dict, clip: bool) -> jax.Array:
-  x, _ = jax.lax.scan(lambda x, c: (ddim_step(eps_fn, x, cond, c, clip), None), x, consts)
+def ddim_scan(eps_fn: EpsFn, x: jax.Array, cond, consts: dict, clip: bool = True) -> jax.Array:
+  """Deterministic DDIM over ``consts`` (``step_constants`` / ``ddim_constants``), one scan.
+
+  Each step is ``ddim_step``. When ``consts`` has ``valid``, steps with 0 are skipped
+  (``lax.cond``: no model call). ``consts`` may be traced (jit arguments): only their
+  length is static.
+  """
+
+  def step(x, c):
+    if "valid" not in c:
+      return ddim_step(eps_fn, x, cond, c, clip), None
+    move = lambda x: ddim_step(eps_fn, x, cond, c, clip)  # noqa: E731
+    return jax.lax.cond(c["valid"] > 0, move, lambda x: x, x), None
+
+  x, _ = jax.lax.scan(step, x, consts)
   return x
 
 
@@ -147,10 +210,7 @@ def ddim_sample(
 
   `num_steps` must be a Python int (static under jit).
   """
-  sched = respaced_schedule(num_steps)
-  consts = _ddim_step_consts(sched, "alphas_cumprod_prev")
-  consts = jax.tree_util.tree_map(lambda a: a[::-1], consts)  # i = N-1 ... 0
-  return _ddim_scan(eps_fn, x_T, cond, consts, clip)
+  return ddim_scan(eps_fn, x_T, cond, ddim_constants(num_steps, "decode"), clip)
 
 
 def ddim_invert(eps_fn: EpsFn, x0: jax.Array, cond, num_steps: int, clip: bool = True) -> jax.Array:
@@ -158,7 +218,20 @@ def ddim_invert(eps_fn: EpsFn, x0: jax.Array, cond, num_steps: int, clip: bool =
 
   Runs `num_steps - 1` steps (i = 0 .. N-2) with the respaced alphas_cumprod_next, in one scan.
   """
-  sched = respaced_schedule(num_steps)
-  consts = _ddim_step_consts(sched, "alphas_cumprod_next")
-  consts = jax.tree_util.tree_map(lambda a: a[:-1], consts)
-  return _ddim_scan(eps_fn, x0, cond, consts, clip)
+  return ddim_scan(eps_fn, x0, cond, ddim_constants(num_steps, "invert"), clip)
+
+
+def decode_from_noised(eps_fn: EpsFn, x0: jax.Array, t_start: int, noise, cond, steps: int = 1):
+  """Noise ``x0`` to ``t_start``, then ``steps`` deterministic DDIM steps down to t=0.
+
+  The cheap decode of S3Editor's train step. The timesteps are
+  ``round(linspace(t_start, 0, steps + 1))[:-1]`` (original indices); no
+  clipping, so the gradient reaches every pixel; ``steps=1`` is the one-step
+  x0 prediction. The last step's target alpha is 1, so the result is the
+  final x0 estimate. ``t_start`` and ``steps`` are Python ints.
+  """
+  ts = np.round(np.linspace(int(t_start), 0, int(steps) + 1)).astype(np.int32)
+  ac = alphas_cumprod()
+  consts = step_constants(ts[:-1], [ac[t] if t > 0 else 1.0 for t in ts[1:]])
+  x = q_sample(x0, jnp.full((x0.shape[0],), ts[0], jnp.int32), noise)
+  return ddim_scan(eps_fn, x, cond, consts, clip=False)

@@ -13,10 +13,11 @@ The procedure (DVA's classifier editing, STIT's video path):
 3. Batched deterministic DDIM inversion x0 -> x_T conditioned on
    ``z_face(z̄_id, z_lnd_i)``: one jitted ``lax.scan``, frames in fixed-size
    chunks (the last one padded), sharded over all devices, compiled once per
-   chunk shape. Inversion and decoding run the same compiled program
-   (``ddim_scan``; the step constants are arguments), so one compile serves both.
-4. ``edit_z_id``: ``l2norm(denorm(norm(z̄_id) + s·√D·w/‖w‖))`` with the
-   classifier's weight column ``w`` and D the z_id width (128 dlib, 512 ArcFace).
+   chunk shape (``DDIMRunner``). Inversion and decoding run the same compiled program
+   (``diffusion.ddim_scan``; the step constants are arguments), so one compile serves both.
+4. ``Classifier.edit`` (``models.editor.classifier_edit``):
+   ``l2norm(denorm(norm(z̄_id) + s·√D·w/‖w‖))`` with the classifier's weight column
+   ``w`` and D the z_id width (128 dlib, 512 ArcFace).
 5. Batched DDIM decoding from x_T with ``z_face(z̄'_id, z_lnd_i)``.
 6. ``video.paste_back`` with the landmark-hull video mask (hard / feather / poisson).
 
@@ -25,8 +26,11 @@ x_T) is cached per (video content hash, model parameter hash, steps, size,
 alignment options) in ``<checkpoint>/edit_cache`` by default, so further
 edits of the same clip skip alignment, features and inversion.
 
-Public API: ``Classifier``, ``load_classifier``, ``UnknownAttributeError``,
-``edit_z_id``, ``classifier_edit_fn``, ``VideoCode``, ``VideoEditor``.
+Already aligned inputs (dataset records with their landmarks and z_id) skip
+step 1 and the features: ``VideoEditor.encode_aligned``.
+
+Public API: ``VideoCode``, ``DDIMRunner``, ``VideoEditor``. Weights are loaded by
+``s3jax.loading`` (``load_dva``, ``load_classifier``, ``load_editor``).
 """
 
 from __future__ import annotations
@@ -35,117 +39,29 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import time
 from typing import Callable, Optional
 
+import cv2
+import flax
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
+
+from s3jax import alignment, diffusion, face_features, images, loading, metrics, video
+from s3jax.loading import Classifier
+from s3jax.models.editor import l2_normalize
+from s3jax.models import autoencoder
 
 FEATURE_SIZE = 256  # alignment/feature size, as data_prep.common.FEATURE_SIZE
 CACHE_VERSION = 1
 DEFAULT_CHUNK = 8
 
 EditFn = Callable[[np.ndarray, str, float], np.ndarray]
-
-
-# ---------------------------------------------------------------------------
-# Classifier directions
-# ---------------------------------------------------------------------------
-class UnknownAttributeError(ValueError):
-  """The attribute is not one the classifier (or editor) knows; the message lists valid names."""
-
-
-@dataclasses.dataclass
-class Classifier:
-  """Linear attribute classifiers on normalised z_id: logits = ((z - mean) / std) @ weight + bias."""
-
-  names: list
-  weight: np.ndarray  # (D, A)
-  bias: np.ndarray  # (A,)
-  mean: np.ndarray  # (D,)
-  std: np.ndarray  # (D,)
-  auc: np.ndarray  # (A,) test AUC (NaN: undefined)
-  path: Optional[str] = None
-
-  @property
-  def dim(self) -> int:
-    return int(self.weight.shape[0])
-
-  def index(self, attribute: str) -> int:
-    try:
-      return list(self.names).index(attribute)
-    except ValueError:
-      raise UnknownAttributeError(
-          f"unknown attribute {attribute!r}; valid attributes: {', '.join(self.names)}"
-      ) from None
-
-  def direction(self, attribute: str) -> np.ndarray:
-    """The weight column of ``attribute`` (in normalised z space), (D,)."""
-    return np.asarray(self.weight[:, self.index(attribute)], np.float64)
-
-  def logits(self, z_id) -> np.ndarray:
-    z = np.asarray(z_id, np.float64)
-    return ((z - self.mean) / self.std) @ self.weight + self.bias
-
-
-def load_classifier(directory) -> Classifier:
-  """Loads ``classifier.npz`` from a classifier workdir (or the npz path itself)."""
-  p = pathlib.Path(directory)
-  f = p / "classifier.npz" if p.is_dir() else p
-  if not f.exists():
-    raise FileNotFoundError(
-        f"no classifier at {f}; train one with `python -m s3jax.train --config "
-        f"configs/celebahq_classifier.py:demo --workdir {p}` (or pass --classifier)"
-    )
-  with np.load(f, allow_pickle=False) as z:
-    missing = {"names", "weight", "bias", "mean", "std", "auc"} - set(z.files)
-    if missing:
-      raise ValueError(f"{f} lacks {sorted(missing)}")
-    return Classifier(
-        names=[str(n) for n in z["names"]],
-        weight=np.asarray(z["weight"], np.float64),
-        bias=np.asarray(z["bias"], np.float64),
-        mean=np.asarray(z["mean"], np.float64),
-        std=np.asarray(z["std"], np.float64),
-        auc=np.asarray(z["auc"], np.float64),
-        path=str(f),
-    )
-
-
-def l2norm(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
-def edit_z_id(z_id, classifier: Classifier, attribute: str, strength: float) -> np.ndarray:
-  """DESIGN's edit: ``l2norm(denorm(norm(z̄) + s·√D·w/‖w‖))``; z_id (D,) or (N, D) -> same, f32.
-
-  ``norm``/``denorm`` use the classifier's mean/std; ``w`` is its weight column
-  for ``attribute``; D is the z_id width. Raises ``UnknownAttributeError``.
-  """
-  z = np.asarray(z_id, np.float64)
-  d = z.shape[-1]
-  if d != classifier.dim:
-    raise ValueError(
-        f"z_id has width {d} but the classifier was trained on {classifier.dim}-d "
-        "features (dlib 128 / ArcFace 512): use a classifier of the same path"
-    )
-  w = classifier.direction(attribute)
-  zn = (z - classifier.mean) / classifier.std
-  zn = zn + float(strength) * math.sqrt(d) * w / max(np.linalg.norm(w), 1e-12)
-  return l2norm(zn * classifier.std + classifier.mean).astype(np.float32)
-
-
-def classifier_edit_fn(classifier: Classifier) -> EditFn:
-  """An ``edit_fn(z (N, D), attribute, strength) -> (N, D)`` from a classifier."""
-
-  def fn(z, attribute, strength):
-    return edit_z_id(z, classifier, attribute, strength)
-
-  fn.names = list(classifier.names)
-  return fn
 
 
 # ---------------------------------------------------------------------------
@@ -161,7 +77,8 @@ class VideoCode:
   quads: np.ndarray  # (N, 4, 2) smoothed quads
   crops: np.ndarray  # (M, S, S, 3) uint8 aligned crops at the model size
   masks: np.ndarray  # (M, S, S) uint8 {0,1} video face masks
-  landmarks: np.ndarray  # (M, 68, 2) crop landmarks at FEATURE_SIZE px
+  landmarks: np.ndarray  # (M, 68, 2) landmarks in the pixels of the aligned crops encoded
+  # (FEATURE_SIZE px for ``encode``; the given crops' for ``encode_aligned``)
   z_lnd: np.ndarray  # (M, 102)
   z_id_frames: np.ndarray  # (M, D) per-frame z_id
   z_id: np.ndarray  # (D,) averaged, L2-normalised
@@ -236,9 +153,6 @@ def video_hash(frames: np.ndarray) -> str:
 
 def params_hash(params, config=None) -> str:
   """sha256 over the parameter leaves (sorted by path) and the model config."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-
   h = hashlib.sha256()
   if config is not None:
     h.update(
@@ -255,203 +169,108 @@ def params_hash(params, config=None) -> str:
   return h.hexdigest()
 
 
-def _to_model(crops_u8: np.ndarray) -> np.ndarray:
-  return crops_u8.astype(np.float32) * (2.0 / 255.0) - 1.0
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def _progress(it, desc, total, enabled):
-  if not enabled:
-    return it
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-  return tqdm(it, desc=desc, total=total, leave=False)
+  return tqdm(it, desc=desc, total=total, leave=False) if enabled else it
 
 
 # ---------------------------------------------------------------------------
-# DDIM with the step constants as arguments
+# Batched DDIM
 # ---------------------------------------------------------------------------
-def ddim_constants(steps: int, kind: str) -> dict:
-  """Per-step constants of ``diffusion.ddim_invert`` (kind='invert') or ``ddim_sample``
-  ('decode'), in scan order, as numpy arrays of length ``steps``.
+class DDIMRunner:
+  """Chunked, padded, sharded DDIM inversion and decoding of frames with a DVA.
 
-  The same float32 values as ``s3jax.diffusion`` uses. Inversion has ``steps - 1`` real
-  steps; a final padding step with ``valid = 0`` leaves x unchanged, so both kinds have
-  the same shapes and share one compiled program.
-  """
-  from s3jax import diffusion  # pylint: disable=g-import-not-at-top
-
-  sched = diffusion.respaced_schedule(steps)
-  ac = sched["alphas_cumprod"]
-  f32 = lambda a: np.asarray(a, np.float64).astype(np.float32)  # noqa: E731
-  if kind == "invert":
-    idx = np.append(np.arange(steps - 1), steps - 1 if steps > 1 else 0)
-    valid = np.append(np.ones(steps - 1, np.int32), 0)
-    target = f32(sched["alphas_cumprod_next"])
-  elif kind == "decode":
-    idx = np.arange(steps)[::-1]
-    valid = np.ones(steps, np.int32)
-    target = f32(sched["alphas_cumprod_prev"])
-  else:
-    raise ValueError(f"kind must be 'invert' or 'decode', got {kind!r}")
-  return {
-      "t": np.asarray(sched["timesteps"], np.int32)[idx],
-      "sqrt_recip": f32(np.sqrt(1.0 / ac))[idx],
-      "sqrt_recipm1": f32(np.sqrt(1.0 / ac - 1.0))[idx],
-      "a_target": target[idx],
-      "valid": valid,
-  }
-
-
-def ddim_scan(eps_fn, x, cond, consts, clip: bool = True):
-  """Deterministic DDIM over ``consts`` (from ``ddim_constants``) in one ``lax.scan``.
-
-  Each step is ``s3jax.diffusion.ddim_step``; steps with ``valid == 0`` are skipped
-  (``lax.cond``, no UNet call), so inversion (N-1 steps) and decoding (N steps) have the
-  same shapes and share one compiled program.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from s3jax import diffusion  # pylint: disable=g-import-not-at-top
-
-  def step(x, c):
-    move = lambda x: diffusion.ddim_step(eps_fn, x, cond, c, clip)  # noqa: E731
-    return jax.lax.cond(c["valid"] > 0, move, lambda x: x, x), None
-
-  x, _ = jax.lax.scan(step, x, consts)
-  return x
-
-
-# ---------------------------------------------------------------------------
-# The editor
-# ---------------------------------------------------------------------------
-class VideoEditor:
-  """Encodes a video once, then edits it with batched DDIM (see the module docstring).
+  Frames go through in fixed-size chunks (the last one padded by repeating its last
+  frame), each split over every device of ``mesh``. One AOT-compiled program per chunk
+  size serves both directions: it is ``diffusion.ddim_scan`` with the step constants
+  (``diffusion.ddim_constants(steps, kind, pad=True)``) as arguments.
 
   Args:
-    checkpoint_dir: a DVA workdir (``config.json`` + ``checkpoints/``).
-    steps: DDIM steps for inversion and decoding (must divide 1000, e.g. 20, 100).
+    model: the DVA module (``models.autoencoder.DVA``).
+    params: its parameters (replicated over the mesh here).
+    steps: DDIM steps (must divide 1000, e.g. 20, 100).
     mesh: a ``jax.sharding.Mesh``; frames are split over all of its axes. Default:
       one axis over every device.
-    chunk: frames per jitted call (rounded up to a multiple of the device count;
-      a shorter video uses a smaller chunk).
-    cache: cache encodings (``encode(cache_dir=...)``, default ``<checkpoint>/edit_cache``).
-    max_gap / detector: alignment options (``alignment.align_video``).
-    model: optional ``(model, params, config)`` to skip ``restore_dva`` (tests, benchmarks).
+    chunk: frames per call (rounded up to a multiple of the device count; fewer
+      frames use a smaller chunk).
+    progress: a tqdm bar over the chunks.
   """
 
   def __init__(
-      self,
-      checkpoint_dir,
-      steps: int = 100,
-      mesh=None,
-      chunk: int = DEFAULT_CHUNK,
-      cache: bool = True,
-      max_gap: int = 5,
-      detector: str = "hog",
-      progress: bool = False,
-      model=None,
-      step: Optional[int] = None,
+      self, model, params, steps: int, mesh=None, chunk: int = DEFAULT_CHUNK, progress=False
   ):
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    from s3jax import diffusion  # pylint: disable=g-import-not-at-top
-    from s3jax.models.autoencoder import id_dim  # pylint: disable=g-import-not-at-top
-
-    self.checkpoint_dir = pathlib.Path(checkpoint_dir)
     diffusion.respaced_timesteps(steps)  # validates the step count early
+    self.model = model
     self.steps = int(steps)
-    t0 = time.perf_counter()
-    if model is None:
-      from s3jax.training.dva import restore_dva  # pylint: disable=g-import-not-at-top
-
-      self.model, params, self.config, self.ckpt_step = restore_dva(self.checkpoint_dir, step=step)
-    else:
-      self.model, params, self.config = model
-      self.ckpt_step = None
-    if self.config.model.face_features != "dlib":
-      raise NotImplementedError(
-          f"the checkpoint uses face_features={self.config.model.face_features!r}: editing "
-          "computes z_id with the dlib descriptor only (the ArcFace/MobileNet encoders need their "
-          "published weights, which this editor does not load yet)"
-      )
-    self.size = int(self.config.model.unet.image_size)
-    self.id_dim = id_dim(self.config.model)
+    self.size = int(model.unet_config.image_size)
+    # z_face = Linear(cat(z_id, z_lnd)): the z_id width is what the fusion layer takes.
+    self.id_dim = int(np.shape(params["encoder"]["linear"]["kernel"])[0]) - autoencoder.LND_DIM
     self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
     self.num_devices = int(self.mesh.size)
+    self.chunk = int(chunk)
+    self.progress = progress
     self._repl = NamedSharding(self.mesh, P())
     self._batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
     self.params = jax.device_put(params, self._repl)
-    self.model_hash = params_hash(params, self.config.model)
-    self.chunk = int(chunk)
-    self.cache = bool(cache)
-    self.max_gap = int(max_gap)
-    self.detector = detector
-    self.progress = progress
-    self.load_seconds = time.perf_counter() - t0
+    self._consts = {
+        k: diffusion.ddim_constants(self.steps, k, pad=True) for k in ("invert", "decode")
+    }
     self._compiled = {}
 
-    model_ = self.model
-
     def ddim(params, x, z_id, z_lnd, consts):
-      z_face = model_.apply({"params": params}, z_id, z_lnd, method="z_face")
+      z_face = model.apply({"params": params}, z_id, z_lnd, method="z_face")
 
       def eps_fn(x, t, z_face):
-        return model_.apply({"params": params}, x, t, z_face, method="denoise")
+        return model.apply({"params": params}, x, t, z_face, method="denoise")
 
-      return ddim_scan(eps_fn, x, z_face, consts)
+      return diffusion.ddim_scan(eps_fn, x, z_face, consts)
 
-    # Inversion and decoding are one program (the step constants are arguments; the
-    # inversion's N-1 steps are padded to N with a skipped step), so one compile serves both.
     batch = self._batch
     self._jit = jax.jit(
         ddim, in_shardings=(self._repl, batch, batch, batch, self._repl), out_shardings=batch
     )
-    self._consts = {k: ddim_constants(self.steps, k) for k in ("invert", "decode")}
 
-  # -- compiled functions ----------------------------------------------------
   def chunk_size(self, num_frames: int) -> int:
     """Frames per call for a video of ``num_frames``: fixed per video shape."""
     n = min(self.chunk, max(int(num_frames), 1))
     return -(-n // self.num_devices) * self.num_devices
 
-  def compiled(self, kind: str, chunk: int):
+  def compiled(self, chunk: int):
     """The AOT-compiled DDIM scan for ``chunk`` frames (shared by invert and decode).
 
-    Returns (fn, compile seconds spent now); ``kind`` only labels the timing.
+    Returns (fn, compile seconds spent now: 0 when it was compiled before).
     """
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    if chunk in self._compiled:
+      return self._compiled[chunk], 0.0
+    t0 = time.perf_counter()
+    s = self.size
+    consts = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
+        self._consts["decode"],
+    )
+    args = (
+        self.params,
+        jax.ShapeDtypeStruct((chunk, s, s, 3), jnp.float32, sharding=self._batch),
+        jax.ShapeDtypeStruct((chunk, self.id_dim), jnp.float32, sharding=self._batch),
+        jax.ShapeDtypeStruct((chunk, autoencoder.LND_DIM), jnp.float32, sharding=self._batch),
+        consts,
+    )
+    self._compiled[chunk] = self._jit.lower(*args).compile()
+    return self._compiled[chunk], time.perf_counter() - t0
 
-    if chunk not in self._compiled:
-      t0 = time.perf_counter()
-      s = self.size
-      consts = jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
-          self._consts["decode"],
-      )
-      args = (
-          self.params,
-          jax.ShapeDtypeStruct((chunk, s, s, 3), jnp.float32, sharding=self._batch),
-          jax.ShapeDtypeStruct((chunk, self.id_dim), jnp.float32, sharding=self._batch),
-          jax.ShapeDtypeStruct((chunk, 102), jnp.float32, sharding=self._batch),
-          consts,
-      )
-      fn = self._jit.lower(*args).compile()
-      self._compiled[chunk] = fn
-      return fn, time.perf_counter() - t0
-    return self._compiled[chunk], 0.0
+  def invert(self, x0, z_id, z_lnd, timings: Optional[dict] = None) -> np.ndarray:
+    """DDIM inversion x0 (M, S, S, 3) in [-1, 1] -> x_T, conditioned per frame on
+    ``z_id`` (M, D) and ``z_lnd`` (M, 102). Adds ``invert`` (and ``compile``) seconds to
+    ``timings``."""
+    return self._run("invert", x0, z_id, z_lnd, {} if timings is None else timings)
 
-  def _run_chunks(
-      self, kind: str, x: np.ndarray, z_id: np.ndarray, z_lnd: np.ndarray, timings: dict
-  ) -> np.ndarray:
-    import jax  # pylint: disable=g-import-not-at-top
+  def decode(self, x_T, z_id, z_lnd, timings: Optional[dict] = None) -> np.ndarray:
+    """DDIM decoding x_T (M, S, S, 3) -> x0 in [-1, 1] (float32), as ``invert``."""
+    return self._run("decode", x_T, z_id, z_lnd, {} if timings is None else timings)
 
+  def _run(self, kind: str, x, z_id, z_lnd, timings: dict) -> np.ndarray:
     m = len(x)
     chunk = self.chunk_size(m)
-    fn, compile_s = self.compiled(kind, chunk)
+    fn, compile_s = self.compiled(chunk)
     if compile_s:
       timings["compile"] = timings.get("compile", 0.0) + compile_s
     consts = jax.device_put(self._consts[kind], self._repl)
@@ -472,6 +291,76 @@ class VideoEditor:
     timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - t0
     return result
 
+
+# ---------------------------------------------------------------------------
+# The editor
+# ---------------------------------------------------------------------------
+class VideoEditor:
+  """Encodes a video once, then edits it with batched DDIM (see the module docstring).
+
+  Args:
+    checkpoint_dir: a DVA workdir (``config.json`` + ``checkpoints/``).
+    steps: DDIM steps for inversion and decoding (must divide 1000, e.g. 20, 100).
+    mesh: a ``jax.sharding.Mesh``; frames are split over all of its axes. Default:
+      one axis over every device.
+    chunk: frames per jitted call (rounded up to a multiple of the device count;
+      a shorter video uses a smaller chunk).
+    cache: cache encodings (``encode(cache_dir=...)``, default ``<checkpoint>/edit_cache``).
+    max_gap / detector: alignment options (``alignment.align_video``).
+    model: optional ``(model, params, config)`` to skip loading the checkpoint (tests,
+      benchmarks, sweeps).
+  """
+
+  def __init__(
+      self,
+      checkpoint_dir,
+      steps: int = 100,
+      mesh=None,
+      chunk: int = DEFAULT_CHUNK,
+      cache: bool = True,
+      max_gap: int = 5,
+      detector: str = "hog",
+      progress: bool = False,
+      model=None,
+      step: Optional[int] = None,
+  ):
+    self.checkpoint_dir = pathlib.Path(checkpoint_dir)
+    diffusion.respaced_timesteps(steps)  # validates the step count before loading
+    self.steps = int(steps)
+    t0 = time.perf_counter()
+    if model is None:
+      self.model, params, self.config, self.ckpt_step = loading.load_dva(
+          self.checkpoint_dir, step=step
+      )
+    else:
+      self.model, params, self.config = model
+      self.ckpt_step = None
+    if self.config.model.face_features != "dlib":
+      raise NotImplementedError(
+          f"the checkpoint uses face_features={self.config.model.face_features!r}: editing "
+          "computes z_id with the dlib descriptor only (the ArcFace/MobileNet encoders need their "
+          "published weights, which this editor does not load yet)"
+      )
+    self.size = int(self.config.model.unet.image_size)
+    self.id_dim = autoencoder.id_dim(self.config.model)
+    self.runner = DDIMRunner(
+        self.model, params, self.steps, mesh=mesh, chunk=chunk, progress=progress
+    )
+    self.mesh = self.runner.mesh
+    self.num_devices = self.runner.num_devices
+    self.params = self.runner.params
+    self.model_hash = params_hash(params, self.config.model)
+    self.chunk = int(chunk)
+    self.cache = bool(cache)
+    self.max_gap = int(max_gap)
+    self.detector = detector
+    self.progress = progress
+    self.load_seconds = time.perf_counter() - t0
+
+  def chunk_size(self, num_frames: int) -> int:
+    """Frames per DDIM call for a video of ``num_frames`` (``DDIMRunner.chunk_size``)."""
+    return self.runner.chunk_size(num_frames)
+
   # -- encode / decode -------------------------------------------------------
   def cache_key(self, frames: np.ndarray) -> str:
     opts = f"steps={self.steps};size={self.size};gap={self.max_gap};det={self.detector}"
@@ -488,8 +377,6 @@ class VideoEditor:
 
     Raises ``alignment.NoFaceError`` when no frame has a face.
     """
-    from s3jax import alignment, face_features  # pylint: disable=g-import-not-at-top
-
     frames = np.asarray(video_frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
       raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
@@ -521,43 +408,24 @@ class VideoEditor:
     lnd = np.asarray(res.landmarks_crop[idx], np.float64)
     z_frames = face_features.dlib_descriptor(res.crops[idx], landmarks_crop=lnd)
     z_lnd = face_features.z_lnd_from_landmarks(lnd, fsize)
-    detected = np.asarray(res.has_face, bool)[idx]
-    z_mean = l2norm(z_frames[detected].mean(0)).astype(np.float32)
-    import cv2  # pylint: disable=g-import-not-at-top
-
-    s = self.size
-    if s != fsize:
-      crops = np.stack(
-          [cv2.resize(c, (s, s), interpolation=cv2.INTER_AREA) for c in res.crops[idx]]
-      )
-      lnd_s = (lnd + 0.5) * (s / fsize) - 0.5
-    else:
-      crops, lnd_s = res.crops[idx], lnd
-    masks = np.stack([face_features.hull_mask(l, s, for_video=True) for l in lnd_s])
     timings["features"] = time.perf_counter() - t0
-
-    z_rep = np.repeat(z_mean[None], len(idx), 0)
-    x_T = self._run_chunks("invert", _to_model(crops), z_rep, z_lnd, timings)
-    code = VideoCode(
+    code = self._encode_crops(
+        res.crops[idx],
+        lnd,
+        z_frames,
+        z_lnd,
+        detected=np.asarray(res.has_face, bool)[idx],
+        timings=timings,
         num_frames=len(frames),
         frame_shape=tuple(frames.shape[1:]),
         frame_indices=idx,
         quads=np.asarray(res.quads),
-        crops=crops,
-        masks=masks.astype(np.uint8),
-        landmarks=lnd.astype(np.float32),
-        z_lnd=z_lnd.astype(np.float32),
-        z_id_frames=z_frames.astype(np.float32),
-        z_id=z_mean,
-        x_T=x_T.astype(np.float32),
         has_face=np.asarray(res.has_face, bool),
         interpolated=np.asarray(res.interpolated, bool),
         passthrough=list(res.passthrough),
         align_report=_jsonable(res.report),
         key=key,
-        cache_hit=False,
         cache_path=str(cache_path) if cache_path else None,
-        timings=timings,
     )
     if cache_path is not None:
       try:
@@ -567,6 +435,81 @@ class VideoEditor:
         code.cache_path = None
     return code
 
+  def encode_aligned(
+      self, crops_u8, landmarks, z_id_frames, z_lnd, name: str = "aligned"
+  ) -> VideoCode:
+    """A ``VideoCode`` for frames that are already aligned (e.g. dataset records).
+
+    Args:
+      crops_u8: (M, C, C, 3) uint8 aligned crops, any size C (resized to the model's).
+      landmarks: (M, 68, 2) landmarks in pixels of those crops (for the video masks).
+      z_id_frames: (M, D) per-frame z_id; their L2-normalised mean conditions the inversion.
+      z_lnd: (M, 102) per-frame landmark codes.
+      name: labels the code (``key`` is ``aligned:<name>``).
+
+    Every frame is edited; there are no quads (``paste`` does not apply) and no cache.
+    """
+    crops = np.asarray(crops_u8)
+    m = len(crops)
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
+      raise ValueError(f"expected (M, C, C, 3) uint8 crops, got {crops.shape} {crops.dtype}")
+    for what, a, shape in (
+        ("landmarks", landmarks, (m, 68, 2)),
+        ("z_id_frames", z_id_frames, (m, self.id_dim)),
+        ("z_lnd", z_lnd, (m, autoencoder.LND_DIM)),
+    ):
+      if np.shape(a) != shape:
+        raise ValueError(f"{what} must be {shape} for {m} crops, got {np.shape(a)}")
+    return self._encode_crops(
+        crops,
+        np.asarray(landmarks, np.float64),
+        np.asarray(z_id_frames),
+        np.asarray(z_lnd),
+        detected=np.ones(m, bool),
+        timings={},
+        num_frames=m,
+        frame_shape=(self.size, self.size, 3),
+        frame_indices=np.arange(m),
+        quads=np.zeros((m, 4, 2), np.float32),
+        has_face=np.ones(m, bool),
+        interpolated=np.zeros(m, bool),
+        passthrough=[],
+        align_report={},
+        key=f"aligned:{name}",
+        cache_path=None,
+    )
+
+  def _encode_crops(
+      self, crops, lnd, z_frames, z_lnd, detected, timings: dict, **video_fields
+  ) -> VideoCode:
+    """The shared tail of ``encode``/``encode_aligned``: crops and landmarks at the model
+    size, video masks, the averaged z_id, DDIM inversion -> VideoCode."""
+    t0 = time.perf_counter()
+    s, c = self.size, crops.shape[1]
+    if c != s:
+      interp = cv2.INTER_AREA if c > s else cv2.INTER_CUBIC
+      crops_s = np.stack([cv2.resize(x, (s, s), interpolation=interp) for x in crops])
+      lnd_s = (lnd + 0.5) * (s / c) - 0.5
+    else:
+      crops_s, lnd_s = crops, lnd
+    masks = np.stack([face_features.hull_mask(l, s, for_video=True) for l in lnd_s])
+    z_mean = l2_normalize(np.asarray(z_frames[detected].mean(0), np.float64)).astype(np.float32)
+    timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t0
+    z_rep = np.repeat(z_mean[None], len(crops_s), 0)
+    x_T = self.runner.invert(images.to_model(crops_s), z_rep, z_lnd, timings)
+    return VideoCode(
+        crops=crops_s,
+        masks=masks.astype(np.uint8),
+        landmarks=np.asarray(lnd, np.float32),
+        z_lnd=np.asarray(z_lnd, np.float32),
+        z_id_frames=np.asarray(z_frames, np.float32),
+        z_id=z_mean,
+        x_T=x_T.astype(np.float32),
+        cache_hit=False,
+        timings=timings,
+        **video_fields,
+    )
+
   def decode(self, code: VideoCode, z_id, timings: Optional[dict] = None) -> np.ndarray:
     """Decode ``code.x_T`` with ``z_id`` ((D,) or (M, D)) -> aligned crops (M, S, S, 3) uint8."""
     z = np.asarray(z_id, np.float32)
@@ -575,9 +518,8 @@ class VideoEditor:
       z = np.repeat(z[None], m, 0)
     if z.shape != (m, self.id_dim):
       raise ValueError(f"z_id must be ({self.id_dim},) or ({m}, {self.id_dim}), got {z.shape}")
-    timings = {} if timings is None else timings
-    x0 = self._run_chunks("decode", code.x_T, z, code.z_lnd, timings)
-    return _to_uint8(x0)
+    x0 = self.runner.decode(code.x_T, z, code.z_lnd, timings)
+    return images.to_uint8(x0)
 
   def reconstruct(self, code: VideoCode) -> np.ndarray:
     """The DDIM reconstruction (decode with the unedited averaged z_id)."""
@@ -590,15 +532,11 @@ class VideoEditor:
     ``video.BLEND_DEFAULTS`` are in crop pixels of a 256 px crop; they are scaled to the
     model's crop size so the feather band covers the same part of the face at any size.
     """
-    from s3jax import video  # pylint: disable=g-import-not-at-top
-
     d = video.BLEND_DEFAULTS[blend]
     return {"dilate": d["dilate"] * self.size / 256.0, "blur": d["blur"] * self.size / 256.0}
 
   def paste(self, frames, code: VideoCode, crops, blend: str = "hard") -> np.ndarray:
     """Pastes edited crops into copies of ``frames`` (frames not in the code pass through)."""
-    from s3jax import video  # pylint: disable=g-import-not-at-top
-
     out = np.array(frames, copy=True)
     bp = self.blend_params(blend)
     for j, i in enumerate(code.frame_indices):
@@ -609,8 +547,6 @@ class VideoEditor:
 
   def identity_metrics(self, original, edited, code: VideoCode) -> dict:
     """TL-ID/TG-ID (dlib descriptors on the re-aligned frames), normalised by the original's."""
-    from s3jax import alignment, face_features, metrics  # pylint: disable=g-import-not-at-top
-
     idx = [int(i) for i in code.frame_indices if code.has_face[i]]
     if len(idx) < 2:
       return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
@@ -652,15 +588,13 @@ class VideoEditor:
     attribute, strength) -> (N, D)`` (e.g. S3Editor's). Frames in long face
     gaps pass through unedited and are listed in the report.
     """
-    from s3jax import video  # pylint: disable=g-import-not-at-top
-
     if blend not in video.BLEND_DEFAULTS:
       raise ValueError(f"blend must be one of {sorted(video.BLEND_DEFAULTS)}, got {blend!r}")
     if edit_fn is None:
       if classifier is None:
         raise ValueError("edit_video needs a classifier or an edit_fn")
       classifier.index(attribute)  # unknown attribute: fail before any work
-      edit_fn = classifier_edit_fn(classifier)
+      edit_fn = classifier.edit
     frames = np.asarray(frames)
     t_all = time.perf_counter()
     code = self.encode(frames, cache_dir=cache_dir)
@@ -700,7 +634,9 @@ class VideoEditor:
         "cache": {"hit": bool(code.cache_hit), "path": code.cache_path, "key": code.key},
         "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
         "identity": ident,
-        "z_id_cosine_to_original": float(np.dot(l2norm(z_new), l2norm(code.z_id))),
+        "z_id_cosine_to_original": float(
+            np.dot(l2_normalize(np.float64(z_new)), l2_normalize(np.float64(code.z_id)))
+        ),
         "devices": self.num_devices,
         "chunk": self.chunk_size(len(code.frame_indices)),
         "alignment": {

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import cv2
+import dlib
 
 from s3jax import alignment
 
@@ -32,8 +34,6 @@ Z_LND_DIM = 102
 
 @functools.lru_cache(maxsize=None)
 def get_face_recognizer():
-  import dlib
-
   return dlib.face_recognition_model_v1(
       alignment.model_path("dlib_face_recognition_resnet_model_v1.dat")
   )
@@ -64,8 +64,6 @@ def dlib_descriptor(crops_uint8, landmarks_crop=None, normalize: bool = True) ->
   vector, whose Euclidean distance is what dlib's 0.6 same-person threshold
   refers to.
   """
-  import dlib
-
   x = _as_batch(crops_uint8)
   rec = get_face_recognizer()
   out = np.zeros((len(x), Z_ID_DIM), np.float32)
@@ -163,8 +161,6 @@ def hull_mask(landmarks_crop, size: int, for_video: bool = False) -> np.ndarray:
       - jaw points 4..12 moved down by 0.35 * |up| (neck).
     The polygon is clipped to the crop.
   """
-  import cv2
-
   lm = np.asarray(landmarks_crop, dtype=np.float64)
   if lm.shape != (68, 2):
     raise ValueError(f"expected (68, 2) landmarks, got {lm.shape}")

@@ -54,8 +54,14 @@ import pathlib
 import threading
 from typing import Any, Optional, Sequence
 
+import cv2
 import grain
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
+
+from s3jax import images
+from s3jax.face_features import flip_landmarks
 
 VIDEO_INDEX_FILE = "video_index.json"
 _TEXT_KEYS = ("video_id", "identity")
@@ -75,7 +81,11 @@ def find_version_dir(path: str | os.PathLike) -> pathlib.Path:
     return path
   candidates = sorted(path.glob("*/dataset_info.json")) + sorted(path.glob("*/*/dataset_info.json"))
   if not candidates:
-    raise FileNotFoundError(f"no TFDS dataset (dataset_info.json) under {path}")
+    raise FileNotFoundError(
+        f"no TFDS dataset (dataset_info.json) under {path}; build one with "
+        f"`python -m data_prep.sample --out {path}` (the embedded sample, add --size N for "
+        "another image size), `python -m data_prep.voxceleb` or `python -m data_prep.celebahq`"
+    )
   if len({c.parent.parent for c in candidates}) > 1:
     raise ValueError(
         f"several datasets under {path}: "
@@ -122,6 +132,7 @@ class FrameSource:
 
   def _open(self):
     if self._tfds is None:
+      # Lazy: importing TFDS costs seconds, and worker processes reopen sources.
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
       builder = tfds.builder_from_directory(os.fspath(self.version_dir))
@@ -198,7 +209,6 @@ def video_index(source: FrameSource) -> list[dict]:
 # Decoding
 # ----------------------------------------------------------------------------
 def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
-  import cv2  # pylint: disable=g-import-not-at-top
 
   arr = cv2.imdecode(
       np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
@@ -280,7 +290,6 @@ class _ItemLoader:
     return out
 
   def __call__(self, epoch_item):
-    from s3jax.face_features import flip_landmarks  # pylint: disable=g-import-not-at-top
 
     epoch, item = int(epoch_item[0]), int(epoch_item[1])
     recs = self.frame_records(epoch, item)
@@ -317,7 +326,7 @@ class _ItemLoader:
         img, mask = img[:, ::-1], mask[:, ::-1]
         lnd = flip_landmarks(lnd, size).astype(np.float32)
       frame = {
-          "image": img.astype(np.float32) * (2.0 / 255.0) - 1.0,
+          "image": images.to_model(img),
           "mask": (mask > 127).astype(np.float32)[..., None],
           "z_id": rec["z_id_flip" if fl else "z_id"],
           "z_lnd": rec["z_lnd_flip" if fl else "z_lnd"],
@@ -434,7 +443,6 @@ def build_pipeline(
       decoding items in this process; items buffered).
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -542,7 +550,6 @@ def make_eval_iterator(
   path = _cfg(data_config, "data_dir")
   if split is None:
     split = "test" if "test" in available_splits(path) else "train"
-  import jax  # pylint: disable=g-import-not-at-top
 
   bs = int(batch_size or _cfg(data_config, "batch_size"))
   bs = -(-bs // jax.process_count()) * jax.process_count()
@@ -567,8 +574,6 @@ def to_global_arrays(batch: dict, mesh, data_axes: Optional[Sequence[str]] = Non
   mesh axes, i.e. pure data parallelism over every device). Non-numeric
   leaves (``video_id`` strings) are left out.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   axes = tuple(mesh.axis_names) if data_axes is None else tuple(data_axes)
   sharding = NamedSharding(mesh, P(axes))

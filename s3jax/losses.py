@@ -25,3 +25,10 @@ def dva_loss(eps_fn, x0, t, mask, noise1, noise2, reg_coef: float = 1.0):
   reg = jnp.mean(jnp.abs(mask * x0_hat[:b] - mask * x0_hat[b:]))
   loss = l1_1 + l1_2 + reg_coef * reg
   return loss, {"loss": loss, "l1_eps1": l1_1, "l1_eps2": l1_2, "l_reg": reg}
+
+
+def masked_mean(diff, mask):
+  """Per-frame mean of diff (n,H,W) over mask (n,H,W); 0 where the mask is empty."""
+  num = jnp.sum(diff * mask, axis=(1, 2))
+  den = jnp.sum(mask, axis=(1, 2))
+  return jnp.where(den > 0, num / jnp.maximum(den, 1.0), 0.0), den > 0

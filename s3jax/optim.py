@@ -1,4 +1,4 @@
-"""Optax chains: the standard DVA optimizer and the group-lasso proximal step.
+"""Optax chains: the one optimizer factory and the group-lasso proximal step.
 
 Group lasso (S3Editor "structured sparsity")
 --------------------------------------------
@@ -28,13 +28,21 @@ Group spec
 ----------
 A :class:`GroupSpec` says which entries of which parameter leaves belong to
 which group. Groups may span several leaves (e.g. a hidden neuron's fan-in
-row, bias entry and fan-out column form one group). For each regularised
-leaf, :class:`LeafGroups` names the leaf's neuron axes and holds an int array
-``group_ids`` with the shape of the leaf along those axes: entry ``i`` of
-those axes belongs to group ``group_ids[i]`` (``-1``: not regularised). All
-other axes of the leaf (the fan-in/fan-out dimension) are summed into the
-group norm. Leaves are addressed by their path of names in the parameter tree
-(``('params', 'transform_0', 'W1')``), see :func:`leaf_paths`.
+row, bias entry and fan-out column form one group). Like an optax mask, its
+``group_ids`` is a pytree shaped like the params (or a prefix of them)::
+
+    params = {'mlp': {'W1': (D, H), 'b1': (H,), 'W2': (H, O), 'b2': (O,)}}
+    group_ids = {'mlp': {'W1': LeafGroups(1, ids), 'b1': LeafGroups(0, ids),
+                         'W2': LeafGroups(0, ids), 'b2': None}}
+
+Each of its leaves is ``None`` (that leaf, or the whole subtree at that
+position, is not regularised) or a :class:`LeafGroups`, which names the
+leaf's neuron axes and holds an int array ``group_ids`` with the shape of the
+leaf along those axes: entry ``i`` of those axes belongs to group
+``group_ids[i]`` (``-1``: not regularised). All other axes of the leaf (the
+fan-in/fan-out dimension) are summed into the group norm. Since ``None`` is
+an empty pytree for JAX, walk the id tree with :func:`map_groups` (or
+``jax.tree.map(..., is_leaf=is_group_leaf)``).
 """
 
 from __future__ import annotations
@@ -51,17 +59,17 @@ __all__ = [
     "LeafGroups",
     "GroupSpec",
     "GroupLassoProxState",
-    "leaf_paths",
+    "is_group_leaf",
+    "map_groups",
     "group_norms",
     "group_lasso_apply_prox",
     "group_lasso_prox",
     "zero_groups_like",
     "sparsity_report",
     "learning_rate_schedule",
+    "learning_rate_at",
     "make_optimizer",
 ]
-
-Path = Tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------
@@ -90,11 +98,17 @@ class LeafGroups:
     object.__setattr__(self, "group_ids", ids)
 
 
+def is_group_leaf(x) -> bool:
+  """``is_leaf`` for group-id trees: ``None`` and :class:`LeafGroups`."""
+  return x is None or isinstance(x, LeafGroups)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GroupSpec:
   """Which parameter entries form which group, plus per-group lambda scale.
 
-  leaves: mapping from leaf path (tuple of names) to :class:`LeafGroups`.
+  group_ids: pytree with the structure of the params, or a prefix of it;
+      each leaf is ``None`` (not regularised) or a :class:`LeafGroups`.
   num_groups: G, the number of groups (ids are ``0..G-1``).
   group_lam: optional (G,) per-group lambda; the effective lambda of
       :func:`group_lasso_prox` is ``lam * group_lam`` (``group_lam``
@@ -104,19 +118,15 @@ class GroupSpec:
       :func:`sparsity_report`.
   """
 
-  leaves: Mapping[Path, LeafGroups]
+  group_ids: Any
   num_groups: int
   group_lam: Optional[np.ndarray] = None
   group_info: Optional[Sequence[Mapping[str, Any]]] = None
 
   def __post_init__(self):
-    leaves = {tuple(k): v for k, v in dict(self.leaves).items()}
-    object.__setattr__(self, "leaves", leaves)
-    for path, lg in leaves.items():
+    for lg in self.grouped_leaves():
       if lg.group_ids.size and int(lg.group_ids.max()) >= self.num_groups:
-        raise ValueError(
-            f"leaf {path}: group id {lg.group_ids.max()} >= num_groups " f"{self.num_groups}"
-        )
+        raise ValueError(f"group id {lg.group_ids.max()} >= num_groups {self.num_groups}")
     if self.group_lam is not None:
       lam = np.asarray(self.group_lam, np.float32)
       if lam.shape != (self.num_groups,):
@@ -124,6 +134,14 @@ class GroupSpec:
       object.__setattr__(self, "group_lam", lam)
     if self.group_info is not None and len(self.group_info) != self.num_groups:
       raise ValueError("group_info must have one entry per group")
+
+  def grouped_leaves(self) -> list:
+    """The :class:`LeafGroups` of the id tree, in flatten order."""
+    leaves = jax.tree.leaves(self.group_ids, is_leaf=is_group_leaf)
+    bad = [x for x in leaves if not is_group_leaf(x)]
+    if bad:
+      raise TypeError(f"group_ids leaves must be None or LeafGroups, got {type(bad[0])}")
+    return [x for x in leaves if x is not None]
 
   def lam_vector(self, lam=1.0):
     """Effective per-group lambda ``lam * group_lam`` as a (G,) array."""
@@ -137,17 +155,13 @@ class GroupSpec:
 SpecLike = Union[GroupSpec, Callable[[Any], GroupSpec]]
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
+def map_groups(f, spec: GroupSpec, *trees):
+  """``f(leaf_groups_or_None, *subtrees)`` over ``spec.group_ids``.
 
-
-def leaf_paths(tree) -> list:
-  """Paths (tuples of names) of the leaves of ``tree``, in flatten order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [tuple(_key_name(k) for k in path) for path, _ in flat]
+  ``spec.group_ids`` must be a prefix of every tree; where it holds ``None``
+  the subtrees passed to ``f`` may be whole subtrees of the params.
+  """
+  return jax.tree.map(f, spec.group_ids, *trees, is_leaf=is_group_leaf)
 
 
 def _resolve(spec: SpecLike, params) -> GroupSpec:
@@ -159,11 +173,35 @@ def _resolve(spec: SpecLike, params) -> GroupSpec:
   return out
 
 
-def _check_paths(spec: GroupSpec, params):
-  paths = set(leaf_paths(params))
-  missing = [p for p in spec.leaves if p not in paths]
-  if missing:
-    raise KeyError(f"group spec names leaves not in params: {missing[:5]}")
+class _LeafMismatch(ValueError):
+  pass
+
+
+def _check_against(spec: GroupSpec, params):
+  """Raise unless ``spec.group_ids`` is a prefix of ``params`` with grouped
+  leaves of matching shape (works on abstract params too)."""
+  spec.grouped_leaves()  # leaf types
+
+  def check(path, lg, x):
+    if lg is None:
+      return None
+    shape = getattr(x, "shape", None)
+    if shape is None:
+      raise _LeafMismatch(f"group_ids{jax.tree_util.keystr(path)}: not an array leaf of params")
+    axes, _ = _other_axes(len(shape), lg.axes)
+    if tuple(shape[a] for a in axes) != lg.group_ids.shape:
+      raise _LeafMismatch(
+          f"group_ids{jax.tree_util.keystr(path)}: leaf shape {tuple(shape)} at axes "
+          f"{lg.axes} != group_ids shape {lg.group_ids.shape}"
+      )
+    return None
+
+  try:
+    jax.tree_util.tree_map_with_path(check, spec.group_ids, params, is_leaf=is_group_leaf)
+  except _LeafMismatch:
+    raise
+  except ValueError as e:
+    raise ValueError(f"group spec's group_ids is not a prefix of the params tree: {e}") from e
 
 
 def _other_axes(ndim, axes):
@@ -181,23 +219,29 @@ def _leaf_sq_sums(x, lg: LeafGroups):
   return jnp.transpose(sq, order) if sq.ndim > 1 else sq
 
 
+def _leaf_group_sq(x, lg: LeafGroups, num_groups):
+  """(G,) squared norms of this leaf's slice of every group."""
+  sq = _leaf_sq_sums(x, lg)
+  ids = lg.group_ids
+  if sq.shape != ids.shape:
+    raise ValueError(f"neuron axes have shape {sq.shape}, group_ids {ids.shape}")
+  valid = ids >= 0
+  return jax.ops.segment_sum(
+      jnp.where(jnp.asarray(valid), sq, 0.0).reshape(-1),
+      np.where(valid, ids, 0).reshape(-1),
+      num_segments=num_groups,
+  )
+
+
 def _group_sq_norms(params, spec: GroupSpec):
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  per_leaf = map_groups(
+      lambda lg, x: None if lg is None else _leaf_group_sq(x, lg, spec.num_groups),
+      spec,
+      params,
+  )
   total = jnp.zeros((spec.num_groups,), jnp.float32)
-  for path, leaf in flat:
-    lg = spec.leaves.get(tuple(_key_name(k) for k in path))
-    if lg is None:
-      continue
-    sq = _leaf_sq_sums(leaf, lg)
-    ids = lg.group_ids
-    if sq.shape != ids.shape:
-      raise ValueError(f"leaf {path}: neuron axes have shape {sq.shape}, " f"group_ids {ids.shape}")
-    valid = ids >= 0
-    total = total + jax.ops.segment_sum(
-        jnp.where(jnp.asarray(valid), sq, 0.0).reshape(-1),
-        np.where(valid, ids, 0).reshape(-1),
-        num_segments=spec.num_groups,
-    )
+  for sq in jax.tree.leaves(per_leaf):  # the Nones drop out
+    total = total + sq
   return total
 
 
@@ -220,6 +264,13 @@ def _scale_leaf(leaf, lg: LeafGroups, scale_g):
   return (leaf * s.reshape(shape).astype(leaf.dtype)).astype(leaf.dtype)
 
 
+def _prox_scales(params, spec: GroupSpec, threshold):
+  """(G,) factors ``max(0, 1 - threshold_g / ||w_g||)``, 0 for zero groups."""
+  norms = jnp.sqrt(_group_sq_norms(params, spec))
+  thr = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), norms.shape)
+  return jnp.where(norms > thr, 1.0 - thr / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
 def group_lasso_apply_prox(params, spec: SpecLike, threshold):
   """Apply ``w_g <- w_g * max(0, 1 - threshold_g / ||w_g||)`` to ``params``.
 
@@ -227,15 +278,8 @@ def group_lasso_apply_prox(params, spec: SpecLike, threshold):
   map to exactly zero. Leaves not in the spec are returned unchanged.
   """
   spec = _resolve(spec, params)
-  norms = jnp.sqrt(_group_sq_norms(params, spec))
-  thr = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), norms.shape)
-  scale = jnp.where(norms > thr, 1.0 - thr / jnp.where(norms > 0, norms, 1.0), 0.0)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  out = []
-  for path, leaf in flat:
-    lg = spec.leaves.get(tuple(_key_name(k) for k in path))
-    out.append(leaf if lg is None else _scale_leaf(leaf, lg, scale))
-  return jax.tree_util.tree_unflatten(treedef, out)
+  scale = _prox_scales(params, spec, threshold)
+  return map_groups(lambda lg, x: x if lg is None else _scale_leaf(x, lg, scale), spec, params)
 
 
 # ---------------------------------------------------------------------------
@@ -264,33 +308,28 @@ def group_lasso_prox(
   """
 
   def init_fn(params):
-    spec = _resolve(groups_fn_or_spec, params)
-    _check_paths(spec, params)
+    _check_against(_resolve(groups_fn_or_spec, params), params)
     return GroupLassoProxState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError("group_lasso_prox needs params: call " "tx.update(grads, opt_state, params)")
+      raise ValueError("group_lasso_prox needs params: call tx.update(grads, opt_state, params)")
     spec = _resolve(groups_fn_or_spec, params)
     eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
     thr = jnp.asarray(eta, jnp.float32) * spec.lam_vector(lam)
-    new_params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
-    proxed = group_lasso_apply_prox(new_params, spec, thr)
-    flat_u, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    flat_p = jax.tree_util.tree_leaves(params)
-    flat_w = jax.tree_util.tree_leaves(proxed)
-    out = []
-    for (path, u), p, w in zip(flat_u, flat_p, flat_w):
-      if tuple(_key_name(k) for k in path) in spec.leaves:
-        # Where the prox zeroed an entry use -p so that p + u' == 0.0
-        # exactly; elsewhere u' = w - p.
-        out.append(jnp.where(w == 0, -p, w - p).astype(u.dtype))
-      else:
-        out.append(u)
-    return (
-        jax.tree_util.tree_unflatten(treedef, out),
-        GroupLassoProxState(count=optax.safe_increment(state.count)),
-    )
+    stepped = jax.tree.map(lambda p, u: p + u, params, updates)
+    scale = _prox_scales(stepped, spec, thr)
+
+    def leaf_update(lg, p, u, w):
+      if lg is None:
+        return u
+      w = _scale_leaf(w, lg, scale)
+      # Where the prox zeroed an entry use -p so that p + u' == 0.0
+      # exactly; elsewhere u' = w - p.
+      return jnp.where(w == 0, -p, w - p).astype(u.dtype)
+
+    new_updates = map_groups(leaf_update, spec, params, updates, stepped)
+    return new_updates, GroupLassoProxState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -305,6 +344,19 @@ def zero_groups_like(params, reference, spec: SpecLike):
   spec = _resolve(spec, reference)
   dead = group_norms(reference, spec) == 0
   return group_lasso_apply_prox(params, spec, jnp.where(dead, jnp.inf, 0.0))
+
+
+def _path_name(path) -> str:
+  """'a/b/c' for a key path (dict keys, attributes and sequence indices)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
 
 
 def sparsity_report(params, spec: SpecLike) -> dict:
@@ -331,21 +383,20 @@ def sparsity_report(params, spec: SpecLike) -> dict:
       "group_norms": [float(v) for v in norms],
       "per_leaf": {},
   }
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  for path, leaf in flat:
-    name = tuple(_key_name(k) for k in path)
-    lg = spec.leaves.get(name)
+
+  def per_leaf(path, lg, leaf):
     if lg is None:
-      continue
-    sq = np.asarray(_leaf_sq_sums(leaf, lg))
+      return None
     ids = lg.group_ids
     present = np.unique(ids[ids >= 0])
-    per = np.zeros(spec.num_groups)
-    np.add.at(per, ids[ids >= 0], sq[ids >= 0])
-    rep["per_leaf"]["/".join(name)] = {
+    per = np.asarray(_leaf_group_sq(leaf, lg, spec.num_groups))
+    rep["per_leaf"][_path_name(path)] = {
         "groups": int(present.size),
         "zero": int((per[present] == 0).sum()),
     }
+    return None
+
+  jax.tree_util.tree_map_with_path(per_leaf, spec.group_ids, params, is_leaf=is_group_leaf)
   if spec.group_info is not None and all("cluster" in i for i in spec.group_info):
     clusters = {}
     for g, info in enumerate(spec.group_info):
@@ -367,7 +418,7 @@ def sparsity_report(params, spec: SpecLike) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Standard DVA optimizer
+# The optimizer factory
 # ---------------------------------------------------------------------------
 
 
@@ -381,11 +432,27 @@ def _cfg_get(config, name, default=None):
 
 
 def learning_rate_schedule(config):
-  """``config.lr``, with a linear warm-up from 0 over ``config.warmup_steps``."""
+  """``config.lr``, with a linear warm-up from 0 over ``config.warmup_steps``.
+
+  ``config.decay='cosine'`` decays it over ``decay_steps`` to ``decay_alpha * lr``
+  (optax's cosine decay; the identity stand-in uses it). Warm-up and decay
+  do not combine.
+  """
   lr = _cfg_get(config, "lr")
   if lr is None:
     raise ValueError("optimizer config needs `lr`")
   warmup = int(_cfg_get(config, "warmup_steps", 0) or 0)
+  decay = _cfg_get(config, "decay", "") or ""
+  if decay not in ("", "cosine"):
+    raise ValueError(f"optim.decay must be '' or 'cosine', got {decay!r}")
+  if decay == "cosine":
+    if warmup > 0:
+      raise ValueError("optim.warmup_steps and optim.decay='cosine' do not combine")
+    return optax.cosine_decay_schedule(
+        float(lr),
+        int(_cfg_get(config, "decay_steps")),
+        alpha=float(_cfg_get(config, "decay_alpha", 0.0)),
+    )
   if warmup > 0:
     return optax.linear_schedule(0.0, float(lr), warmup)
   return float(lr)
@@ -397,31 +464,86 @@ def learning_rate_at(config, step):
   return sched(step) if callable(sched) else jnp.asarray(sched, jnp.float32)
 
 
+def _label_by_top_level_key(tree):
+  return {k: jax.tree.map(lambda _: k, v) for k, v in tree.items()}
+
+
+def _by_top_level_key(make_tx, default_lr, lr_by_key) -> optax.GradientTransformation:
+  """``optax.multi_transform`` with one ``make_tx(lr)`` per top-level key.
+
+  Labels are the keys themselves (so the state matches a hand-built
+  ``multi_transform({'editor': ..., 'dva': ...}, ...)``); the key set is only
+  known from the params, so the inner transformation is built per call.
+  """
+
+  def build(tree):
+    if not isinstance(tree, Mapping):
+      raise TypeError(f"lr_by_key needs dict params, got {type(tree).__name__}")
+    missing = sorted(set(lr_by_key) - set(tree))
+    if missing:
+      raise KeyError(f"lr_by_key names keys not in params: {missing}")
+    lr = lambda k: lr_by_key[k] if callable(lr_by_key[k]) else float(lr_by_key[k])  # noqa: E731
+    return optax.multi_transform(
+        {k: make_tx(lr(k) if k in lr_by_key else default_lr) for k in tree},
+        _label_by_top_level_key,
+    )
+
+  def init_fn(params):
+    return build(params).init(params)
+
+  def update_fn(updates, state, params=None):
+    return build(updates).update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(
-    config, group_spec: Optional[SpecLike] = None, group_lam=None
+    config,
+    group_spec: Optional[SpecLike] = None,
+    group_lam=None,
+    *,
+    lr_by_key: Optional[Mapping[str, Any]] = None,
 ) -> optax.GradientTransformation:
-  """The DVA chain: ``clip_by_global_norm(grad_clip)`` then ``adam``.
+  """The optimizer of every task (DVA, classifier, S3Editor); build them here.
+
+  The chain is::
+
+    clip_by_global_norm(grad_clip)      # if grad_clip
+    -> add_decayed_weights(weight_decay)  # if weight_decay > 0
+    -> adam(lr schedule, b1, b2, eps)     # per top-level key with lr_by_key
+    -> group_lasso_prox(group_spec, group_lam, lr schedule)  # if group_spec
 
   Config fields (dict, ConfigDict or any attribute object): ``lr``
-  (required), ``grad_clip`` (default 1.0; 0/None disables), ``b1`` (0.9),
-  ``b2`` (0.999), ``eps`` (1e-8), ``warmup_steps`` (optional linear warm-up).
-  With ``group_spec`` the group-lasso prox is appended with the same
-  learning-rate schedule and ``lam = group_lam`` (default
-  ``config.group_lasso_lam``, else 1.0), as S3Editor training uses.
+  (required), ``warmup_steps`` (optional linear warm-up from 0), ``grad_clip``
+  (default 1.0; 0/None disables), ``weight_decay`` (default 0: none), ``b1``
+  (0.9), ``b2`` (0.999), ``eps`` (1e-8).
+
+  Args:
+    config: the optimizer config above.
+    group_spec: a :class:`GroupSpec` (or ``params -> GroupSpec``); appends the
+      group-lasso prox with the same learning-rate schedule as adam.
+    group_lam: global lambda of the prox (default ``config.group_lasso_lam``,
+      else 1.0).
+    lr_by_key: ``{top-level key: lr}`` (float or schedule). The params must
+      then be a dict; each key named here gets its own adam at that learning
+      rate (same b1/b2/eps, no warm-up) and every other top-level key the
+      scheduled adam, via ``optax.multi_transform`` labelled by top-level key
+      (S3Editor fine-tuning the UNet: ``lr_by_key={'dva': unet_lr}``). The
+      prox's threshold always uses the schedule.
   """
   sched = learning_rate_schedule(config)
+  b1 = float(_cfg_get(config, "b1", 0.9))
+  b2 = float(_cfg_get(config, "b2", 0.999))
+  eps = float(_cfg_get(config, "eps", 1e-8))
+  adam = lambda lr: optax.adam(lr, b1=b1, b2=b2, eps=eps)  # noqa: E731
   clip = _cfg_get(config, "grad_clip", 1.0)
+  weight_decay = float(_cfg_get(config, "weight_decay", 0.0) or 0.0)
   parts = []
   if clip:
     parts.append(optax.clip_by_global_norm(float(clip)))
-  parts.append(
-      optax.adam(
-          sched,
-          b1=float(_cfg_get(config, "b1", 0.9)),
-          b2=float(_cfg_get(config, "b2", 0.999)),
-          eps=float(_cfg_get(config, "eps", 1e-8)),
-      )
-  )
+  if weight_decay > 0:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  parts.append(_by_top_level_key(adam, sched, lr_by_key) if lr_by_key else adam(sched))
   if group_spec is not None:
     if group_lam is None:
       group_lam = _cfg_get(config, "group_lasso_lam", 1.0)

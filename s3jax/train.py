@@ -1,8 +1,9 @@
-"""Trains s3jax models. One entry point, three trainers (`config.trainer`).
+"""Trains s3jax models. One entry point, four trainers (`config.trainer`: dva | classifier | id_standin | s3editor).
 
   python -m s3jax.train --config configs/voxceleb.py --workdir runs/dva
   python -m s3jax.train --config configs/voxceleb.py:demo --workdir runs/demo
   python -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir runs/demo/classifier
+  python -m s3jax.train --config configs/id_standin.py:demo --workdir runs/demo/id_standin
   python -m s3jax.train --config configs/s3editor.py:demo --workdir runs/demo/s3editor
 
 Override config fields with --config.<field>=<value> (unknown fields are an
@@ -15,7 +16,10 @@ import logging
 import os
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
+
+from s3jax.training import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/voxceleb.py:demo", lock_config=True
@@ -26,8 +30,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def maybe_initialize_distributed() -> None:
   """Initialises jax.distributed when the environment describes a multi-process job."""
-  import jax
-
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     # Only affects the CPU backend (multi-process CPU runs need gloo collectives);
     # the backend must not be touched before initialize(), so set it unconditionally.
@@ -45,23 +47,11 @@ def maybe_initialize_distributed() -> None:
     )
 
 
-def run(config, workdir):
-  """Builds the task named by config.trainer and trains it. Returns the final metrics."""
-  from s3jax.training import runner
-
-  return runner.run(config, workdir)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   maybe_initialize_distributed()
-  config = _CONFIG.value
-  if "data" in config:
-    from data_prep.sample import ensure_sample_for
-
-    ensure_sample_for(config.data)
-  run(config, _WORKDIR.value)
+  runner.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

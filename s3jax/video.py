@@ -12,6 +12,8 @@ from fractions import Fraction
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import av
+import cv2
 
 from s3jax import alignment
 
@@ -42,8 +44,6 @@ def _natural_key(name: str):
 def _resize_width(img: np.ndarray, width: Optional[int]) -> np.ndarray:
   if width is None or img.shape[1] == width:
     return img
-  import cv2
-
   h = max(1, int(round(img.shape[0] * width / img.shape[1])))
   interp = cv2.INTER_AREA if width < img.shape[1] else cv2.INTER_CUBIC
   return cv2.resize(img, (width, h), interpolation=interp)
@@ -76,8 +76,6 @@ def read_frames(
 
 
 def _read_folder(p: pathlib.Path, max_frames, resize_width) -> np.ndarray:
-  import cv2
-
   names = sorted(
       (f for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS) and (p / f).is_file()),
       key=_natural_key,
@@ -102,8 +100,6 @@ def _read_folder(p: pathlib.Path, max_frames, resize_width) -> np.ndarray:
 
 
 def _read_video(p: pathlib.Path, max_frames, resize_width) -> Tuple[np.ndarray, float]:
-  import av
-
   frames = []
   try:
     with av.open(str(p)) as container:
@@ -133,8 +129,6 @@ def write_video(
   yuv420p needs even dimensions: odd widths/heights are padded by one
   replicated pixel column/row.
   """
-  import av
-
   frames = list(frames) if not isinstance(frames, np.ndarray) else frames
   if len(frames) == 0:
     raise ValueError("no frames to write")
@@ -167,8 +161,6 @@ def write_side_by_side(
     path, left: Sequence[np.ndarray], right: Sequence[np.ndarray], fps: float, **kwargs
 ) -> None:
   """Write ``left | right`` per frame; ``right`` is resized to ``left``'s height."""
-  import cv2
-
   if len(left) != len(right):
     raise ValueError(f"left has {len(left)} frames, right {len(right)}")
 
@@ -198,14 +190,10 @@ BLEND_DEFAULTS = {
 
 
 def _disc(radius: int):
-  import cv2
-
   return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
 def _dilate(mask_u8: np.ndarray, radius: int) -> np.ndarray:
-  import cv2
-
   if radius <= 0:
     return mask_u8
   return cv2.dilate(mask_u8, _disc(radius))
@@ -242,8 +230,6 @@ def paste_back(
   Returns the new frame, or ``(frame, alpha, support)`` with full-size
   float32 alpha and bool ``support`` (= S) when ``return_mask``.
   """
-  import cv2
-
   if blend not in BLEND_DEFAULTS:
     raise ValueError(f"blend must be one of {sorted(BLEND_DEFAULTS)}, got {blend!r}")
   frame = np.asarray(frame)
@@ -322,8 +308,6 @@ def paste_back(
 
 def _poisson(region: np.ndarray, warped: np.ndarray, support: np.ndarray) -> np.ndarray:
   """seamlessClone of ``warped`` into ``region`` over ``support``; identity outside."""
-  import cv2
-
   m = support.astype(np.uint8) * 255
   # seamlessClone needs the mask off the image border.
   m[0, :] = m[-1, :] = 0

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 import pytest
 from absl import flags
@@ -11,6 +12,8 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # tests import `configs` from the checkout
+  sys.path.insert(0, str(REPO))
 SHARED = pathlib.Path(os.environ.get("S3JAX_SHARED", REPO.parent / "shared"))
 
 

@@ -1,6 +1,5 @@
 """The attribute-classifier trainer and the classifier edit direction."""
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -8,16 +7,14 @@ import pathlib
 import numpy as np
 import pytest
 
+import configs
+from s3jax import loading
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_config(arg=""):
-  spec = importlib.util.spec_from_file_location(
-      "celebahq_classifier", REPO / "configs" / "celebahq_classifier.py"
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return configs.get(f"celebahq_classifier:{arg}")
 
 
 def _synthetic(dim, n, seed):
@@ -89,10 +86,8 @@ def test_npz_format(trained):
 
 
 def test_edit_direction_formula(trained):
-  from s3jax import editing
-
   workdir, _, _, _, dim = trained
-  clf = editing.load_classifier(workdir)
+  clf = loading.load_classifier(workdir)
   r = np.random.default_rng(3)
   z = r.standard_normal(dim)
   z /= np.linalg.norm(z)
@@ -101,26 +96,24 @@ def test_edit_direction_formula(trained):
   expect = (z - clf.mean) / clf.std + s * math.sqrt(dim) * w / np.linalg.norm(w)
   expect = expect * clf.std + clf.mean
   expect /= np.linalg.norm(expect)
-  got = editing.edit_z_id(z, clf, "Separable", s)
+  got = clf.edit(z, "Separable", s)
   np.testing.assert_allclose(got, expect, atol=1e-6)
   assert abs(np.linalg.norm(got) - 1) < 1e-5
   # Strength 0 leaves a unit z_id unchanged; positive strength raises the logit.
-  np.testing.assert_allclose(editing.edit_z_id(z, clf, "Separable", 0.0), z, atol=1e-6)
+  np.testing.assert_allclose(clf.edit(z, "Separable", 0.0), z, atol=1e-6)
   assert clf.logits(got)[0] > clf.logits(z)[0]
   # Batched input.
   zz = np.stack([z, -z])
-  assert editing.edit_z_id(zz, clf, "Separable", s).shape == (2, dim)
+  assert clf.edit(zz, "Separable", s).shape == (2, dim)
 
 
 def test_unknown_attribute_lists_valid(trained):
-  from s3jax import editing
-
   workdir, *_, dim = trained
-  clf = editing.load_classifier(workdir)
-  with pytest.raises(editing.UnknownAttributeError, match="Separable, Noise"):
-    editing.edit_z_id(np.ones(dim) / math.sqrt(dim), clf, "Eyeglasses", 1.0)
+  clf = loading.load_classifier(workdir)
+  with pytest.raises(loading.UnknownAttributeError, match="Separable, Noise"):
+    clf.edit(np.ones(dim) / math.sqrt(dim), "Eyeglasses", 1.0)
   with pytest.raises(ValueError, match="width"):
-    editing.edit_z_id(np.ones(dim + 1), clf, "Separable", 1.0)
+    clf.edit(np.ones(dim + 1), "Separable", 1.0)
 
 
 def test_auc_and_otsu():

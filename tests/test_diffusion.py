@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from s3jax import diffusion as D
+from s3jax.models.unet import UNet, UNetConfig
+from s3jax.porting.state_dict import load_state_dict
+from s3jax.porting.unet_keys import unet_params_from_torch
 
 
 def rel(a, b):
@@ -127,6 +130,85 @@ def test_clip_then_rederive_matches_loop():
     assert rel(out, ref) < 1e-4
 
 
+# ------------------------------------------------------------------ step constants
+def test_padded_constants_share_one_program():
+  """With pad=True inversion (N-1 steps + one skipped) and decoding have the same shapes,
+  so one jitted ddim_scan serves both, and it equals ddim_invert / ddim_sample."""
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+  cond = jnp.asarray(r.standard_normal((2, 1, 1, 3)), jnp.float32)
+
+  def eps_fn(x, t, c):
+    return jnp.tanh(0.7 * x + c + t[:, None, None, None] / 1000.0)
+
+  scan = jax.jit(lambda x, c: D.ddim_scan(eps_fn, x, cond, c))
+  for steps in (10, 20):
+    inv, dec = D.ddim_constants(steps, "invert", pad=True), D.ddim_constants(
+        steps, "decode", pad=True
+    )
+    assert jax.tree.map(np.shape, inv) == jax.tree.map(np.shape, dec)
+    assert list(inv["valid"]) == [1] * (steps - 1) + [0] and dec["valid"].all()
+    assert "valid" not in D.ddim_constants(steps, "invert")
+    want_inv = D.ddim_invert(eps_fn, x, cond, steps)
+    got_inv = scan(x, inv)
+    np.testing.assert_allclose(got_inv, want_inv, atol=1e-5)
+    np.testing.assert_allclose(
+        scan(want_inv, dec), D.ddim_sample(eps_fn, want_inv, cond, steps), atol=1e-5
+    )
+  with pytest.raises(ValueError, match="kind"):
+    D.ddim_constants(10, "sample")
+
+
+def _host_decode_from_noised(eps_fn, x, ts, cond):
+  """The host-side loop DDIM from ts[0] to 0 (no clipping) -> the last x0 estimate."""
+  ac = D.alphas_cumprod()
+  x0_hat = None
+  for i in range(len(ts) - 1):
+    t = jnp.full((x.shape[0],), ts[i], jnp.int32)
+    eps = eps_fn(x, t, cond).astype(jnp.float32)
+    x0_hat = D.pred_x0_from_eps(x, t, eps)
+    if i + 2 < len(ts):
+      a_next = float(ac[ts[i + 1]]) if ts[i + 1] > 0 else 1.0
+      x = np.sqrt(a_next) * x0_hat + np.sqrt(1.0 - a_next) * eps
+  return x0_hat
+
+
+@pytest.mark.parametrize("t_start,steps", [(400, 1), (400, 3), (999, 4), (2, 3)])
+def test_step_constants_for_arbitrary_timesteps(t_start, steps):
+  """step_constants over round(linspace(t_start, 0, steps + 1)): the last step lands on
+  alpha 1, so the scan's x is the final x0 estimate; differentiable end to end."""
+  r = np.random.default_rng(2)
+  x = jnp.asarray(r.uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
+  cond = jnp.asarray(r.standard_normal((2, 1, 1, 3)), jnp.float32)
+
+  def eps_fn(x, t, c):
+    return jnp.tanh(0.5 * x + c) * (1.0 + t[:, None, None, None] / 1000.0)
+
+  ts = np.round(np.linspace(t_start, 0, steps + 1)).astype(np.int32)
+  ac = D.alphas_cumprod()
+  consts = D.step_constants(ts[:-1], [ac[t] if t > 0 else 1.0 for t in ts[1:]])
+  assert consts["a_target"][-1] == 1.0 and "valid" not in consts
+  got = jax.jit(lambda x: D.ddim_scan(eps_fn, x, cond, consts, clip=False))(x)
+  want = jax.jit(lambda x: _host_decode_from_noised(eps_fn, x, ts, cond))(x)
+  # Float32 rounding only: XLA fuses the two programs differently, and the scan re-derives
+  # eps from x0 and takes sqrt(a_target) in float32.
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # decode_from_noised (S3Editor's cheap decode) is this scan after q_sample (one program
+  # against two: float32 rounding only).
+  noise = jnp.asarray(r.standard_normal(x.shape), jnp.float32)
+  x_t = D.q_sample(x, jnp.full((2,), ts[0], jnp.int32), noise)
+  np.testing.assert_allclose(
+      jax.jit(lambda x: D.decode_from_noised(eps_fn, x, t_start, noise, cond, steps))(x),
+      jax.jit(lambda x_t: D.ddim_scan(eps_fn, x_t, cond, consts, clip=False))(x_t),
+      rtol=1e-5,
+      atol=1e-6,
+  )
+  g = jax.grad(lambda x: jnp.sum(D.ddim_scan(eps_fn, x, cond, consts, clip=False) ** 2))(x)
+  assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
+  with pytest.raises(ValueError, match="one per step"):
+    D.step_constants(ts[:-1], [1.0] * (steps + 1))
+
+
 # ------------------------------------------------------------------ round trip
 def _gaussian_eps(x, t, cond):
   """Exact eps for data ~ N(0, s^2 I), s = per-example scale from cond: DDIM is then an exact
@@ -172,10 +254,6 @@ def test_works_on_sharded_batches():
 # ------------------------------------------------------------------ golden DDIM
 @pytest.fixture(scope="module")
 def golden_eps_fn(golden_dir):
-  from s3jax.models.unet import UNet, UNetConfig
-  from s3jax.porting.state_dict import load_state_dict
-  from s3jax.porting.unet_keys import unet_params_from_torch
-
   io = np.load(golden_dir / "unet_tiny_io.npz")
   cfg = UNetConfig.from_json(str(io["config"]))
   params = unet_params_from_torch(load_state_dict(golden_dir / "unet_tiny_state_dict.npz"), cfg)

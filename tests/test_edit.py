@@ -5,14 +5,24 @@ replaced by small random weights, so eps depends on z_face) and one VideoEditor 
 steps) are shared by every test through session fixtures.
 """
 
+import functools
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import cv2
+import jax
 import numpy as np
 import pytest
+import skimage.data
+
+import configs
+from s3jax import diffusion, edit_job, editing, loading, optim, video
+from s3jax.models import editor as E
+from s3jax.checkpointing import Checkpointer
+from s3jax.models.autoencoder import make_dva
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -21,12 +31,7 @@ WIDTH = 384  # 384x216: even, as H.264 yuv420p needs (odd sizes are padded by 1 
 
 
 def _tiny_config():
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("voxceleb_cfg", REPO / "configs" / "voxceleb.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("demo")
+  cfg = configs.get("voxceleb:demo")
   cfg.model.unet.image_size = 32
   cfg.model.unet.model_channels = 32
   cfg.model.unet.channel_mult = (1, 1)
@@ -39,17 +44,10 @@ def _tiny_config():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-  import jax
-  from s3jax import optim
-  from s3jax.checkpointing import Checkpointer, write_config
-  from s3jax.models.autoencoder import make_dva
-  from s3jax.training.classifier import save_classifier_npz
-  from s3jax.training.dva import init_train_state
-
   cfg = _tiny_config()
   workdir = tmp_path_factory.mktemp("tiny_dva")
   model = make_dva(cfg.model)
-  state = init_train_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))
+  state = loading.init_dva_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))
   r = np.random.default_rng(0)
   # Random (not zero) output conv so eps, and hence the decode, depends on z_face.
   # The zero-initialised convs (ResBlock out convs and the output conv) get small random
@@ -62,13 +60,12 @@ def tiny_checkpoint(tmp_path_factory):
   )
   params = jax.tree.map(np.asarray, params)
   state = state.replace(params=params, ema_params=params)
-  write_config(workdir, cfg)
   ck = Checkpointer(workdir, async_save=False)
-  ck.save(0, state, force=True)
+  ck.save(0, state, config=cfg, force=True)  # the config travels with the step
   ck.close()
   # A classifier with two random directions on the 128-d dlib z_id.
   d = 128
-  save_classifier_npz(
+  loading.save_classifier(
       workdir / "classifier" / "classifier.npz",
       ["Smiling", "Eyeglasses"],
       r.standard_normal((d, 2)),
@@ -82,11 +79,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def office_frames(office_clip_dir, tmp_path_factory):
-  from s3jax import video
-
   frames, _ = video.read_frames(office_clip_dir, max_frames=NUM_FRAMES, resize_width=WIDTH)
   out = tmp_path_factory.mktemp("office_small")
-  import cv2
 
   for i, f in enumerate(frames):
     cv2.imwrite(str(out / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
@@ -96,17 +90,13 @@ def office_frames(office_clip_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def editor(tiny_checkpoint):
-  from s3jax import editing
-
   return editing.VideoEditor(tiny_checkpoint, steps=STEPS, chunk=8)
 
 
 @pytest.fixture(scope="session")
 def hard_edit(editor, tiny_checkpoint, office_frames):
-  from s3jax import editing
-
   _, frames = office_frames
-  clf = editing.load_classifier(tiny_checkpoint / "classifier")
+  clf = loading.load_classifier(tiny_checkpoint / "classifier")
   out, report, crops = editor.edit_video(
       frames, "Smiling", 1.0, blend="hard", classifier=clf, return_crops=True
   )
@@ -124,8 +114,6 @@ def test_output_shape_and_edit_changes_face(hard_edit):
 
 @pytest.mark.parametrize("blend", ["hard", "feather"])
 def test_outside_dilated_mask_unchanged(blend, editor, hard_edit, tiny_checkpoint):
-  from s3jax import editing, video
-
   frames, out_hard, _, crops = hard_edit
   code = editor.encode(frames)
   assert code.cache_hit  # the second encode of the clip comes from the cache
@@ -145,10 +133,8 @@ def test_outside_dilated_mask_unchanged(blend, editor, hard_edit, tiny_checkpoin
 
 
 def test_strength_zero_is_ddim_reconstruction(editor, office_frames, tiny_checkpoint):
-  from s3jax import editing
-
   _, frames = office_frames
-  clf = editing.load_classifier(tiny_checkpoint / "classifier")
+  clf = loading.load_classifier(tiny_checkpoint / "classifier")
   code = editor.encode(frames)
   recon = editor.reconstruct(code)
   out0, report0, crops0 = editor.edit_video(
@@ -159,17 +145,15 @@ def test_strength_zero_is_ddim_reconstruction(editor, office_frames, tiny_checkp
   assert np.abs(out0.astype(int) - pasted.astype(int)).max() <= 1
   assert report0["z_id_cosine_to_original"] == pytest.approx(1.0, abs=1e-6)
   # A non-zero strength does change the decoded crops.
-  crops1 = editor.decode(code, editing.edit_z_id(code.z_id, clf, "Eyeglasses", 2.0))
+  crops1 = editor.decode(code, clf.edit(code.z_id, "Eyeglasses", 2.0))
   assert np.abs(crops1.astype(int) - recon.astype(int)).max() > 1
 
 
 def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_checkpoint, tmp_path):
-  from s3jax import edit, video
-
   folder, frames = office_frames
   out = tmp_path / "edited.mp4"
   png_dir = tmp_path / "png"
-  report = edit.run_edit(
+  report = edit_job.run_edit(
       tiny_checkpoint,
       str(folder),
       "Smiling",
@@ -186,7 +170,7 @@ def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_ch
   assert fps == pytest.approx(video.DEFAULT_FOLDER_FPS, rel=1e-3)
   assert (tmp_path / "edited.side_by_side.mp4").exists()
   assert len(list(png_dir.glob("*.png"))) == NUM_FRAMES
-  rpath = edit.report_path(out)
+  rpath = edit_job.report_path(out)
   assert rpath.exists() and rpath == tmp_path / "edited.report.json"
   rep = json.loads(rpath.read_text())
   for key in (
@@ -221,22 +205,18 @@ def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_ch
 
 
 def test_unknown_attribute_lists_valid(tiny_checkpoint, office_frames, tmp_path):
-  from s3jax import edit
-
   folder, _ = office_frames
-  with pytest.raises(edit.EditError, match="valid attributes: Smiling, Eyeglasses"):
-    edit.run_edit(tiny_checkpoint, str(folder), "Bald", 1.0, str(tmp_path / "x.mp4"))
+  with pytest.raises(edit_job.EditError, match="valid attributes: Smiling, Eyeglasses"):
+    edit_job.run_edit(tiny_checkpoint, str(folder), "Bald", 1.0, str(tmp_path / "x.mp4"))
 
 
 def test_missing_input_and_editor(tiny_checkpoint, tmp_path):
-  from s3jax import edit
-
-  with pytest.raises(edit.EditError, match="no such video"):
-    edit.run_edit(
+  with pytest.raises(edit_job.EditError, match="no such video"):
+    edit_job.run_edit(
         tiny_checkpoint, str(tmp_path / "nope.mp4"), "Smiling", 1.0, str(tmp_path / "x.mp4")
     )
-  with pytest.raises(edit.EditError, match="no classifier"):
-    edit.run_edit(
+  with pytest.raises(edit_job.EditError, match="no classifier"):
+    edit_job.run_edit(
         tiny_checkpoint,
         str(tmp_path),
         "Smiling",
@@ -244,8 +224,8 @@ def test_missing_input_and_editor(tiny_checkpoint, tmp_path):
         str(tmp_path / "x.mp4"),
         classifier=str(tmp_path / "absent"),
     )
-  with pytest.raises(edit.EditError, match="S3Editor|s3editor"):
-    edit.run_edit(
+  with pytest.raises(edit_job.EditError, match="S3Editor|s3editor"):
+    edit_job.run_edit(
         tiny_checkpoint,
         str(tmp_path),
         "Smiling",
@@ -257,17 +237,13 @@ def test_missing_input_and_editor(tiny_checkpoint, tmp_path):
 
 
 def test_no_face_video_is_a_clear_error(editor, tiny_checkpoint, tmp_path):
-  import cv2
-  import skimage.data
-  from s3jax import edit
-
   coins = skimage.data.coins()
   folder = tmp_path / "coins"
   folder.mkdir()
   for i in range(3):
     cv2.imwrite(str(folder / f"{i}.png"), np.roll(coins, 5 * i, axis=1))
-  with pytest.raises(edit.EditError, match="no face"):
-    edit.run_edit(
+  with pytest.raises(edit_job.EditError, match="no face"):
+    edit_job.run_edit(
         tiny_checkpoint, str(folder), "Smiling", 1.0, str(tmp_path / "x.mp4"), video_editor=editor
     )
   # As a program: exit status 1, one line on stderr, no traceback.
@@ -289,6 +265,8 @@ def test_no_face_video_is_a_clear_error(editor, tiny_checkpoint, tmp_path):
           str(tmp_path / "y.mp4"),
           "--steps",
           str(STEPS),
+          "--max_frames",  # the underscore spelling of --max-frames works too
+          "2",
           "--noprogress",
       ],
       capture_output=True,
@@ -322,13 +300,11 @@ def test_no_face_video_is_a_clear_error(editor, tiny_checkpoint, tmp_path):
 
 def test_long_gap_passes_through(editor, office_frames, tiny_checkpoint):
   """Blank frames in a long run pass through unedited and are listed; a short gap is filled."""
-  from s3jax import editing
-
   _, frames = office_frames
   blank = np.full_like(frames[0], 128)
   # frames: F F B F B B B B B B F  -> frame 2 interpolated, 4..9 a long gap (6 > max_gap 5)
   seq = np.stack([frames[0], frames[1], blank, frames[2]] + [blank] * 6 + [frames[3]])
-  clf = editing.load_classifier(tiny_checkpoint / "classifier")
+  clf = loading.load_classifier(tiny_checkpoint / "classifier")
   out, report = editor.edit_video(seq, "Smiling", 1.0, classifier=clf, compute_metrics=False)
   assert report["passthrough"] == list(range(4, 10))
   assert 2 in report["interpolated"]
@@ -337,27 +313,52 @@ def test_long_gap_passes_through(editor, office_frames, tiny_checkpoint):
     np.testing.assert_array_equal(out[i], seq[i])
 
 
-def test_ddim_scan_matches_diffusion():
-  """The editor's argument-constant DDIM equals s3jax.diffusion's invert and sample."""
-  import jax
-  import jax.numpy as jnp
-  from s3jax import diffusion, editing
+def test_runner_matches_diffusion_and_pads_chunks(editor):
+  """DDIMRunner (chunks of 2 frames, the last one padded, one program for both directions)
+  equals diffusion.ddim_invert / ddim_sample of the same DVA on the whole batch."""
+  runner = editing.DDIMRunner(editor.model, editor.params, STEPS, chunk=2)
+  r = np.random.default_rng(3)
+  m, s = 3, editor.size
+  x0 = r.uniform(-1, 1, (m, s, s, 3)).astype(np.float32)
+  z_id = E.l2_normalize(r.standard_normal((m, editor.id_dim))).astype(np.float32)
+  z_lnd = r.uniform(0, 1, (m, 102)).astype(np.float32)
+  assert runner.chunk_size(m) == -(-2 // runner.num_devices) * runner.num_devices
+  t_inv, t_dec = {}, {}
+  x_T = runner.invert(x0, z_id, z_lnd, t_inv)
+  rec = runner.decode(x_T, z_id, z_lnd, t_dec)
+  assert {"invert", "compile"} <= set(t_inv)
+  assert set(t_dec) == {"decode"}  # decoding reuses the inversion's program
 
-  r = np.random.default_rng(0)
-  x = jnp.asarray(r.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
-  cond = jnp.asarray(r.standard_normal((2, 1, 1, 3)), jnp.float32)
+  model, params = editor.model, editor.params
 
-  def eps_fn(x, t, c):
-    return jnp.tanh(0.7 * x + c + t[:, None, None, None] / 1000.0)
+  @functools.partial(jax.jit, static_argnums=0)
+  def reference(sampler, x, z_id, z_lnd):
+    z_face = model.apply({"params": params}, z_id, z_lnd, method="z_face")
 
-  for steps in (10, 20):
-    want_inv = diffusion.ddim_invert(eps_fn, x, cond, steps)
-    got_inv = jax.jit(lambda x, c: editing.ddim_scan(eps_fn, x, cond, c))(
-        x, editing.ddim_constants(steps, "invert")
-    )
-    np.testing.assert_allclose(got_inv, want_inv, atol=1e-5)
-    want_dec = diffusion.ddim_sample(eps_fn, want_inv, cond, steps)
-    got_dec = jax.jit(lambda x, c: editing.ddim_scan(eps_fn, x, cond, c))(
-        want_inv, editing.ddim_constants(steps, "decode")
-    )
-    np.testing.assert_allclose(got_dec, want_dec, atol=1e-5)
+    def eps_fn(x, t, c):
+      return model.apply({"params": params}, x, t, c, method="denoise")
+
+    return sampler(eps_fn, x, z_face, STEPS)
+
+  np.testing.assert_allclose(x_T, reference(diffusion.ddim_invert, x0, z_id, z_lnd), atol=1e-4)
+  # From the same x_T: decoding's first steps scale rounding by sqrt(1/abar) ~ 60.
+  np.testing.assert_allclose(rec, reference(diffusion.ddim_sample, x_T, z_id, z_lnd), atol=1e-4)
+
+
+def test_encode_aligned_matches_encode(editor, office_frames):
+  """Already aligned crops (the encoded clip's, landmarks at the model size) give the same
+  masks, averaged z_id and x_T as the full encode."""
+  _, frames = office_frames
+  code = editor.encode(frames)
+  s = editor.size
+  lnd = (code.landmarks.astype(np.float64) + 0.5) * (s / 256) - 0.5
+  aligned = editor.encode_aligned(code.crops, lnd, code.z_id_frames, code.z_lnd, name="office")
+  assert aligned.key == "aligned:office" and not aligned.cache_hit
+  np.testing.assert_array_equal(aligned.frame_indices, np.arange(len(code.crops)))
+  np.testing.assert_array_equal(aligned.crops, code.crops)
+  np.testing.assert_array_equal(aligned.z_id, code.z_id)
+  assert (aligned.masks != code.masks).mean() < 1e-3  # landmarks rounded through float32
+  np.testing.assert_array_equal(aligned.x_T, code.x_T)  # same inputs, same program
+  assert "invert" in aligned.timings
+  with pytest.raises(ValueError, match="z_lnd"):
+    editor.encode_aligned(code.crops, lnd, code.z_id_frames, code.z_lnd[:, :5])

@@ -1,5 +1,6 @@
 """Tests for s3jax.models.editor (S3Editor routed, region-sparse transformations)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,24 +249,30 @@ def test_group_spec_marks_expected_groups(setup):
       assert spec.group_info[g]["cluster"] == k and spec.group_info[g]["region"] == r
       assert spec.group_info[g]["neurons"] == (2 * r, 2 * r + 1)
       assert spec.group_lam[g] == (0.1 if r in targets[k] else 1.0)
-  assert len(spec.leaves) == 3 * K  # W1, b1, W2 per transform; b2 not regularised
+  # The id tree mirrors the params: W1 columns, b1 entries and W2 rows of
+  # every transform are grouped, b2 is not.
+  assert jax.tree.structure(spec.group_ids, is_leaf=optim.is_group_leaf) == jax.tree.structure(
+      params
+  )
+  assert len(spec.grouped_leaves()) == 3 * K
+  for k in range(K):
+    ids = spec.group_ids["params"][f"transform_{k}"]
+    assert ids["b2"] is None
+    assert (ids["W1"].axes, ids["b1"].axes, ids["W2"].axes) == ((1,), (0,), (0,))
+    for name in ("W1", "b1", "W2"):
+      np.testing.assert_array_equal(ids[name].group_ids, k * R + ron)
   # Killing exactly one group zeroes that region's neurons in that transform only:
   # their W1 columns, b1 entries and W2 rows.
   p = _randomised(params, 2)
   thr = np.zeros(K * R)
   thr[1 * R + 2] = 1e9  # cluster 1, region 2 -> neurons 4, 5
-  out = optim.group_lasso_apply_prox(p, spec, thr)
-  for k in range(K):
-    a, b = p["params"][f"transform_{k}"], out["params"][f"transform_{k}"]
-    mask = np.zeros(R * NPR, bool)
-    if k == 1:
-      mask[[4, 5]] = True
-    assert np.all(np.asarray(b["W1"])[:, mask] == 0)
-    assert np.all(np.asarray(b["b1"])[mask] == 0)
-    assert np.all(np.asarray(b["W2"])[mask] == 0)
-    np.testing.assert_array_equal(np.asarray(b["W1"])[:, ~mask], np.asarray(a["W1"])[:, ~mask])
-    np.testing.assert_array_equal(np.asarray(b["W2"])[~mask], np.asarray(a["W2"])[~mask])
-    np.testing.assert_array_equal(np.asarray(b["b2"]), np.asarray(a["b2"]))
+  out = jax.jit(lambda p: optim.group_lasso_apply_prox(p, spec, thr))(p)
+  expected = jax.tree.map(np.array, p)
+  t1 = expected["params"]["transform_1"]
+  t1["W1"][:, [4, 5]] = 0.0
+  t1["b1"][[4, 5]] = 0.0
+  t1["W2"][[4, 5]] = 0.0
+  chex.assert_trees_all_equal(out, expected)
   rep = optim.sparsity_report(out, spec)
   assert rep["zero_groups"] == [1 * R + 2]
   assert rep["per_cluster"][1]["zero_regions"] == [2]
@@ -333,3 +340,39 @@ def test_sparse_training_kills_off_target_regions_first():
   # The output now depends only on the target regions' neurons.
   used = E.attribute_regions_used(params, spec, assign, ["a", "b", "c", "d"])
   assert used == {"a": (0, 1), "b": (0, 1), "c": (2, 3), "d": (2, 3)}
+
+
+def test_group_spec_for_s3editor_params_leaves_dva_ungrouped(setup):
+  """S3Editor builds the spec from jax.eval_shape of {'editor': ..., 'dva': ...}."""
+  model, stats, params, z = setup
+  ron = model.region_of_neuron()
+  targets = [{0}, {1, 2}, {3}]
+  dva = {"enc": {"conv": {"kernel": jnp.ones((3, 3, 4)), "bias": jnp.ones(4)}}}
+  init = lambda: {"editor": params["params"], "dva": dva}  # noqa: E731
+  spec = E.group_spec_for_editor(jax.eval_shape(init), ron, 0.1, 1.0, targets)
+  full = init()
+  assert jax.tree.structure(spec.group_ids, is_leaf=optim.is_group_leaf) == jax.tree.structure(full)
+  assert jax.tree.leaves(spec.group_ids["dva"]) == []  # all None
+  assert len(spec.grouped_leaves()) == 3 * K
+  # Same groups and lambdas as the spec of the bare editor params.
+  bare = E.group_spec_for_editor(params, ron, 0.1, 1.0, targets)
+  np.testing.assert_array_equal(spec.group_lam, bare.group_lam)
+  assert spec.group_info == bare.group_info
+  p = _randomised(full, 3)
+  chex.assert_trees_all_equal(
+      optim.group_norms(p, spec), optim.group_norms({"params": p["editor"]}, bare)
+  )
+  # Fine-tuning chain: the dva gets exactly its own adam's update, untouched
+  # by the prox, even with a lambda large enough to kill every editor group.
+  cfg = {"lr": 1e-2, "grad_clip": 0.0}
+  tx = optim.make_optimizer(cfg, spec, 1e5, lr_by_key={"dva": 1e-4})
+  g = _randomised(full, 4)
+  u, _ = jax.jit(tx.update)(g, tx.init(p), p)
+  ref = optax.adam(1e-4)
+  u_dva, _ = jax.jit(ref.update)(g["dva"], ref.init(p["dva"]), p["dva"])
+  chex.assert_trees_all_equal(u["dva"], u_dva)
+  new = optax.apply_updates(p, u)
+  assert optim.sparsity_report(new, spec)["num_zero"] == K * R
+  # A second transform_k subtree (e.g. inside the DVA) is refused, not merged.
+  with pytest.raises(ValueError, match="twice"):
+    E.group_spec_for_editor({"editor": params, "dva": params}, ron, 0.1, 1.0, targets)

@@ -1,16 +1,27 @@
-"""The evaluation path (`s3jax.evaluate`): identity metrics on the real clip, SSIM/MS-SSIM
-against scikit-image, and a resumable sweep with all of its outputs."""
+"""The evaluation path (`s3jax.evaluation`, `python -m s3jax.evaluate`): identity metrics on
+the real clip, SSIM/MS-SSIM against scikit-image, and a resumable sweep with all of its
+outputs."""
 
 import json
 import pathlib
+import subprocess
+import sys
 
+import cv2
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy.ndimage import correlate1d
+from skimage import data, transform
+from skimage.metrics import structural_similarity
 
-from s3jax import evaluate
+import configs
+from data_prep import sample
+from s3jax import alignment, images, loading, optim, video
+from s3jax.checkpointing import Checkpointer
+from s3jax.evaluation import cells, sweep
+from s3jax.models.autoencoder import make_dva
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_FRAMES = 8
@@ -20,8 +31,6 @@ N_FRAMES = 8
 @pytest.fixture(scope="module")
 def office(office_clip_dir):
   """8 frames of the office clip at 480 px wide, STIT-aligned 256 px crops."""
-  from s3jax import alignment, video
-
   frames, _ = video.read_frames(office_clip_dir, max_frames=N_FRAMES, resize_width=480)
   res = alignment.align_video(frames, size=256)
   assert res.has_face.all()
@@ -30,8 +39,6 @@ def office(office_clip_dir):
 
 def _jitter(crops, seed=0, max_shift=20, max_deg=12):
   """Random shifts and rotations of each crop (what an unsmoothed aligner does)."""
-  import cv2
-
   rng = np.random.default_rng(seed)
   out = []
   for i, c in enumerate(crops):
@@ -45,25 +52,22 @@ def _jitter(crops, seed=0, max_shift=20, max_deg=12):
 
 def _other_face():
   """skimage's astronaut, aligned the same way (a different identity)."""
-  from skimage import data
-  from s3jax import alignment
-
   res = alignment.align_video(data.astronaut()[None], size=256)
   return res.crops[0]
 
 
 def test_tl_tg_id_are_one_for_the_original(office):
-  e = evaluate.identity_embeddings(office)
-  m = evaluate.identity_metrics(e, e)
+  e = cells.identity_embeddings(office)
+  m = cells.identity_metrics(e, e)
   assert m["tl_id"] == 1.0 and m["tg_id"] == 1.0
   assert m["id_preservation"] == pytest.approx(1.0, abs=1e-6)
   assert 0.8 < m["tg_id_input"] <= m["tl_id_input"] + 1e-3 < 1.001  # one person throughout
 
 
 def test_tl_tg_id_drop_with_jitter(office):
-  e = evaluate.identity_embeddings(office)
-  e_j = evaluate.identity_embeddings(_jitter(office))
-  m = evaluate.identity_metrics(e, e_j)
+  e = cells.identity_embeddings(office)
+  e_j = cells.identity_embeddings(_jitter(office))
+  m = cells.identity_metrics(e, e_j)
   assert m["tl_id"] < 0.995, m
   assert m["tg_id"] < 0.995, m
   assert m["id_preservation"] < 0.999, m
@@ -73,9 +77,9 @@ def test_tl_tg_id_drop_with_identity_drift(office):
   other = _other_face().astype(np.float32)
   alpha = np.linspace(0.0, 0.7, len(office))[:, None, None, None]
   drift = np.clip((1 - alpha) * office.astype(np.float32) + alpha * other, 0, 255)
-  e = evaluate.identity_embeddings(office)
-  e_d = evaluate.identity_embeddings(np.round(drift).astype(np.uint8))
-  m = evaluate.identity_metrics(e, e_d)
+  e = cells.identity_embeddings(office)
+  e_d = cells.identity_embeddings(np.round(drift).astype(np.uint8))
+  m = cells.identity_metrics(e, e_d)
   assert m["tl_id"] < 0.997, m  # a slow drift changes neighbours little (0.993 here) ...
   assert m["tg_id"] < 0.97, m  # ... global consistency suffers most from a slow drift
   assert m["tg_id"] < m["tl_id"], m
@@ -86,8 +90,6 @@ def test_tl_tg_id_drop_with_identity_drift(office):
 def _ref_ssim_terms(x, y, data_range=2.0):
   """Per-channel (ssim, cs) means on the valid region: independent numpy reference
   (Wang et al. 2004; the mean SSIM equals skimage's with gaussian_weights=True)."""
-  from scipy.ndimage import correlate1d
-
   g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
   g /= g.sum()
 
@@ -127,17 +129,14 @@ def evaluate_pool(a):
 
 @pytest.mark.parametrize("size", [64, 192])
 def test_pixel_metrics_match_skimage(size):
-  from skimage import data, transform
-  from skimage.metrics import structural_similarity
-
   img = transform.resize(data.astronaut()[:384, 64:448], (size, size), anti_aliasing=True)
   orig = np.round(img * 255).astype(np.uint8)
   rng = np.random.default_rng(0)
   noisy = np.clip(orig.astype(np.int32) + rng.integers(-25, 26, orig.shape), 0, 255)
   batch_o = np.stack([orig, orig])
   batch_n = np.stack([noisy.astype(np.uint8), np.roll(orig, 3, axis=1)])
-  res = evaluate.pixel_metrics(batch_o, batch_n)
-  xo, xn = evaluate.to_model(batch_o), evaluate.to_model(batch_n)
+  res = cells.pixel_metrics(batch_o, batch_n)
+  xo, xn = images.to_model(batch_o), images.to_model(batch_n)
   ref_ssim = np.mean(
       [
           structural_similarity(
@@ -166,7 +165,7 @@ def test_pixel_metrics_match_skimage(size):
       ),
       abs=1e-6,
   )  # skimage keeps float32 inputs in float32
-  levels = evaluate.ms_ssim_scales(size)
+  levels = cells.ms_ssim_scales(size)
   assert levels == {64: 3, 192: 5}[size]  # 11 px window: 41 px for 3 scales, 161 for 5
   assert res["ms_ssim_scales"] == levels
   w = np.asarray((0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:levels])
@@ -198,21 +197,14 @@ TINY_UNET = dict(
 @pytest.fixture(scope="module")
 def sweep_inputs(tmp_path_factory):
   """A fresh tiny DVA checkpoint, a 2-attribute classifier and the sample dataset."""
-  from data_prep import sample
-  from s3jax import optim
-  from s3jax.checkpointing import Checkpointer, write_config
-  from s3jax.models.autoencoder import make_dva
-  from s3jax.porting.dva_checkpoint import load_config_file
-  from s3jax.training.dva import init_train_state
-
   root = tmp_path_factory.mktemp("sweep")
   data_dir = root / "sample"
   sample.build_sample_dataset(data_dir, size=64, frames_per_video=3)
-  cfg = load_config_file(str(REPO / "configs/voxceleb.py") + ":demo")
+  cfg = configs.get("voxceleb:demo")
   cfg.model.unet = ml_collections.ConfigDict(TINY_UNET)
   model = make_dva(cfg.model)
   tx = optim.make_optimizer(cfg.optim)
-  state = init_train_state(model, tx, cfg, jax.random.key(0))
+  state = loading.init_dva_state(model, tx, cfg, jax.random.key(0))
   # Non-zero output convs, so the decoder does not reproduce its input exactly.
   leaves, treedef = jax.tree.flatten(state.ema_params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -221,21 +213,19 @@ def sweep_inputs(tmp_path_factory):
   )
   state = state.replace(ema_params=ema)
   ckpt = root / "dva"
-  write_config(ckpt, cfg)
   ck = Checkpointer(ckpt, async_save=False)
-  ck.save(3, state, force=True)
+  ck.save(3, state, config=cfg, force=True)
   ck.close()
   clf = root / "classifier"
-  clf.mkdir()
   rng = np.random.default_rng(0)
-  np.savez(
+  loading.save_classifier(
       clf / "classifier.npz",
-      names=np.array(["A", "B"]),
-      weight=rng.normal(size=(128, 2)),
-      bias=np.zeros(2),
-      mean=np.zeros(128),
-      std=np.full(128, 0.1),
-      auc=np.full(2, np.nan),
+      ["A", "B"],
+      rng.normal(size=(128, 2)),
+      np.zeros(2),
+      np.zeros(128),
+      np.full(128, 0.1),
+      np.full(2, np.nan),
   )
   return root, data_dir, ckpt, clf
 
@@ -250,21 +240,18 @@ def _sweep_config(data_dir, ckpt, clf):
   c.data.data_dir = str(data_dir)
   c.data.max_videos = 1
   c.data.max_frames = 3
-  c.data.build_sample_if_missing = False
   return c
 
 
 def evaluate_config(arg):
-  from s3jax.porting.dva_checkpoint import load_config_file
-
-  return load_config_file(str(REPO / "configs/eval.py") + ":" + arg)
+  return configs.get("eval:" + arg)
 
 
 def test_sweep_writes_outputs_and_resumes(sweep_inputs, tmp_path, monkeypatch):
   _, data_dir, ckpt, clf = sweep_inputs
   config = _sweep_config(data_dir, ckpt, clf)
   out = tmp_path / "eval"
-  rows = evaluate.run_sweep(config, out, progress=False)
+  rows = sweep.run_sweep(config, out, progress=False)
   assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
   recon = next(r for r in rows if r["attribute"] == "none")
   edit = next(r for r in rows if r["attribute"] == "A")
@@ -304,8 +291,8 @@ def test_sweep_writes_outputs_and_resumes(sweep_inputs, tmp_path, monkeypatch):
   def boom(*a, **k):
     raise AssertionError("a finished cell ran again")
 
-  monkeypatch.setattr(evaluate, "run_cell", boom)
-  rows2 = evaluate.run_sweep(config, out, progress=False)
+  monkeypatch.setattr(cells, "run_cell", boom)
+  rows2 = sweep.run_sweep(config, out, progress=False)
   assert rows2 == rows
   assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
 
@@ -313,22 +300,25 @@ def test_sweep_writes_outputs_and_resumes(sweep_inputs, tmp_path, monkeypatch):
   monkeypatch.undo()
   config.strengths = (1.0, -1.0)
   config.tensorboard = False
-  rows3 = evaluate.run_sweep(config, out, progress=False)
+  rows3 = sweep.run_sweep(config, out, progress=False)
   assert len(rows3) == 3
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_missing_dataset_names_the_command(sweep_inputs, tmp_path):
+  _, _, ckpt, clf = sweep_inputs
+  config = _sweep_config(tmp_path / "absent", ckpt, clf)
+  with pytest.raises(FileNotFoundError, match="python -m data_prep.sample --out"):
+    sweep.run_sweep(config, tmp_path / "eval", progress=False)
+
+
 def test_cli_help_and_config_variants():
-  from s3jax.porting.dva_checkpoint import load_config_file
-
   for arg in ("", "demo"):
-    c = load_config_file(str(REPO / "configs/eval.py") + (":" + arg if arg else ""))
+    c = configs.get("eval:" + arg)
     assert c.ddim_steps and c.strengths and c.checkpoints
-  with pytest.raises(ValueError):
-    load_config_file(str(REPO / "configs/eval.py") + ":nope")
-  import subprocess
-  import sys
-
+    assert "build_sample_if_missing" not in c.data
+  with pytest.raises(ValueError, match="unknown config variant"):
+    configs.get("eval:nope")
   out = subprocess.run(
       [sys.executable, "-m", "s3jax.evaluate", "--helpfull"],
       capture_output=True,

@@ -1,7 +1,11 @@
 """PyTorch export/import of whole DVA checkpoints (`python -m s3jax.convert export|import`)."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,14 +14,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from s3jax import convert, optim  # noqa: E402
-from s3jax.checkpointing import Checkpointer, write_config  # noqa: E402
+import configs  # noqa: E402
+from s3jax import checkpointing, loading, optim  # noqa: E402
 from s3jax.models.autoencoder import make_dva  # noqa: E402
+from s3jax.models.unet import UNetConfig  # noqa: E402
 from s3jax.porting import dva_checkpoint as dc  # noqa: E402
 from s3jax.porting import state_dict as sdlib  # noqa: E402
 from s3jax.porting.unet_keys import KeyMismatchError, key_table  # noqa: E402
-from s3jax.training.dva import init_train_state, restore_dva  # noqa: E402
-from s3jax.training.state import TrainState  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TINY_UNET = dict(
     image_size=16,
@@ -35,15 +40,36 @@ TINY_UNET = dict(
 
 
 def tiny_config(face_features="dlib"):
-  from s3jax.porting.dva_checkpoint import load_config_file
-  import pathlib
-
-  c = load_config_file(
-      str(pathlib.Path(__file__).resolve().parents[1] / "configs/voxceleb.py") + ":demo"
-  )
+  c = configs.get("voxceleb:demo")
   c.model.unet = ml_collections.ConfigDict(TINY_UNET)
   c.model.face_features = face_features
   return c
+
+
+def tiny_config_file(tmp_path, face_features="dlib") -> pathlib.Path:
+  """`tiny_config()` as a config file for `--config` (the CLI runs from the repo root)."""
+  path = tmp_path / "tiny_dva_config.py"
+  path.write_text(
+      "import ml_collections\n"
+      "import configs\n\n\n"
+      "def get_config():\n"
+      '  c = configs.get("voxceleb:demo")\n'
+      f"  c.model.unet = ml_collections.ConfigDict({TINY_UNET!r})\n"
+      f"  c.model.face_features = {face_features!r}\n"
+      "  return c\n"
+  )
+  return path
+
+
+def run_convert(*args) -> subprocess.CompletedProcess:
+  """`python -m s3jax.convert ARGS` from the repo root (its absl flags live in that process)."""
+  return subprocess.run(
+      [sys.executable, "-m", "s3jax.convert", *map(str, args)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
 
 
 def _randomise(tree, seed):
@@ -57,56 +83,55 @@ def _randomise(tree, seed):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
+  # Its users are all marked slow: this fixture alone took ~55 s (cold) on 2 cores.
   workdir = tmp_path_factory.mktemp("dva_ckpt")
   config = tiny_config()
   model = make_dva(config.model)
   tx = optim.make_optimizer(config.optim)
-  state = init_train_state(model, tx, config, jax.random.key(0))
+  state = loading.init_dva_state(model, tx, config, jax.random.key(0))
   params = _randomise(state.params, 1)
   ema = _randomise(state.params, 2)
-  state = TrainState(
+  state = checkpointing.TrainState(
       step=jnp.asarray(42, jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params)
   )
-  write_config(workdir, config)
-  ck = Checkpointer(workdir, async_save=False)
-  ck.save(42, state, force=True)
+  ck = checkpointing.Checkpointer(workdir, async_save=False)
+  ck.save(42, state, config=config, force=True)  # the config travels with the step
   ck.close()
   return workdir, config, jax.device_get(params), jax.device_get(ema)
 
 
 def _restore_both(workdir):
   """(params, ema_params, config, step) of a workdir in one orbax restore."""
-  import functools
-  from s3jax.checkpointing import read_config, restore_state_only
-
-  config = read_config(workdir)
-  model = make_dva(config.model)
-  tx = optim.make_optimizer(config.optim)
-  abstract = jax.eval_shape(
-      functools.partial(init_train_state, model, tx, config), jax.random.key(0)
-  )
-  state, step = restore_state_only(workdir, abstract)
+  _, state, config, step = loading.restore_dva_state(workdir)
   return state.params, state.ema_params, config, step
 
 
+def _config_in_step(workdir, step):
+  """The config saved inside checkpoint `step` itself (None if it was saved without one)."""
+  ck = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    return ck.restore_config(step)
+  finally:
+    ck.close()
+
+
 def _assert_bitwise(a, b):
-  fa = jax.tree_util.tree_flatten_with_path(a)[0]
-  fb = dict(jax.tree_util.tree_flatten_with_path(b)[0])
-  assert len(fa) == len(fb)
-  for path, x in fa:
-    y = np.asarray(fb[path])
-    x = np.asarray(x)
-    assert x.dtype == y.dtype == np.float32, path
-    assert x.shape == y.shape, path
-    assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), jax.tree_util.keystr(path)
+  """Same tree of float32 leaves with identical bits (-0.0 vs 0.0 or NaN payloads count)."""
+  chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+  chex.assert_type(jax.tree.leaves(a), np.float32)
+  bits = lambda t: jax.tree.map(lambda x: np.asarray(x).view(np.uint32), t)  # noqa: E731
+  chex.assert_trees_all_equal(bits(a), bits(b), strict=True)
 
 
+@pytest.mark.slow
 def test_lightning_round_trip_is_bitwise(tiny_ckpt, tmp_path):
   workdir, config, params, ema = tiny_ckpt
   out = tmp_path / "dva.ckpt"
-  assert (
-      convert.main(["export", "--checkpoint", str(workdir), "--out", str(out), "--lightning"]) == 0
-  )
+  r = run_convert("export", "--checkpoint", workdir, "--out", out, "--lightning")
+  assert r.returncode == 0, r.stderr
+  row = json.loads(r.stdout)  # exactly one JSON line
+  assert row["wrote"] == str(out) and row["step"] == 42 and row["weights"] == "model+ema"
+  assert row["lightning"] and row["face_features"] == "dlib"
   # Lightning layout, readable with weights_only=True.
   obj = torch.load(str(out), map_location="cpu", weights_only=True)
   assert obj["global_step"] == 42
@@ -123,23 +148,14 @@ def test_lightning_round_trip_is_bitwise(tiny_ckpt, tmp_path):
   )
 
   new = tmp_path / "imported"
-  assert (
-      convert.main(
-          [
-              "import",
-              "--src",
-              str(out),
-              "--workdir",
-              str(new),
-              "--config",
-              str(workdir / "config.json"),
-          ]
-      )
-      == 0
-  )
-  _, p2, _, step = restore_dva(new, ema=False)  # the editor's loader
-  _, e2, cfg2, _ = restore_dva(new, ema=True)
+  r = run_convert("import", "--src", out, "--workdir", new, "--config", tiny_config_file(tmp_path))
+  assert r.returncode == 0, r.stderr
+  row = json.loads(r.stdout)
+  assert row["step"] == 0 and row["params_and_ema_from_separate_sets"]
+  _, p2, _, step = loading.load_dva(new, ema=False)  # the editor's loader
+  _, e2, cfg2, _ = loading.load_dva(new, ema=True)
   assert step == 0 and cfg2.model.face_features == "dlib"
+  assert _config_in_step(new, 0).model.face_features == "dlib"
   _assert_bitwise(params, p2)
   _assert_bitwise(ema, e2)
 
@@ -151,6 +167,7 @@ def test_lightning_round_trip_is_bitwise(tiny_ckpt, tmp_path):
   _assert_bitwise(ema, p3)
 
 
+@pytest.mark.slow
 def test_safetensors_and_pt_round_trip(tiny_ckpt, tmp_path):
   workdir, config, params, ema = tiny_ckpt
   for name, use_ema, want in (("ema.safetensors", True, ema), ("model.pt", False, params)):
@@ -175,6 +192,7 @@ def test_safetensors_and_pt_round_trip(tiny_ckpt, tmp_path):
   _assert_bitwise(ema, e2)
 
 
+@pytest.mark.slow
 def test_torch_twin_matches_jax(tiny_ckpt, tmp_path):
   workdir, config, _, ema = tiny_ckpt
   out = tmp_path / "ema.pt"
@@ -208,7 +226,8 @@ def test_torch_twin_matches_jax(tiny_ckpt, tmp_path):
   np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_errors_name_the_parameter(tiny_ckpt, tmp_path, capsys):
+@pytest.mark.slow
+def test_errors_name_the_parameter(tiny_ckpt, tmp_path):
   workdir, config, params, _ = tiny_ckpt
   sd = dc.params_to_torch(params, config.model)
   bad = dict(sd)
@@ -232,25 +251,15 @@ def test_errors_name_the_parameter(tiny_ckpt, tmp_path, capsys):
   bad = dict(sd)
   bad["middle_block.0.emb_layers.1.weight"] = np.zeros((7, 512), np.float32)
   sdlib.save_state_dict(bad, path)
-  rc = convert.main(
-      [
-          "import",
-          "--src",
-          str(path),
-          "--workdir",
-          str(tmp_path / "w"),
-          "--config",
-          str(workdir / "config.json"),
-      ]
+  r = run_convert(
+      "import", "--src", path, "--workdir", tmp_path / "w", "--config", tiny_config_file(tmp_path)
   )
-  assert rc == 2
-  assert "middle_block.0.emb_layers.1.weight" in capsys.readouterr().err
+  assert r.returncode == 2, r.stderr
+  assert "middle_block.0.emb_layers.1.weight" in r.stderr
 
 
 def test_reference_key_names_for_the_paper_model(golden_dir):
   """Export names are the reference's: the manifest's non-frozen keys, shapes included."""
-  from s3jax.models.unet import UNetConfig
-
   manifest = json.loads((golden_dir / "dva256_state_dict_manifest.json").read_text())["keys"]
   want = {
       k: tuple(v)
@@ -263,6 +272,7 @@ def test_reference_key_names_for_the_paper_model(golden_dir):
   assert got == want
 
 
+@pytest.mark.slow
 def test_official_import_keeps_frozen_encoders(tiny_ckpt, tmp_path, golden_dir):
   """A reference file with encoder.idnet/lndnet/bgnet keys: those become frozen-encoder
   variables, face_features becomes 'official', and export writes them back unchanged."""

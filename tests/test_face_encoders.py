@@ -2,6 +2,7 @@
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +165,7 @@ def test_roundtrip_golden(golden_sd, enc_variables):
   # the prefixed (full DVA) layout works too
   pref = ek.encoders_params_to_torch(enc_variables, prefix="encoder.", num_batches_tracked=False)
   again = ek.encoders_params_from_torch(pref, prefix="encoder.")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, again, enc_variables)
+  chex.assert_trees_all_equal(again, enc_variables)
 
 
 def test_lnd_shared_features_take_base_net(golden_sd, enc_variables):
@@ -218,7 +219,7 @@ def test_published_layouts_roundtrip(kind, enc_variables):
   # ... and the adapter reads it back exactly (also from torch tensors).
   as_tensors = jax.tree_util.tree_map(torch.as_tensor, published)
   back = ek.import_published_encoder(kind, as_tensors)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, back, sub)
+  chex.assert_trees_all_equal(back, sub)
   merged = ek.merge_published(*(sub if n == net else {} for n in ek.NETS))
   assert set(merged["params"]) == {net}
   with pytest.raises(ek.EncoderKeyError):

@@ -1,7 +1,10 @@
 """State-dict I/O in every format, torch<->Flax key mapping errors, and the parity CLI."""
 
 import json
+import pathlib
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from s3jax.porting.unet_keys import (
 )
 
 torch = pytest.importorskip("torch")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SMALL = UNetConfig(
     image_size=8,
@@ -166,34 +171,58 @@ def unet_only_golden(tmp_path, golden_dir):
   return d
 
 
-def test_parity_cli(unet_only_golden, capsys, monkeypatch):
-  from s3jax import convert
-
-  (unet_only_golden / "encoders_io.npz").write_bytes(b"")
-  monkeypatch.setattr(
-      convert,
-      "PARITY_CHECKS",
-      (("s3jax.parity.unet", "unet_tiny_io.npz"), ("s3jax.parity.not_there", "encoders_io.npz")),
+def run_convert(*args) -> subprocess.CompletedProcess:
+  """`python -m s3jax.convert ARGS` from the repo root (its absl flags live in that process)."""
+  return subprocess.run(
+      [sys.executable, "-m", "s3jax.convert", *map(str, args)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=900,
   )
-  rc = convert.main(["parity", "--golden", str(unet_only_golden), "--backend", "jax"])
-  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert rc == 0
-  eps = [r for r in rows if r["name"] == "jax/unet_tiny/eps"]
+
+
+def test_parity_cli(unet_only_golden):
+  r = run_convert("parity", "--golden", unet_only_golden, "--backend", "jax")
+  assert r.returncode == 0, r.stderr
+  rows = [json.loads(line) for line in r.stdout.splitlines()]
+  eps = [row for row in rows if row["name"] == "jax/unet_tiny/eps"]
   assert eps and eps[0]["ok"] and eps[0]["rel_err"] < 1e-4 and eps[0]["tol"] == 1e-4
-  skipped = [r for r in rows if r["name"] == "s3jax.parity.not_there"]
-  assert skipped and skipped[0]["status"] == "skipped" and "not available" in skipped[0]["error"]
+  # Only the checks whose files are there run (no encoders_io.npz: no encoder rows).
+  assert all(row["name"].startswith("jax/unet_tiny/") and row["backend"] == "jax" for row in rows)
 
 
-def test_parity_cli_fails_on_error(unet_only_golden, capsys, monkeypatch):
-  from s3jax import convert
-  from s3jax.parity import unet as parity_unet
+def test_parity_cli_fails_on_error(unet_only_golden, golden_dir):
+  # A golden eps the UNet does not reproduce, and an encoders check whose file is broken.
+  (unet_only_golden / "unet_tiny_io.npz").unlink()
+  with np.load(golden_dir / "unet_tiny_io.npz") as z:
+    io = {k: z[k] for k in z.files}
+  io["eps"] = io["eps"] * np.float32(1.01)
+  np.savez(unet_only_golden / "unet_tiny_io.npz", **io)
+  (unet_only_golden / "encoders_io.npz").write_bytes(b"")
+  r = run_convert("parity", "--golden", unet_only_golden, "--backend", "torch")
+  assert r.returncode == 1, r.stderr
+  rows = {row["name"]: row for row in map(json.loads, r.stdout.splitlines())}
+  eps = rows["torch/unet_tiny/eps"]
+  assert not eps["ok"] and eps["rel_err"] > eps["tol"]
+  # The broken check is reported, not fatal.
+  enc = rows["torch/s3jax.parity.encoders"]
+  assert enc["ok"] is False and enc["error"]
 
-  monkeypatch.setattr(parity_unet, "TOL", 0.0)
-  monkeypatch.setattr(
-      parity_unet,
-      "_row",
-      lambda name, out, ref, tol=0.0: dict(name=name, rel_err=1.0, tol=tol, ok=False),
-  )
-  rc = convert.main(["parity", "--golden", str(unet_only_golden), "--backend", "torch"])
-  assert rc == 1
-  assert '"ok": false' in capsys.readouterr().out
+
+def test_cli_usage_errors(tmp_path):
+  """Exit status 2 and a message naming the problem; --help lists the subcommands."""
+  for args, message in (
+      ((), "missing subcommand (one of: parity, export, import)"),
+      (("convert",), "unknown subcommand 'convert'"),
+      (("export", "--checkpoint", tmp_path), "export needs --out"),
+      (("import", "--src", "a.pt", "--workdir", tmp_path), "import needs --config"),
+      (("parity", "--golden", tmp_path, "--out", "x.pt"), "parity does not take --out"),
+      (("parity", "--golden", tmp_path / "nope"), "golden directory not found"),
+  ):
+    r = run_convert(*args)
+    assert r.returncode == 2, (args, r.stderr)
+    assert message in r.stderr, (args, r.stderr)
+  r = run_convert("--help")
+  for example in ("convert parity --golden", "convert export --checkpoint", "convert import --src"):
+    assert example in r.stdout, r.stdout

@@ -5,15 +5,15 @@ reaches the pixels), the identity stand-in a tiny random CNN, the classifier
 random directions over six attributes. These test the machinery, not quality.
 """
 
-import pathlib
-
+import chex
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s3jax import face_features
+import configs
+from s3jax import checkpointing, face_features, loading
 from s3jax.models import editor as E
 from s3jax.models import id_standin
 from s3jax.models.autoencoder import make_dva
@@ -37,9 +37,7 @@ N_FRAMES = 8
 
 
 def _tiny_config(tmp_lam_out=8.0, lam_in=0.5, total_steps=8):
-  c = S._load_config_module("s3editor", "demo")
-  c.prereq.train_missing = False
-  c.data.build_sample_if_missing = False
+  c = configs.get("s3editor:demo")
   c.data.batch_size = 4
   c.data.frames_per_item = 1
   c.editor.num_clusters = 2
@@ -62,7 +60,7 @@ def _tiny_config(tmp_lam_out=8.0, lam_in=0.5, total_steps=8):
 
 
 def _dva_config():
-  c = S._load_config_module("voxceleb", "demo")
+  c = configs.get("voxceleb:demo")
   c.model.unet.image_size = SIZE
   c.model.unet.model_channels = 32
   c.model.unet.channel_mult = (1, 1)
@@ -129,11 +127,17 @@ def prereqs():
   idp = idm.init(jax.random.key(2), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
   frames = _synthetic_frames()
   z = np.concatenate([f["z_id"] for f in frames])
-  cls = S.synthetic_classifier(z.mean(0), z.std(0) + 1e-3, names=NAMES, seed=0)
   rng = np.random.default_rng(0)
   u = np.linalg.qr(rng.normal(size=(128, 2)))[0].T  # two orthonormal centres
   w = np.stack([u[i // 3] + 0.3 * rng.normal(size=128) / np.sqrt(128) for i in range(6)], 1)
-  cls["weight"] = (w / np.linalg.norm(w, axis=0)).astype(np.float32)
+  cls = loading.Classifier(
+      names=list(NAMES),
+      weight=(w / np.linalg.norm(w, axis=0)).astype(np.float32),
+      bias=np.zeros(len(NAMES), np.float32),
+      mean=z.mean(0),
+      std=z.std(0) + 1e-3,
+      auc=np.full(len(NAMES), np.nan),
+  )
   return S.Prereqs(model, params, dcfg, cls, idm, idp, {}, {"dva": "tiny"}), frames
 
 
@@ -279,28 +283,34 @@ def test_checkpoint_resume_is_exact(prereqs, tmp_path):
   loop.train(half, str(split), _task(prereqs, split, half))
   out = loop.train(cfg, str(split), _task(prereqs, split, cfg))
   assert out["step"] == n
-  a, _ = S._restore_raw_state(straight)
-  b, _ = S._restore_raw_state(split)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(
+      checkpointing.restore_saved_state(straight), checkpointing.restore_saved_state(split)
+  )
   # The loop wrote a sample grid and the sparsity report at the last step.
   assert list((straight / "samples").glob("*.png"))
   assert (straight / "sparsity.json").exists()
   # load_editor gives the EMA transformation.
-  edit = S.load_editor(straight)
+  edit = loading.load_editor(straight)
   z = jnp.asarray(np.concatenate([f["z_id"] for f in prereqs[1][:3]]))
   out = edit(z, "Big_Lips", 0.7)
   assert out.shape == z.shape and np.all(np.isfinite(np.asarray(out)))
   np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=-1), 1.0, rtol=1e-5)
-  with pytest.raises(KeyError):
+  with pytest.raises(loading.UnknownAttributeError, match="Big_Lips"):
     edit(z, "Not_An_Attribute", 0.5)
 
 
 def test_region_map_and_decode_shapes():
   lm = (E.MEAN_LANDMARKS_68 * SIZE)[None]
   rol = E.landmark_regions(None, 3)
-  reg = np.asarray(S.region_map(jnp.asarray(lm), rol, SIZE))
+  reg = np.asarray(E.region_map(jnp.asarray(lm), rol, SIZE))
   assert reg.shape == (1, SIZE, SIZE) and set(np.unique(reg)) <= {0, 1, 2}
   # The pixel at a landmark belongs to that landmark's region.
   x, y = np.round(lm[0, 48]).astype(int)
   assert reg[0, y, x] == rol[48]
+
+
+def test_missing_prerequisite_names_the_command_that_makes_it(tmp_path):
+  c = configs.get("s3editor:demo")
+  c.dva_workdir = str(tmp_path / "no_dva")
+  with pytest.raises(FileNotFoundError, match="configs/voxceleb.py:demo --workdir"):
+    S.load_prerequisites(c)

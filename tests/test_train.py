@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 
-import jax
+import chex
 import numpy as np
 import pytest
 
-from s3jax import train
+from s3jax.training import runner
 from s3jax.checkpointing import (CheckpointShapeError, Checkpointer, NoUsableCheckpointError)
 from s3jax.training import loop
 from s3jax.training import state as state_lib
@@ -54,20 +54,25 @@ def _history_from(proc, timeout=900):
 
 
 def _params(workdir, step=None):
-  from s3jax.training.dva import restore_dva
+  from s3jax.loading import load_dva
 
-  _, params, _, got = restore_dva(workdir, step=step, ema=False)
+  _, params, _, got = load_dva(workdir, step=step, ema=False)
   return params, got
 
 
 @pytest.fixture(scope="session")
 def straight_run(sample_data_32, tmp_path_factory):
-  """Six steps straight through on one device: the reference for the other tests."""
+  """Six steps straight through on one device: the reference for the other tests.
+
+  Its users are all marked slow: building it (a cold compile and six steps) took 1-4 min
+  on a shared 2-core machine, so `-m "not slow"` must not pull it in.
+  """
   workdir = tmp_path_factory.mktemp("straight")
-  result = train.run(tiny_dva_config(sample_data_32, total_steps=6), workdir)
+  result = runner.run(tiny_dva_config(sample_data_32, total_steps=6), workdir)
   return workdir, result
 
 
+@pytest.mark.slow
 def test_loss_is_finite_and_checkpoints_written(straight_run):
   workdir, result = straight_run
   assert result["step"] == 6
@@ -76,21 +81,22 @@ def test_loss_is_finite_and_checkpoints_written(straight_run):
   assert list(pathlib.Path(workdir).glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(straight_run, sample_data_32, tmp_path):
   workdir, _ = straight_run
-  first = train.run(tiny_dva_config(sample_data_32, total_steps=3), tmp_path)
-  second = train.run(tiny_dva_config(sample_data_32, total_steps=6), tmp_path)
+  first = runner.run(tiny_dva_config(sample_data_32, total_steps=3), tmp_path)
+  second = runner.run(tiny_dva_config(sample_data_32, total_steps=6), tmp_path)
   assert first["step"] == 3 and second["step"] == 6
   resumed, _ = _params(tmp_path)
   straight, _ = _params(workdir)
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(resumed, straight)
   # The resumed half consumed exactly the batches the straight run saw at steps 4..6.
   straight_losses = dict((s, m["loss"]) for s, m in straight_run[1]["history"])
   for s, m in second["history"]:
     assert m["loss"] == straight_losses[s]
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(straight_run, tmp_path):
   workdir, result = straight_run
   proc = _run_subprocess([tmp_path / "four", _data_dir(workdir), 6], n_devices=4)
@@ -98,6 +104,7 @@ def test_four_devices_match_one_device(straight_run, tmp_path):
   np.testing.assert_allclose(_losses(four), _losses(result["history"]), rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(straight_run, tmp_path):
   import portpicker
 
@@ -127,6 +134,7 @@ def _data_dir(workdir):
   return json.loads((pathlib.Path(workdir) / "config.json").read_text())["data"]["data_dir"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_continues(straight_run, tmp_path):
   data_dir = _data_dir(straight_run[0])
   proc = _run_subprocess([tmp_path, data_dir, 100_000], n_devices=1)
@@ -152,6 +160,7 @@ def _abstract_state(config, workdir):
   return DVATask(config, mesh, workdir, data_iterator=iter([])).abstract_state
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_with_warning(straight_run, tmp_path, caplog):
   workdir = tmp_path / "copy"
   shutil.copytree(straight_run[0], workdir)
@@ -176,6 +185,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(straight_run, tmp_pat
     Checkpointer(workdir).restore_latest(abstract)
 
 
+@pytest.mark.slow
 def test_wrong_shape_checkpoint_names_the_parameter(straight_run):
   workdir = straight_run[0]
   bigger = tiny_dva_config(_data_dir(workdir))
@@ -184,6 +194,7 @@ def test_wrong_shape_checkpoint_names_the_parameter(straight_run):
     Checkpointer(workdir).restore_latest(_abstract_state(bigger, workdir))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_writing_nan(straight_run, tmp_path):
   config = tiny_dva_config(_data_dir(straight_run[0]), total_steps=6)
   config.checkpoint_every = 1
@@ -216,7 +227,7 @@ def test_non_finite_loss_stops_without_writing_nan(straight_run, tmp_path):
   steps = Checkpointer(tmp_path).all_steps()
   assert max(steps) == 2
   params, _ = _params(tmp_path)
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+  chex.assert_tree_all_finite(params)
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

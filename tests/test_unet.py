@@ -190,6 +190,7 @@ def test_bf16_compute(small):
   assert 0 < rel(out16, np.asarray(ref)) < 0.1
 
 
+@pytest.mark.slow  # ~22 s: two gradient compiles
 def test_remat_same_gradients(one_level):
   import dataclasses
 

@@ -16,6 +16,7 @@ flags.FLAGS.mark_as_parsed()
 from train_helpers import tiny_dva_config  # noqa: E402
 
 from s3jax import train  # noqa: E402
+from s3jax.training import runner  # noqa: E402
 
 
 def main():
@@ -23,7 +24,7 @@ def main():
   train.maybe_initialize_distributed()
   import jax
 
-  result = train.run(tiny_dva_config(data_dir, total_steps=total), workdir)
+  result = runner.run(tiny_dva_config(data_dir, total_steps=total), workdir)
   if jax.process_index() == 0:
     print("HISTORY " + json.dumps(result["history"]), flush=True)
 

@@ -1,26 +1,22 @@
 """Tiny DVA trainer configs shared by the training tests and their subprocesses."""
 
-import importlib.util
 import pathlib
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `configs` is importable from a checkout (also in subprocesses)
+  sys.path.insert(0, str(REPO))
 
-
-def load_config_module(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+import configs  # noqa: E402
 
 
 def tiny_dva_config(data_dir, total_steps=6, **overrides):
   """A 32 px two-level UNet on the sample data: compiles in seconds, trains in ms/step."""
-  c = load_config_module("voxceleb").get_config("demo")
+  c = configs.get("voxceleb:demo")
   c.data.data_dir = str(data_dir)
   c.data.image_size = 32
   c.data.batch_size = 4
   c.data.frames_per_item = 2
-  c.data.build_sample_if_missing = False
   c.model.unet.update(
       dict(
           image_size=32,

@@ -59,3 +59,15 @@ def make_dva(model_config: Any) -> DVA:
 def id_dim(model_config: Any) -> int:
   """Width of z_id for the configured face-feature path."""
   return {"dlib": 128, "official": 512}[model_config.face_features]
+
+
+def init_params(model: DVA, model_config: Any, rng):
+  """Fresh DVA params for the configured image size and face-feature path."""
+  size = model_config.unet.image_size
+  dummy = (
+      jnp.zeros((1, size, size, 3)),
+      jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1, id_dim(model_config))),
+      jnp.zeros((1, LND_DIM)),
+  )
+  return model.init({"params": rng}, *dummy)["params"]

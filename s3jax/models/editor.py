@@ -1,6 +1,6 @@
 """S3Editor: semantic-disentangled, region-sparse transformations of z_id.
 
-Our reading of S3Editor (Wang et al. 2024; see DESIGN.md "S3Editor"):
+Our reading of S3Editor (Wang et al. 2024; see docs/design.md "S3Editor"):
 
 * **Clusters of edits.** The edit directions ``d_a`` (one per attribute, e.g.
   ``sqrt(D) * w_a / ||w_a||`` from the linear attribute classifiers) are
@@ -162,6 +162,18 @@ DEFAULT_ATTRIBUTE_PARTS: Dict[str, tuple] = {
     "Wearing_Necktie": ("jaw",),
     "Young": _ALL,
 }
+
+# Target parts of the attributes the classifier demo *measures* on the sample
+# (s3jax.training.classifier.MEASURED_ATTRIBUTES); photometric ones are global.
+MEASURED_ATTRIBUTE_PARTS: Dict[str, tuple] = {
+    "Bright_Face": _ALL,
+    "Warm_Tint": _ALL,
+    "Lit_From_Left": _ALL,
+    "Mouth_Wide": ("mouth",),
+    "Eyes_Open": ("eyes",),
+}
+# Every attribute S3Editor knows the target parts of.
+PART_TABLE: Dict[str, tuple] = {**DEFAULT_ATTRIBUTE_PARTS, **MEASURED_ATTRIBUTE_PARTS}
 
 # A mean frontal face in dlib 68-point order, (x, y) in [0, 1] of the face
 # box (y grows downwards; the chin reaches ~1.06). Values are the widely used
@@ -449,6 +461,69 @@ def region_of_neuron(num_regions: int, neurons_per_region: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
+def _array_module(*xs):
+  """numpy when every input is host data, else jax.numpy (traced or device arrays)."""
+  host = all(isinstance(x, (np.ndarray, np.generic, float, int)) for x in xs)
+  return np if host else jnp
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """x / max(||x||, eps) over the last axis, in x's array module and dtype."""
+  xp = _array_module(x)
+  return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def edit_direction(weight, scale: Optional[float] = None):
+  """``scale * w / ||w||`` over the last axis; scale defaults to sqrt(D).
+
+  docs/design.md "Classifier editing": a classifier weight column becomes
+  the step in normalised z_id space.
+  """
+  xp = _array_module(weight)
+  d = weight.shape[-1]
+  scale = float(np.sqrt(d)) if scale is None else float(scale)
+  return scale * weight / xp.maximum(xp.linalg.norm(weight, axis=-1, keepdims=True), 1e-12)
+
+
+def classifier_edit(z, direction, strength, mean, std, normalize: bool = False):
+  """The one z_id edit: ``denorm(norm(z) + strength * direction)``, optionally L2-normalised.
+
+  ``norm``/``denorm`` use the classifier's per-dimension mean/std; ``direction``
+  comes from :func:`edit_direction`. Works on numpy (in its dtype, e.g. float64
+  for the editor's host path) and on jax arrays (inside jit); ``strength``
+  broadcasts against ``z`` (pass (B, 1) for per-row strengths).
+  """
+  x = ((z - mean) / std + strength * direction) * std + mean
+  return l2_normalize(x) if normalize else x
+
+
+def region_map(landmarks, region_of_landmark, size: int, resolution: int = 64):
+  """(n, 68, 2) crop-pixel landmarks -> (n, size, size) region id of the nearest landmark.
+
+  Computed on a ``min(size, resolution)`` grid and repeated up to ``size``
+  (nearest-neighbour), which keeps the (pixels x 68) distance table small.
+  """
+  res = min(size, resolution)
+  if size % res:
+    res = size
+  scale = size / res
+  c = (jnp.arange(res, dtype=jnp.float32) + 0.5) * scale - 0.5
+  gy, gx = jnp.meshgrid(c, c, indexing="ij")
+  grid = jnp.stack([gx, gy], -1).reshape(-1, 2)  # (P, 2) as (x, y)
+  lm = jnp.asarray(landmarks, jnp.float32)
+  d2 = (
+      jnp.sum(grid**2, -1)[None, :, None]
+      - 2.0 * jnp.einsum("pc,nlc->npl", grid, lm)
+      + jnp.sum(lm**2, -1)[:, None, :]
+  )
+  nearest = jnp.argmin(d2, axis=-1)
+  reg = jnp.asarray(region_of_landmark, jnp.int32)[nearest].reshape(-1, res, res)
+  if res != size:
+    f = size // res
+    reg = jnp.repeat(jnp.repeat(reg, f, axis=1), f, axis=2)
+  return reg
+
+
 class EditStats(NamedTuple):
   """Constant tables an :class:`Editor` call needs (a pytree of arrays).
 
@@ -469,11 +544,8 @@ def make_edit_stats(
     classifier_weights, mean, std, num_clusters: int, seed: int = 0, scale: Optional[float] = None
 ) -> EditStats:
   """Edit directions ``scale * w_a / ||w_a||`` (scale defaults to sqrt(D), as in
-  DESIGN "Classifier editing") and their cosine k-means clusters."""
-  w = np.asarray(classifier_weights, np.float32)
-  d = w.shape[-1]
-  scale = float(np.sqrt(d)) if scale is None else float(scale)
-  dirs = scale * w / np.linalg.norm(w, axis=-1, keepdims=True)
+  docs/design.md "Classifier editing") and their cosine k-means clusters."""
+  dirs = edit_direction(np.asarray(classifier_weights, np.float32), scale)
   assign, cents = kmeans(dirs, num_clusters, seed)
   return EditStats(
       mean=jnp.asarray(mean, jnp.float32),
@@ -577,7 +649,7 @@ class Editor(nn.Module):
     gamma = jnp.broadcast_to(jnp.asarray(strength, jnp.float32), (b,))[:, None]
     mean = jnp.asarray(stats.mean, jnp.float32)
     std = jnp.asarray(stats.std, jnp.float32)
-    x = ((z - mean) / std + gamma * d) * std + mean
+    x = classifier_edit(z, d, gamma, mean, std)
 
     k_total = self.num_clusters
     if routing == "hard":
@@ -599,7 +671,7 @@ class Editor(nn.Module):
       else:
         out = out + wk * yk
     if self.normalize_output:
-      out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+      out = l2_normalize(out)
     if squeeze:
       out = out[0]
     return (out, weights) if return_weights else out
@@ -610,16 +682,19 @@ class Editor(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-def _find_transform_leaves(params):
-  """{k: {'W1': path, 'b1': path, 'W2': path}} from the param tree."""
-  found: Dict[int, Dict[str, tuple]] = {}
-  for path in optim.leaf_paths(params):
-    if len(path) >= 2 and path[-2].startswith("transform_") and path[-1] in ("W1", "b1", "W2"):
-      k = int(path[-2][len("transform_") :])
-      found.setdefault(k, {})[path[-1]] = path
-  if not found:
-    raise ValueError("no transform_k/W1,b1,W2 leaves found in params")
-  return found
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _transform_leaf(path):
+  """(k, name) if ``path`` ends in ``transform_k/{W1,b1,W2}``, else None."""
+  names = [_key_name(k) for k in path]
+  if len(names) >= 2 and names[-2].startswith("transform_") and names[-1] in ("W1", "b1", "W2"):
+    return int(names[-2][len("transform_") :]), names[-1]
+  return None
 
 
 def group_spec_for_editor(
@@ -632,6 +707,11 @@ def group_spec_for_editor(
     per_neuron: bool = False,
 ) -> optim.GroupSpec:
   """Group-lasso spec for :class:`Editor` params.
+
+  ``params`` (arrays or ``jax.eval_shape`` structs) may be the editor's own
+  (``{'params': {'transform_k': ...}}``) or any tree holding them, e.g.
+  S3Editor's ``{'editor': ..., 'dva': ...}``; the spec's id tree mirrors the
+  whole of it, with every leaf outside ``transform_k/{W1,b1,W2}`` ungrouped.
 
   A group is the set of hidden neurons of one region in one ``T_k``
   (``per_neuron=True``: every neuron its own group), spanning their ``W1``
@@ -651,28 +731,41 @@ def group_spec_for_editor(
   ron = np.asarray(region_of_neuron, np.int32)
   h = ron.shape[0]
   r_total = int(ron.max()) + 1
-  leaves = _find_transform_leaves(params)
-  k_total = max(leaves) + 1
-  if sorted(leaves) != list(range(k_total)):
-    raise ValueError(f"transform indices {sorted(leaves)} are not 0..K-1")
+  found: Dict[int, set] = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    hit = _transform_leaf(path)
+    if hit is not None:
+      k, name = hit
+      if name in found.setdefault(k, set()):
+        # Two transform_k subtrees (e.g. one inside the DVA) would share ids.
+        raise ValueError(f"transform_{k}/{name} found twice in params")
+      found[k].add(name)
+  if not found:
+    raise ValueError("no transform_k/W1,b1,W2 leaves found in params")
+  k_total = max(found) + 1
+  if sorted(found) != list(range(k_total)):
+    raise ValueError(f"transform indices {sorted(found)} are not 0..K-1")
   if len(target_regions_per_cluster) != k_total:
     raise ValueError(
         f"{len(target_regions_per_cluster)} target-region sets given "
         f"for {k_total} transformations"
     )
-  specs = {}
+  ids_of = {}
   lam = []
   info = []
   for k in range(k_total):
+    missing = {"W1", "b1", "W2"} - found[k]
+    if missing:
+      raise ValueError(f"transform_{k} has no {sorted(missing)[0]}")
     targets = {int(r) for r in target_regions_per_cluster[k]}
     if per_neuron:
-      ids = k * h + np.arange(h, dtype=np.int32)
+      ids_of[k] = k * h + np.arange(h, dtype=np.int32)
       for i in range(h):
         on = int(ron[i]) in targets
         lam.append(lam_in if on else lam_out)
         info.append({"cluster": k, "region": int(ron[i]), "on_target": on, "neurons": (i,)})
     else:
-      ids = k * r_total + ron
+      ids_of[k] = k * r_total + ron
       for r in range(r_total):
         on = r in targets
         lam.append(lam_in if on else lam_out)
@@ -684,12 +777,17 @@ def group_spec_for_editor(
                 "neurons": tuple(int(i) for i in np.flatnonzero(ron == r)),
             }
         )
-    for name, axis in (("W1", 1), ("b1", 0), ("W2", 0)):
-      if name not in leaves[k]:
-        raise ValueError(f"transform_{k} has no {name}")
-      specs[leaves[k][name]] = optim.LeafGroups(axes=(axis,), group_ids=ids)
+  neuron_axis = {"W1": 1, "b1": 0, "W2": 0}  # W1 columns, b1 entries, W2 rows
+
+  def leaf_groups(path, _):
+    hit = _transform_leaf(path)
+    if hit is None:
+      return None
+    k, name = hit
+    return optim.LeafGroups(axes=(neuron_axis[name],), group_ids=ids_of[k])
+
   return optim.GroupSpec(
-      leaves=specs,
+      group_ids=jax.tree_util.tree_map_with_path(leaf_groups, params),
       num_groups=len(lam),
       group_lam=np.asarray(lam, np.float32),
       group_info=tuple(info),

@@ -13,7 +13,15 @@ import functools
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
+
+from s3jax.models.face_encoders import OfficialEncoders
+from s3jax.porting.encoder_keys import encoders_params_from_torch
+from s3jax.porting.state_dict import load_state_dict
+
+# The torch backend needs torch, an optional extra (pip install s3jax[torch]): it and the
+# PyTorch twin are imported inside `run_torch` only.
 
 STATE_DICT_FILE = "encoders_state_dict.npz"
 IO_FILE = "encoders_io.npz"
@@ -23,24 +31,8 @@ FEATURES = ("id_feats", "lnd_feats", "z_face")
 MASKS = ("face_mask", "face_mask_video")
 
 
-def _read_golden_npz(path) -> dict[str, np.ndarray]:
-  """Fallback reader of the golden encoding (q::KEY int8 * s::KEY scale, f::KEY raw)."""
-  z = np.load(path)
-  out = {}
-  for f in z.files:
-    kind, key = f.split("::", 1)
-    if kind == "q":
-      out[key] = z[f].astype(np.float32) * np.float32(z["s::" + key])
-    elif kind == "f":
-      out[key] = z[f]
-  return out
-
-
 def load_golden_state_dict(path) -> dict[str, np.ndarray]:
-  try:
-    from s3jax.porting.state_dict import load_state_dict
-  except ImportError:  # the shared reader is not available
-    return _read_golden_npz(path)
+  """The golden encoders' state dict (q::/s::/f:: encoded npz) as float32 numpy arrays."""
   return load_state_dict(path)
 
 
@@ -60,17 +52,11 @@ def z_face(id_feats, lnd_feats, sd) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)
 def _jax_forward(dtype: str = "float32"):
-  import jax
-
-  from s3jax.models.face_encoders import OfficialEncoders
-
   return jax.jit(OfficialEncoders(dtype=dtype).apply)
 
 
 def run_jax(sd: dict, x_nchw: np.ndarray) -> dict[str, np.ndarray]:
   """JAX outputs in the golden (NCHW) layout."""
-  from s3jax.porting.encoder_keys import encoders_params_from_torch
-
   variables = encoders_params_from_torch(sd)
   out = _jax_forward()(variables, np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1)))
   res = {k: np.asarray(v) for k, v in out.items()}
@@ -81,9 +67,9 @@ def run_jax(sd: dict, x_nchw: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def run_torch(sd: dict, x_nchw: np.ndarray) -> dict[str, np.ndarray]:
-  import torch
+  import torch  # Lazy: optional extra.
 
-  from s3jax.torch_twin.encoders import load_official_encoders
+  from s3jax.torch_twin.encoders import load_official_encoders  # imports torch
 
   model = load_official_encoders(sd, with_linear=True)
   with torch.no_grad():
@@ -115,18 +101,3 @@ def check(golden_dir, backend: str = "jax") -> list[dict]:
   else:
     raise ValueError(f"backend must be 'jax' or 'torch', got {backend!r}")
   return compare(outputs, io)
-
-
-if __name__ == "__main__":  # pragma: no cover
-  import sys
-
-  gd = (
-      sys.argv[1]
-      if len(sys.argv) > 1
-      else str(pathlib.Path(__file__).resolve().parents[3] / "shared" / "golden" / "dva")
-  )
-  for be in ("jax", "torch"):
-    for r in check(gd, be):
-      print(
-          f"{be:5s} {r['name']:16s} {r['rel_err']:.3e} (tol {r['tol']:g}) {'ok' if r['ok'] else 'FAIL'}"
-      )

@@ -9,11 +9,22 @@ runs the PyTorch twin with a plain-loop DDIM that uses the same float64 schedule
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from s3jax import diffusion
+from s3jax.models.unet import UNet, UNetConfig
+from s3jax.porting.state_dict import load_state_dict
+from s3jax.porting.unet_keys import unet_params_from_torch
+
+# The torch backend needs torch, an optional extra (pip install s3jax[torch]): it and the
+# PyTorch twin are imported inside the torch functions only.
 
 TOL = 1e-4
 
@@ -53,15 +64,6 @@ def _ddim_counts(files) -> list[int]:
 
 # ----------------------------------------------------------------------------- JAX backend
 def _jax_runner(cfg_json, sd):
-  import functools
-
-  import jax
-  import jax.numpy as jnp
-
-  from s3jax import diffusion
-  from s3jax.models.unet import UNet, UNetConfig
-  from s3jax.porting.unet_keys import unet_params_from_torch
-
   cfg = UNetConfig.from_json(cfg_json)
   params = unet_params_from_torch(sd, cfg)
   model = UNet(cfg)
@@ -88,11 +90,9 @@ def _jax_runner(cfg_json, sd):
 
 # --------------------------------------------------------------------------- torch backend
 def _torch_ddim(model, x, cond, n, invert, clip=True):
-  import torch
+  import torch  # Lazy: optional extra.
 
-  from s3jax.diffusion import respaced_schedule
-
-  s = respaced_schedule(n)
+  s = diffusion.respaced_schedule(n)
   ac = s["alphas_cumprod"]
   f32 = lambda a, i: torch.tensor(np.float32(a[i]))  # noqa: E731
   sr, srm1 = np.sqrt(1.0 / ac), np.sqrt(1.0 / ac - 1.0)
@@ -112,9 +112,9 @@ def _torch_ddim(model, x, cond, n, invert, clip=True):
 
 
 def _torch_runner(cfg_json, sd):
-  import torch
+  import torch  # Lazy: optional extra.
 
-  from s3jax.torch_twin.unet import from_state_dict
+  from s3jax.torch_twin.unet import from_state_dict  # imports torch
 
   model = from_state_dict(json.loads(cfg_json), sd)
   T = torch.from_numpy
@@ -134,9 +134,6 @@ def _torch_runner(cfg_json, sd):
 
 def check(golden_dir, backend: str = "jax") -> list[dict]:
   """Run the UNet/DDIM golden checks; rows are dict(name, rel_err, tol, ok)."""
-  from s3jax.diffusion import respaced_timesteps
-  from s3jax.porting.state_dict import load_state_dict
-
   if backend not in ("jax", "torch"):
     raise ValueError(f"backend must be 'jax' or 'torch', got {backend!r}")
   d = resolve_golden_dir(golden_dir)
@@ -158,7 +155,7 @@ def check(golden_dir, backend: str = "jax") -> list[dict]:
         rows.append(
             _row(
                 f"{backend}/ddim_tiny/timestep_map_{n}",
-                respaced_timesteps(n),
+                diffusion.respaced_timesteps(n),
                 dd[f"timestep_map_{n}"],
                 tol=0.0,
             )

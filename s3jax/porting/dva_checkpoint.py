@@ -18,7 +18,8 @@ Otherwise one set is written bare: the EMA weights with ``ema=True``, else the r
 
 Import (``python -m s3jax.convert import``) reads a bare or Lightning file
 (.pt/.pth/.ckpt/.safetensors, ``torch.load(weights_only=True)`` only) and writes an orbax
-checkpoint that the trainer resumes from and ``restore_dva`` / the editor load. Keys and shapes
+checkpoint (its config saved with the step) that the trainer resumes from and
+``s3jax.loading.load_dva`` / the editor load. Keys and shapes
 are checked against the model the config builds; an error names the parameter.
 
 Round trip: ``import(export(ckpt))`` gives the params and EMA params bit for bit (the
@@ -29,18 +30,22 @@ exported; import starts it fresh (``tx.init``).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import logging
+import os
 import pathlib
 from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import save_file as save_safetensors
 
-from s3jax.models.autoencoder import LND_DIM, make_dva
+from s3jax import checkpointing, loading, optim
+from s3jax.models.autoencoder import LND_DIM, id_dim, make_dva
+from s3jax.models.face_encoders import init_variables as init_encoder_variables
 from s3jax.porting import state_dict as sdlib
+from s3jax.porting.encoder_keys import encoders_params_from_torch, encoders_params_to_torch
 from s3jax.porting.unet_keys import KeyMismatchError, unet_params_from_torch, unet_params_to_torch
 
 LINEAR_W = "encoder.linear.weight"
@@ -127,8 +132,6 @@ def params_from_torch(sd: Mapping[str, Any], model_config) -> dict:
     if k not in linear:
       raise DVACheckpointError(f"missing parameter {k!r} (the z_face fusion layer)")
   ucfg = unet_config_of(model_config)
-  from s3jax.models.autoencoder import id_dim
-
   want_w = (ucfg.embed_channels, id_dim(model_config) + LND_DIM)
   w = _as_np(linear[LINEAR_W]).astype(np.float32)
   b = _as_np(linear[LINEAR_B]).astype(np.float32)
@@ -157,8 +160,6 @@ def frozen_encoders_dir(workdir) -> pathlib.Path:
 
 def save_frozen_encoders(workdir, variables: Mapping) -> pathlib.Path:
   """Stores OfficialEncoders variables (``{'params', 'batch_stats'}``) in ``workdir``."""
-  import orbax.checkpoint as ocp
-
   path = frozen_encoders_dir(workdir)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, jax.tree.map(np.asarray, dict(variables)), force=True)
@@ -171,10 +172,7 @@ def load_frozen_encoders(workdir) -> Optional[dict]:
   path = frozen_encoders_dir(workdir)
   if not path.exists():
     return None
-  import orbax.checkpoint as ocp
-  from s3jax.models.face_encoders import init_variables
-
-  abstract = init_variables()
+  abstract = init_encoder_variables()
   restored = ocp.StandardCheckpointer().restore(path, abstract)
   return jax.tree.map(np.asarray, restored)
 
@@ -193,16 +191,12 @@ class ExportResult:
 
 def checkpoint_state_dicts(checkpoint_dir, step: Optional[int] = None):
   """(config, step, params sd, EMA sd, frozen-encoder sd) of a workdir, reference names."""
-  from s3jax.training.dva import restore_dva_state
-
-  _, state, config, step = restore_dva_state(checkpoint_dir, step)
+  _, state, config, step = loading.restore_dva_state(checkpoint_dir, step)
   params_sd = params_to_torch(state.params, config.model)
   ema_sd = params_to_torch(state.ema_params, config.model)
   frozen = load_frozen_encoders(checkpoint_dir)
   frozen_sd = {}
   if frozen is not None:
-    from s3jax.porting.encoder_keys import encoders_params_to_torch
-
     frozen_sd = encoders_params_to_torch(frozen, prefix=ENCODER_PREFIX)
   return config, int(step), params_sd, ema_sd, frozen_sd
 
@@ -243,14 +237,12 @@ def export_checkpoint(
 def _save(sd: Mapping[str, np.ndarray], out: pathlib.Path, lightning_step: Optional[int] = None):
   """Atomic write of a torch (.pt/.pth/.ckpt) or .safetensors file; shapes kept exactly
   (0-d buffers such as ``num_batches_tracked`` stay 0-d)."""
-  import os
-
   suffix = out.suffix.lower()
   arrays = {k: np.array(_as_np(v), order="C", copy=True) for k, v in sd.items()}
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(out.name + ".tmp")
   if suffix in sdlib.PT_SUFFIXES + sdlib.CKPT_SUFFIXES:
-    import torch
+    import torch  # Lazy: torch is an optional extra (pip install s3jax[torch]).
 
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     obj = (
@@ -260,35 +252,14 @@ def _save(sd: Mapping[str, np.ndarray], out: pathlib.Path, lightning_step: Optio
     )
     torch.save(obj, str(tmp))
   elif suffix in sdlib.SAFETENSORS_SUFFIXES:
-    from safetensors.numpy import save_file
-
     meta = None if lightning_step is None else {"global_step": str(int(lightning_step))}
-    save_file(arrays, str(tmp), metadata=meta)
+    save_safetensors(arrays, str(tmp), metadata=meta)
   else:
     raise DVACheckpointError(f"cannot write {out}: use .pt, .pth, .ckpt or .safetensors")
   os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------------- import
-def load_config_file(spec: str):
-  """``'configs/voxceleb.py[:arg]'`` -> ``get_config(arg)`` (an ml_collections ConfigDict).
-
-  A ``config.json`` (e.g. another workdir's) is read as is.
-  """
-  import ml_collections
-
-  path, _, arg = str(spec).partition(":")
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise FileNotFoundError(f"config file not found: {p}")
-  if p.suffix.lower() == ".json":
-    return ml_collections.ConfigDict(json.loads(p.read_text()))
-  mod_spec = importlib.util.spec_from_file_location(f"_s3jax_cfg_{p.stem}", p)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def _read_sets(src, which: Optional[str]):
   """-> (params sd, EMA sd) from ``src``; a bare file fills both with its one set."""
   if which is not None:
@@ -328,12 +299,6 @@ def import_checkpoint(
   ``config.model.face_features`` is set from the width of ``encoder.linear.weight``.
   Frozen-encoder keys go to ``workdir/frozen_encoders`` (OfficialEncoders variables).
   """
-  from s3jax import optim
-  from s3jax.checkpointing import Checkpointer, check_tree_matches, write_config
-  from s3jax.training.dva import init_train_state
-  from s3jax.training.state import TrainState
-  import functools
-
   workdir = pathlib.Path(workdir)
   ckpt_dir = workdir / "checkpoints"
   if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not overwrite:
@@ -341,12 +306,8 @@ def import_checkpoint(
   model_sd, ema_sd = _read_sets(src, which)
   lightning_sets = model_sd is not ema_sd
   features = infer_face_features(model_sd)
-  config = (
-      config.copy_and_resolve_references()
-      if hasattr(config, "copy_and_resolve_references")
-      else config
-  )
-  with config.unlocked() if hasattr(config, "unlocked") else _null():
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
     if config.model.face_features != features:
       logging.warning(
           "config.model.face_features=%r but %s is %s-wide: using %r",
@@ -367,27 +328,25 @@ def import_checkpoint(
   model = make_dva(config.model)
   tx = optim.make_optimizer(config.optim)
   abstract = jax.eval_shape(
-      functools.partial(init_train_state, model, tx, config), jax.random.key(0)
+      lambda rng: loading.init_dva_state(model, tx, config, rng), jax.random.key(0)
   )
-  check_tree_matches(abstract.params, params, what=f"{src} (params)")
-  state = TrainState(
+  checkpointing.check_tree_matches(abstract.params, params, what=f"{src} (params)")
+  state = checkpointing.TrainState(
       step=jnp.asarray(step, jnp.int32),
       params=jax.tree.map(jnp.asarray, params),
       ema_params=jax.tree.map(jnp.asarray, ema_params),
       opt_state=tx.init(jax.tree.map(jnp.asarray, params)),
   )
-  check_tree_matches(abstract, state, what=f"{src} (train state)")
+  checkpointing.check_tree_matches(abstract, state, what=f"{src} (train state)")
 
   frozen_path = None
   if frozen:
-    from s3jax.porting.encoder_keys import encoders_params_from_torch
-
     variables = encoders_params_from_torch(frozen)
     frozen_path = save_frozen_encoders(workdir, variables)
-  write_config(workdir, config)
-  ckpt = Checkpointer(workdir, async_save=False)
+  checkpointing.write_config(workdir, config)  # for people; loaders read the step's copy
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
-    ckpt.save(int(step), state, force=True)
+    ckpt.save(int(step), state, config=config, force=True)
     ckpt.wait()
   finally:
     ckpt.close()
@@ -402,15 +361,6 @@ def import_checkpoint(
   )
 
 
-class _null:
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
-
-
 # ------------------------------------------------------------------------------- torch twin
 def torch_dva_from_state_dict(sd: Mapping[str, Any], model_config):
   """A PyTorch DVA twin (eval mode) loaded strictly from reference-named keys.
@@ -418,8 +368,10 @@ def torch_dva_from_state_dict(sd: Mapping[str, Any], model_config):
   ``forward(x NCHW, t, z_id, z_lnd)`` computes ``z_face = encoder.linear(cat(z_id, z_lnd))``
   and the UNet's eps. Frozen-encoder keys, if any, are ignored.
   """
+  # Lazy: torch (and the twin built on it) is an optional extra (pip install s3jax[torch]).
   import torch
   from torch import nn
+
   from s3jax.torch_twin.unet import TorchUNet
 
   ucfg = unet_config_of(model_config)
@@ -467,82 +419,6 @@ __all__ = [
     "load_frozen_encoders",
     "frozen_encoders_dir",
     "torch_dva_from_state_dict",
-    "load_config_file",
     "ExportResult",
     "ImportResult",
 ]
-
-
-# ------------------------------------------------------------------------------------- CLI
-# The arguments are defined in s3jax/convert.py (export / import subcommands).
-_CLI_ERRORS = (
-    DVACheckpointError,
-    KeyMismatchError,
-    sdlib.StateDictError,
-    FileNotFoundError,
-    FileExistsError,
-)
-
-
-def _cli_error(e: BaseException) -> int:
-  import sys
-
-  print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-  return 2
-
-
-def run_export(args) -> int:
-  from s3jax.checkpointing import CheckpointShapeError
-
-  try:
-    res = export_checkpoint(
-        args.checkpoint, args.out, ema=args.ema, lightning=args.lightning, step=args.step
-    )
-  except _CLI_ERRORS + (CheckpointShapeError,) as e:
-    return _cli_error(e)
-  print(
-      json.dumps(
-          {
-              "wrote": str(res.path),
-              "step": res.step,
-              "keys": res.num_keys,
-              "lightning": res.lightning,
-              "weights": "model+ema" if res.lightning else ("ema" if res.ema else "model"),
-              "face_features": res.face_features,
-              "frozen_encoders": res.frozen_encoders,
-          }
-      )
-  )
-  if res.face_features != "official":
-    print(
-        f"note: this DVA uses the {res.face_features} features, so encoder.linear is "
-        f"(512, {128 + LND_DIM}); the published code expects (512, {512 + LND_DIM}) and "
-        "its own face encoders",
-        flush=True,
-    )
-  return 0
-
-
-def run_import(args) -> int:
-  from s3jax.checkpointing import CheckpointShapeError
-
-  try:
-    config = load_config_file(args.config)
-    res = import_checkpoint(
-        args.src, args.workdir, config, which=args.which, step=args.step, overwrite=args.overwrite
-    )
-  except _CLI_ERRORS + (CheckpointShapeError, ValueError) as e:
-    return _cli_error(e)
-  print(
-      json.dumps(
-          {
-              "workdir": str(res.workdir),
-              "step": res.step,
-              "face_features": res.face_features,
-              "params_and_ema_from_separate_sets": res.lightning_sets,
-              "num_params": res.num_params,
-              "frozen_encoders": str(res.frozen_encoders) if res.frozen_encoders else None,
-          }
-      )
-  )
-  return 0

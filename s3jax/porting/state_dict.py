@@ -19,6 +19,10 @@ import pathlib
 from typing import Any, Mapping
 
 import numpy as np
+from safetensors import numpy as safetensors_np
+
+# torch (and safetensors.torch, which needs it) is an optional extra (pip install s3jax[torch]):
+# it is imported inside the functions that read or write torch files.
 
 PT_SUFFIXES = (".pt", ".pth", ".bin")
 CKPT_SUFFIXES = (".ckpt",)
@@ -36,8 +40,8 @@ def _suffix(path: pathlib.Path) -> str:
 
 
 def _to_numpy(v: Any) -> np.ndarray:
-  if hasattr(v, "detach"):  # torch.Tensor
-    import torch
+  if hasattr(v, "detach"):  # torch.Tensor, so torch is installed
+    import torch  # Lazy: optional extra, see the note at the top.
 
     t = v.detach().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):
@@ -48,7 +52,7 @@ def _to_numpy(v: Any) -> np.ndarray:
 
 def _torch_load(path: pathlib.Path):
   try:
-    import torch
+    import torch  # Lazy: optional extra, see the note at the top.
   except ImportError as e:  # pragma: no cover
     raise StateDictError(f"reading {path} needs torch (pip install s3jax[torch])") from e
   try:
@@ -129,11 +133,9 @@ def load_state_dict(path, which: str = "ema") -> dict[str, np.ndarray]:
     sd = _flatten_tensors(obj, path)
   elif suf in SAFETENSORS_SUFFIXES:
     try:
-      from safetensors.numpy import load_file
-
-      sd = load_file(str(path))
+      sd = safetensors_np.load_file(str(path))
     except (TypeError, ValueError):  # e.g. bfloat16, which numpy lacks
-      from safetensors.torch import load_file as load_torch
+      from safetensors.torch import load_file as load_torch  # Lazy: needs torch.
 
       sd = {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
   elif suf in NPZ_SUFFIXES:
@@ -168,15 +170,13 @@ def save_state_dict(sd: Mapping[str, Any], path, lightning: bool = False) -> pat
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   if suf in PT_SUFFIXES or suf in CKPT_SUFFIXES:
-    import torch
+    import torch  # Lazy: optional extra, see the note at the top.
 
     tensors = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     obj = {"state_dict": tensors} if (lightning or suf in CKPT_SUFFIXES) else tensors
     torch.save(obj, str(tmp))
   elif suf in SAFETENSORS_SUFFIXES:
-    from safetensors.numpy import save_file
-
-    save_file(arrays, str(tmp))
+    safetensors_np.save_file(arrays, str(tmp))
   elif suf in NPZ_SUFFIXES:
     with open(tmp, "wb") as f:
       np.savez(f, **{f"f::{k}": v for k, v in arrays.items()})

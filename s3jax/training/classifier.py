@@ -1,8 +1,8 @@
 """The attribute-classifier trainer: linear classifiers on the normalised z_id (BCE).
 
-DESIGN "Classifier editing": one linear classifier per attribute on
+docs/design.md "Classifier editing": one linear classifier per attribute on
 ``(z_id - mean) / std``, trained with binary cross-entropy; the edit direction
-of an attribute is its weight column (``s3jax.editing.edit_z_id``). ``mean`` and
+of an attribute is its weight column (``s3jax.loading.Classifier.edit``). ``mean`` and
 ``std`` are the train split's per-dimension statistics. Works on any z_id
 width: 128 (dlib descriptor) or 512 (ArcFace), taken from the records.
 
@@ -33,14 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy.stats import rankdata
 
-from s3jax import input_pipeline
+from s3jax import checkpointing, input_pipeline, loading, optim
+from s3jax.checkpointing import TrainState, new_train_state
+from s3jax.models.autoencoder import id_dim
 from s3jax.training import state as state_lib
-from s3jax.training.state import TrainState
 
 MEASURED_ATTRIBUTES = ("Bright_Face", "Warm_Tint", "Lit_From_Left", "Mouth_Wide", "Eyes_Open")
 STD_FLOOR = 1e-6
-NPZ_KEYS = ("names", "weight", "bias", "mean", "std", "auc")
 
 
 # ---------------------------------------------------------------------------
@@ -113,8 +114,6 @@ class FeatureSet:
 
 def read_split(data_dir, split: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
   """(z_id (N, D), labels) of a split: records' attributes ({-1,1}) or measured properties."""
-  from s3jax.input_pipeline import decode_image  # pylint: disable=g-import-not-at-top
-
   src = input_pipeline.open_split(data_dir, split)
   zs, ys = [], []
   for i in range(len(src)):
@@ -130,7 +129,9 @@ def read_split(data_dir, split: str, labels: str) -> tuple[np.ndarray, np.ndarra
     elif labels == "measured":
       ys.append(
           measure_properties(
-              decode_image(rec["image"], 3), decode_image(rec["mask"], 1), rec["landmarks"]
+              input_pipeline.decode_image(rec["image"], 3),
+              input_pipeline.decode_image(rec["mask"], 1),
+              rec["landmarks"],
           )
       )
     else:
@@ -147,32 +148,9 @@ def auc_score(scores, labels) -> float:
   npos, nneg = int(y.sum()), int((~y).sum())
   if npos == 0 or nneg == 0:
     return float("nan")
-  from scipy.stats import rankdata  # pylint: disable=g-import-not-at-top
 
   r = rankdata(s)
   return float((r[y].sum() - npos * (npos + 1) / 2.0) / (npos * nneg))
-
-
-def save_classifier_npz(path, names, weight, bias, mean, std, auc) -> None:
-  """Writes the classifier file with exactly ``NPZ_KEYS``."""
-  names = np.asarray([str(n) for n in names])
-  weight = np.asarray(weight, np.float32)
-  d, a = weight.shape
-  arrays = dict(
-      names=names,
-      weight=weight,
-      bias=np.asarray(bias, np.float32).reshape(a),
-      mean=np.asarray(mean, np.float32).reshape(d),
-      std=np.asarray(std, np.float32).reshape(d),
-      auc=np.asarray(auc, np.float32).reshape(a),
-  )
-  if len(names) != a:
-    raise ValueError(f"{len(names)} names for {a} weight columns")
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  tmp.replace(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,10 +182,7 @@ class ClassifierTask:
     self.mean = z.mean(0).astype(np.float32)
     self.std = np.maximum(z.std(0), STD_FLOOR).astype(np.float32)
     self.num_attributes = len(self.names)
-    self.tx = optax.chain(
-        optax.add_decayed_weights(float(config.optim.get("weight_decay", 0.0))),
-        optax.adam(float(config.optim.lr)),
-    )
+    self.tx = optim.make_optimizer(config.optim)
     self.rng = jax.random.key(int(config.seed))
 
     self.abstract_state = jax.eval_shape(self._init)
@@ -235,10 +210,7 @@ class ClassifierTask:
     dva_workdir = cfg.get("dva_workdir", "")
     expected_dim = None
     if dva_workdir:
-      from s3jax.checkpointing import read_config  # pylint: disable=g-import-not-at-top
-      from s3jax.models.autoencoder import id_dim  # pylint: disable=g-import-not-at-top
-
-      dva_cfg = read_config(dva_workdir)
+      dva_cfg = checkpointing.read_config(dva_workdir)
       if not data_dir:
         data_dir = dva_cfg.data.data_dir
       expected_dim = id_dim(dva_cfg.model)
@@ -296,12 +268,7 @@ class ClassifierTask:
         "weight": jnp.zeros((self.dim, self.num_attributes), jnp.float32),
         "bias": jnp.zeros((self.num_attributes,), jnp.float32),
     }
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=params,
-        opt_state=self.tx.init(params),
-    )
+    return new_train_state(params, self.tx)
 
   def logits(self, params, z):
     zn = (z - jnp.asarray(self.mean)) / jnp.asarray(self.std)
@@ -315,17 +282,10 @@ class ClassifierTask:
       return loss, acc
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = float(self.config.get("ema_decay", 0.0))
-    ema = state_lib.ema_update(state.ema_params, params, decay) if decay > 0 else params
-    finite = state_lib.all_finite(grads) & jnp.isfinite(loss)
-    new = state_lib.keep_if_finite(
-        finite,
-        TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state),
-        state,
+    new_state, tail = state_lib.apply_gradients(
+        state, grads, loss, self.tx, float(self.config.get("ema_decay", 0.0))
     )
-    return new, {"loss": loss, "accuracy": acc, "finite": finite.astype(jnp.float32)}
+    return new_state, {"loss": loss, "accuracy": acc, "finite": tail["finite"]}
 
   # -- evaluation and export -------------------------------------------------
   def evaluate(self, params) -> dict:
@@ -352,7 +312,7 @@ class ClassifierTask:
     """Writes classifier.npz and classifier.json; returns the json content."""
     per = self.evaluate(params)
     auc = np.array([per[n]["auc"] for n in self.names], np.float32)
-    save_classifier_npz(
+    loading.save_classifier(
         self.workdir / "classifier.npz",
         self.names,
         jax.device_get(params["weight"]),

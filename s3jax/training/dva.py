@@ -1,18 +1,16 @@
 """The DVA trainer task: init, the pure train step, and the sample grids."""
 
-import functools
 import logging
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from s3jax import diffusion, input_pipeline, losses, optim
-from s3jax.models.autoencoder import LND_DIM, id_dim, make_dva
+from s3jax import diffusion, images, input_pipeline, loading, losses, optim
+from s3jax.checkpointing import TrainState
+from s3jax.models.autoencoder import make_dva
 from s3jax.training import state as state_lib
-from s3jax.training.state import TrainState
 
 BATCH_KEYS = ("image", "mask", "z_id", "z_lnd")
 
@@ -20,21 +18,6 @@ BATCH_KEYS = ("image", "mask", "z_id", "z_lnd")
 def flatten_frames(batch):
   """(B, k, ...) items of k frames -> (B*k, ...) frames."""
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
-
-
-def init_train_state(model, tx, config, rng) -> TrainState:
-  """Fresh params (EMA starts equal to them) and optimizer state."""
-  size = config.model.unet.image_size
-  dummy = (
-      jnp.zeros((1, size, size, 3)),
-      jnp.zeros((1,), jnp.int32),
-      jnp.zeros((1, id_dim(config.model))),
-      jnp.zeros((1, LND_DIM)),
-  )
-  params = model.init({"params": rng}, *dummy)["params"]
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
-  )
 
 
 class DVATask:
@@ -66,7 +49,7 @@ class DVATask:
 
   # -- state ---------------------------------------------------------------
   def _init(self, rng):
-    return init_train_state(self.model, self.tx, self.config, rng)
+    return loading.init_dva_state(self.model, self.tx, self.config, rng)
 
   def global_batch(self, batch):
     local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
@@ -95,22 +78,10 @@ class DVATask:
       return losses.dva_loss(eps_fn, x0, t, frames["mask"], noise1, noise2, cfg.loss.reg_coef)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
-    new_params = jax.tree.map(jnp.add, state.params, updates)
-    new_ema = state_lib.ema_update(state.ema_params, new_params, cfg.ema_decay)
-    finite = state_lib.all_finite(grads) & jnp.isfinite(metrics["loss"])
-    # A non-finite step leaves the state untouched; the loop then stops the run.
-    new_state = state_lib.keep_if_finite(
-        finite,
-        TrainState(step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt),
-        state,
+    new_state, tail = state_lib.apply_gradients(
+        state, grads, metrics["loss"], self.tx, cfg.ema_decay
     )
-    metrics = dict(
-        metrics,
-        grad_norm=optax.tree.norm(grads),
-        lr=optim.learning_rate_at(cfg.optim, state.step),
-        finite=finite.astype(jnp.float32),
-    )
+    metrics = dict(metrics, **tail, lr=optim.learning_rate_at(cfg.optim, state.step))
     return new_state, metrics
 
   # -- sample grids ----------------------------------------------------------
@@ -144,12 +115,11 @@ class DVATask:
       self._sample_fn = self._build_sample_fn()
     batch = flatten_frames(self._sample_batch(state))
     rows = self._sample_fn(state.ema_params, batch["image"], batch["z_id"], batch["z_lnd"])
-    grid = make_grid(np.asarray(jax.device_get(rows)))
+    grid = images.make_grid(np.asarray(jax.device_get(rows)))
     if jax.process_index() == 0:
       writer.write_images(step, {"samples/real_recon_idswap_motionswap": grid[None]})
       path = self.workdir / "samples" / f"step_{step:07d}.png"
-      path.parent.mkdir(parents=True, exist_ok=True)
-      save_png(path, grid)
+      images.save_png(path, grid)
       logging.info("wrote sample grid %s", path)
 
   def _sample_batch(self, state):
@@ -160,38 +130,3 @@ class DVATask:
       b = next(it)
       self._fixed_sample_batch = {k: jnp.asarray(b[k][:, :1]) for k in BATCH_KEYS}
     return self._fixed_sample_batch
-
-
-def make_grid(rows):
-  """(R, N, H, W, 3) in [-1,1] -> one uint8 image, rows stacked vertically."""
-  r, n, h, w, _ = rows.shape
-  img = np.clip((rows + 1) * 127.5, 0, 255).round().astype(np.uint8)
-  return img.transpose(0, 2, 1, 3, 4).reshape(r * h, n * w, 3)
-
-
-def save_png(path, image):
-  from PIL import Image
-
-  Image.fromarray(image).save(path)
-
-
-def restore_dva_state(workdir, step=None):
-  """Loads a DVA workdir: returns (model, train state, config, step).
-
-  The model config comes from `workdir/config.json`, so no flags are needed.
-  """
-  from s3jax.checkpointing import read_config, restore_state_only
-
-  config = read_config(workdir)
-  model = make_dva(config.model)
-  tx = optim.make_optimizer(config.optim)
-  init = functools.partial(init_train_state, model, tx, config)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state, step = restore_state_only(workdir, abstract, step)
-  return model, state, config, step
-
-
-def restore_dva(workdir, step=None, ema: bool = True):
-  """(model, params, config, step); `ema=True` gives the EMA weights (editing, evaluation)."""
-  model, state, config, step = restore_dva_state(workdir, step)
-  return model, (state.ema_params if ema else state.params), config, step

@@ -64,7 +64,6 @@ def train(config, workdir, task) -> dict:
     logging.info("initialised a fresh train state in %.1fs", time.time() - compile_start)
   else:
     logging.info("resumed from step %d", start_step)
-    print(f"resumed from step {start_step}", flush=True)
   if is_main and start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -114,7 +113,7 @@ def train(config, workdir, task) -> dict:
           if pending is not None:
             history.append(check_finite(pending))
             pending = None
-          checkpointer.save(step, state, task.data_iterator, force=True)
+          checkpointer.save(step, state, task.data_iterator, config=config, force=True)
         if preemption.requested:
           logging.warning("preempted at step %d; checkpoint saved", step)
           break

@@ -1,22 +1,23 @@
 """Builds the task named by `config.trainer` and runs the shared loop on it."""
 
 from s3jax.training import loop, state
+from s3jax.training.classifier import ClassifierTask
+from s3jax.training.dva import DVATask
+from s3jax.training.id_standin import IdStandinTask
+from s3jax.training.s3editor import S3EditorTask
+
+TASKS = {
+    "dva": DVATask,
+    "classifier": ClassifierTask,
+    "id_standin": IdStandinTask,
+    "s3editor": S3EditorTask,
+}
 
 
 def make_task(config, mesh, workdir):
-  if config.trainer == "dva":
-    from s3jax.training.dva import DVATask
-
-    return DVATask(config, mesh, workdir)
-  if config.trainer == "classifier":
-    from s3jax.training.classifier import ClassifierTask
-
-    return ClassifierTask(config, mesh, workdir)
-  if config.trainer == "s3editor":
-    from s3jax.training.s3editor import S3EditorTask
-
-    return S3EditorTask(config, mesh, workdir)
-  raise ValueError(f"config.trainer={config.trainer!r}; expected dva | classifier | s3editor")
+  if config.trainer not in TASKS:
+    raise ValueError(f"config.trainer={config.trainer!r}; expected one of {' | '.join(TASKS)}")
+  return TASKS[config.trainer](config, mesh, workdir)
 
 
 def run(config, workdir):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import pathlib
@@ -40,41 +39,16 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from s3jax import diffusion, input_pipeline, losses, optim
+from s3jax import diffusion, images, input_pipeline, loading, losses, optim
+from s3jax.checkpointing import TrainState, new_train_state
 from s3jax.models import editor as E
-from s3jax.models import id_standin
 from s3jax.training import state as state_lib
-from s3jax.training.dva import flatten_frames, make_grid, save_png
-from s3jax.training.state import TrainState
+from s3jax.training.dva import flatten_frames
 
 BATCH_KEYS = ("image", "mask", "z_id", "z_lnd", "landmarks")
-META_FILE = "editor_meta.npz"
-DONE_FILE = "PREREQ_DONE"
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
-# Target parts of the attributes the classifier demo *measures* on the sample
-# (s3jax.training.classifier.MEASURED_ATTRIBUTES); photometric ones are global.
-MEASURED_ATTRIBUTE_PARTS = {
-    "Bright_Face": E._ALL,
-    "Warm_Tint": E._ALL,
-    "Lit_From_Left": E._ALL,  # pylint: disable=protected-access
-    "Mouth_Wide": ("mouth",),
-    "Eyes_Open": ("eyes",),
-}
-PART_TABLE = {**E.DEFAULT_ATTRIBUTE_PARTS, **MEASURED_ATTRIBUTE_PARTS}
-
-__all__ = [
-    "Prereqs",
-    "prepare_prerequisites",
-    "S3EditorTask",
-    "load_editor",
-    "region_map",
-    "decode_from_noised",
-    "synthetic_classifier",
-    "load_classifier",
-]
+__all__ = ["Prereqs", "load_prerequisites", "S3EditorTask"]
 
 
 # ---------------------------------------------------------------------------
@@ -84,74 +58,16 @@ __all__ = [
 
 @dataclasses.dataclass
 class Prereqs:
+  """What S3Editor trains on top of; loaded, never trained here."""
+
   dva_model: Any
   dva_params: Any
   dva_config: Any
-  classifier: dict  # names, weight (D, A), bias, mean, std, auc
+  classifier: loading.Classifier
   id_model: Any
   id_params: Any
   id_report: dict
   sources: dict = dataclasses.field(default_factory=dict)  # where each came from
-
-
-def load_classifier(path) -> dict:
-  with np.load(path, allow_pickle=False) as f:
-    out = {k: f[k] for k in f.files}
-  out["names"] = np.asarray([str(n) for n in out["names"]])
-  return out
-
-
-def synthetic_classifier(mean, std, names=E.CELEBA_ATTRIBUTES, seed: int = 0) -> dict:
-  """Random unit directions standing in for trained classifiers (plumbing only).
-
-  Only used when no classifier trainer exists (``prereq.classifier_fallback =
-  'synthetic'``); ``auc`` is NaN and the key ``synthetic`` is set.
-  """
-  d = np.asarray(mean).shape[-1]
-  rng = np.random.default_rng(seed)
-  w = rng.normal(size=(d, len(names))).astype(np.float32)
-  w /= np.linalg.norm(w, axis=0, keepdims=True)
-  return {
-      "names": np.asarray(names),
-      "weight": w,
-      "bias": np.zeros(len(names), np.float32),
-      "mean": np.asarray(mean, np.float32),
-      "std": np.asarray(std, np.float32),
-      "auc": np.full(len(names), np.nan, np.float32),
-      "synthetic": np.asarray(True),
-  }
-
-
-def _load_config_module(name: str, arg: str):
-  path = REPO / "configs" / f"{name}.py"
-  if not path.exists():
-    return None
-  spec = importlib.util.spec_from_file_location(f"_s3jax_configs_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
-def _has_checkpoint(workdir) -> bool:
-  d = pathlib.Path(workdir)
-  ck = d / "checkpoints"
-  return (
-      (d / "config.json").exists() and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
-  )
-
-
-def _ensure_data(data_config):
-  from data_prep.sample import ensure_sample_for  # pylint: disable=g-import-not-at-top
-
-  ensure_sample_for(data_config)
-
-
-def _dataset_z_stats(data_config, max_records: int = 512):
-  """Mean/std of z_id over (up to max_records of) the training records."""
-  src = input_pipeline.open_split(data_config.data_dir, "train")
-  idx = np.linspace(0, len(src) - 1, min(len(src), max_records)).astype(int)
-  z = np.stack([np.asarray(src[int(i)]["z_id"], np.float32) for i in idx])
-  return z.mean(0), np.maximum(z.std(0), 1e-4)
 
 
 def mean_landmarks_of_data(data_config, max_records: int = 512) -> np.ndarray:
@@ -162,201 +78,56 @@ def mean_landmarks_of_data(data_config, max_records: int = 512) -> np.ndarray:
   return (lm.mean(0) + 0.5) / float(data_config.image_size)
 
 
-def _train_prereq(config, workdir):
-  _ensure_data(config.data)
-  workdir = pathlib.Path(workdir)
-  logging.info("training prerequisite %s into %s", config.trainer, workdir)
-  print(
-      f"s3editor: training prerequisite '{config.trainer}' into {workdir} "
-      f"({config.total_steps} steps)",
-      flush=True,
+def _missing(what: str, path, command: str) -> FileNotFoundError:
+  return FileNotFoundError(
+      f"S3Editor needs {what} at {path}, which is missing; make it with `{command}`"
   )
-  from s3jax.training import runner  # pylint: disable=g-import-not-at-top
-
-  runner.run(config, str(workdir))
-  (workdir / DONE_FILE).write_text("done\n")
 
 
-def prepare_prerequisites(config, workdir) -> Prereqs:
-  """Finds (or, with ``prereq.train_missing``, trains) the DVA, classifier and id stand-in."""
-  from s3jax.training.dva import restore_dva  # pylint: disable=g-import-not-at-top
+def load_prerequisites(config) -> Prereqs:
+  """Loads the DVA (EMA), the attribute classifier and the identity stand-in.
 
-  workdir = pathlib.Path(workdir)
-  pre = workdir / "prereq"
-  train_missing = bool(config.prereq.train_missing)
-  sources = {}
-
-  # -- DVA ------------------------------------------------------------------
+  Each is trained by its own task first (`make demo-s3editor` does all three);
+  a missing one is an error naming the command that makes it.
+  """
   dva_dir = pathlib.Path(config.dva_workdir)
-  if not _has_checkpoint(dva_dir):
-    dva_dir = pre / "dva"
-    if not (dva_dir / DONE_FILE).exists():
-      if not train_missing:
-        raise FileNotFoundError(
-            f"no DVA checkpoint in {config.dva_workdir} (set "
-            "prereq.train_missing=True to train a demo-size one)"
-        )
-      c = _load_config_module("voxceleb", "demo")
-      c.data = config.data.copy_and_resolve_references()
-      c.data.frames_per_item = 2
-      c.total_steps = int(config.prereq.dva_steps)
-      c.checkpoint_every = c.total_steps
-      c.sample_every = c.total_steps
-      c.log_every = min(c.log_every, max(1, c.total_steps // 5))
-      _train_prereq(c, dva_dir)
-  dva_model, dva_params, dva_config, dva_step = restore_dva(str(dva_dir))
-  sources["dva"] = f"{dva_dir} (step {dva_step}, EMA)"
-
-  # -- classifier -------------------------------------------------------------
-  cls_path = pathlib.Path(config.classifier_dir) / "classifier.npz"
+  if not (dva_dir / "checkpoints").is_dir():
+    raise _missing(
+        "a DVA",
+        dva_dir,
+        f"python -m s3jax.train --config configs/voxceleb.py:demo --workdir {dva_dir}",
+    )
+  dva_model, dva_params, dva_config, dva_step = loading.load_dva(dva_dir)
+  cls_path = loading.classifier_path(config.classifier_dir)
   if not cls_path.exists():
-    cls_path = pre / "classifier" / "classifier.npz"
-  if not cls_path.exists():
-    if not train_missing:
-      raise FileNotFoundError(f"no classifier.npz in {config.classifier_dir}")
-    c = _load_config_module("celebahq_classifier", "demo")
-    if c is not None:
-      # The demo classifier reads its data dir and z_id width from a DVA workdir.
-      if "dva_workdir" in c:
-        c.dva_workdir = str(dva_dir)
-      if int(config.prereq.classifier_steps):
-        c.total_steps = int(config.prereq.classifier_steps)
-      _train_prereq(c, cls_path.parent)
-      if not cls_path.exists():
-        raise FileNotFoundError(f"the classifier trainer did not write {cls_path}")
-    elif config.prereq.classifier_fallback == "synthetic":
-      logging.warning(
-          "no classifier trainer (configs/celebahq_classifier.py) found: using "
-          "SYNTHETIC random attribute directions (plumbing only)"
-      )
-      print(
-          "s3editor: WARNING no attribute classifier available; using synthetic random "
-          "directions (plumbing only)",
-          flush=True,
-      )
-      _ensure_data(config.data)
-      mean, std = _dataset_z_stats(config.data)
-      cls_path.parent.mkdir(parents=True, exist_ok=True)
-      np.savez(cls_path, **synthetic_classifier(mean, std, seed=config.seed))
-    else:
-      raise FileNotFoundError("no classifier.npz and no classifier trainer config")
-  classifier = load_classifier(cls_path)
-  sources["classifier"] = str(cls_path) + (" (SYNTHETIC)" if "synthetic" in classifier else "")
-
-  # -- identity stand-in ------------------------------------------------------
+    raise _missing(
+        "an attribute classifier",
+        cls_path,
+        f"python -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir "
+        f"{cls_path.parent}",
+    )
+  classifier = loading.load_classifier(cls_path)
   id_dir = pathlib.Path(config.idnet_dir)
-  if not id_standin.exists(id_dir):
-    id_dir = pre / "id_standin"
-  if not id_standin.exists(id_dir):
-    if not train_missing:
-      raise FileNotFoundError(f"no identity stand-in in {config.idnet_dir}")
-    _ensure_data(config.data)
-    print(
-        f"s3editor: distilling the identity stand-in into {id_dir} "
-        f"({config.prereq.idnet_steps} steps)",
-        flush=True,
+  if not (id_dir / "checkpoints").is_dir():
+    raise _missing(
+        "the identity stand-in",
+        id_dir,
+        f"python -m s3jax.train --config configs/id_standin.py:demo --workdir {id_dir}",
     )
-    it = input_pipeline.make_train_iterator(config.data, seed=config.seed + 17)
-    d = int(classifier["weight"].shape[0])
-    model, params, curve = id_standin.distill(
-        it,
-        features=d,
-        steps=int(config.prereq.idnet_steps),
-        seed=config.seed,
-        width=int(config.prereq.idnet_width),
-        input_size=min(64, int(config.data.image_size)),
-    )
-    ev = input_pipeline.make_eval_iterator(config.data, seed=0, batch_size=4)
-    report = {
-        "test": id_standin.agreement(
-            model, params, [next(ev) for _ in range(int(config.prereq.idnet_eval_batches))]
-        )
-    }
-    tr = input_pipeline.make_train_iterator(config.data, seed=config.seed + 99)
-    report["train"] = id_standin.agreement(model, params, [next(tr) for _ in range(4)])
-    report["final_train_1_minus_cos"] = float(np.mean(curve[-20:]))
-    id_standin.save(id_dir, model, params, report)
-    print(f"s3editor: id stand-in agreement with dlib: {json.dumps(report)}", flush=True)
-  id_model, id_params, id_meta = id_standin.load(id_dir)
-  sources["id_standin"] = str(id_dir)
+  id_model, id_params, id_report = loading.load_id_standin(id_dir)
+  sources = {
+      "dva": f"{dva_dir} (step {dva_step}, EMA)",
+      "classifier": str(cls_path),
+      "id_standin": str(id_dir),
+  }
   return Prereqs(
-      dva_model,
-      dva_params,
-      dva_config,
-      classifier,
-      id_model,
-      id_params,
-      id_meta.get("report", {}),
-      sources,
+      dva_model, dva_params, dva_config, classifier, id_model, id_params, id_report, sources
   )
 
 
 # ---------------------------------------------------------------------------
 # Pieces of the step
 # ---------------------------------------------------------------------------
-
-
-def region_map(landmarks, region_of_landmark, size: int, resolution: int = 64):
-  """(n, 68, 2) crop-pixel landmarks -> (n, size, size) region id of the nearest landmark.
-
-  Computed on a ``min(size, resolution)`` grid and repeated up to ``size``
-  (nearest-neighbour), which keeps the (pixels x 68) distance table small.
-  """
-  res = min(size, resolution)
-  if size % res:
-    res = size
-  scale = size / res
-  c = (jnp.arange(res, dtype=jnp.float32) + 0.5) * scale - 0.5
-  gy, gx = jnp.meshgrid(c, c, indexing="ij")
-  grid = jnp.stack([gx, gy], -1).reshape(-1, 2)  # (P, 2) as (x, y)
-  lm = jnp.asarray(landmarks, jnp.float32)
-  d2 = (
-      jnp.sum(grid**2, -1)[None, :, None]
-      - 2.0 * jnp.einsum("pc,nlc->npl", grid, lm)
-      + jnp.sum(lm**2, -1)[:, None, :]
-  )
-  nearest = jnp.argmin(d2, axis=-1)
-  reg = jnp.asarray(region_of_landmark, jnp.int32)[nearest].reshape(-1, res, res)
-  if res != size:
-    f = size // res
-    reg = jnp.repeat(jnp.repeat(reg, f, axis=1), f, axis=2)
-  return reg
-
-
-def decode_from_noised(eps_fn, x0, t_start: int, noise, cond, steps: int = 1):
-  """Noise ``x0`` to ``t_start`` and run ``steps`` deterministic DDIM steps to x0.
-
-  The timesteps are ``linspace(t_start, 0, steps + 1)[:-1]`` (original indices);
-  no clipping, so the gradient reaches every pixel. ``steps=1`` is the
-  one-step x0 prediction. Returns the final x0 estimate.
-  """
-  ac = diffusion.alphas_cumprod()
-  n = x0.shape[0]
-  ts = np.round(np.linspace(t_start, 0, steps + 1)).astype(np.int32)
-  x = diffusion.q_sample(x0, jnp.full((n,), ts[0], jnp.int32), noise)
-  x0_hat = None
-  for i in range(steps):
-    t = jnp.full((n,), ts[i], jnp.int32)
-    eps = eps_fn(x, t, cond).astype(jnp.float32)
-    x0_hat = diffusion.pred_x0_from_eps(x, t, eps)
-    if i + 1 < steps:
-      a_next = float(ac[ts[i + 1]]) if ts[i + 1] > 0 else 1.0
-      x = np.sqrt(a_next) * x0_hat + np.sqrt(1.0 - a_next) * eps
-  return x0_hat
-
-
-def _plain_edit(z, d, gamma, mean, std, normalize: bool):
-  x = ((z - mean) / std + gamma[:, None] * d) * std + mean
-  if normalize:
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  return x
-
-
-def _masked_mean(diff, mask):
-  """Per-frame mean of diff (n,H,W) over mask (n,H,W); 0 where the mask is empty."""
-  num = jnp.sum(diff * mask, axis=(1, 2))
-  den = jnp.sum(mask, axis=(1, 2))
-  return jnp.where(den > 0, num / jnp.maximum(den, 1.0), 0.0), den > 0
 
 
 # ---------------------------------------------------------------------------
@@ -389,11 +160,7 @@ class S3EditorTask:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.mesh = mesh
-    if config.data.get("build_sample_if_missing") and (
-        data_iterator is None or mean_landmarks is None
-    ):
-      _ensure_data(config.data)
-    self.prereqs = prereqs if prereqs is not None else prepare_prerequisites(config, workdir)
+    self.prereqs = prereqs if prereqs is not None else load_prerequisites(config)
     p = self.prereqs
     self.dva = p.dva_model
     self.idnet = p.id_model
@@ -403,9 +170,9 @@ class S3EditorTask:
 
     # -- attribute pool, directions, clusters ------------------------------
     cls = p.classifier
-    names = [str(n) for n in cls["names"]]
-    want = list(config.editor.attributes) or [n for n in names if n in PART_TABLE]
-    auc = np.asarray(cls.get("auc", np.full(len(names), np.nan)), np.float64)
+    names = list(cls.names)
+    want = list(config.editor.attributes) or [n for n in names if n in E.PART_TABLE]
+    auc = np.asarray(cls.auc, np.float64)
     pool = []
     for a in want:
       if a not in names:
@@ -417,13 +184,13 @@ class S3EditorTask:
     if not pool:
       raise ValueError("empty attribute pool")
     self.pool_names = [names[i] for i in pool]
-    w = np.asarray(cls["weight"], np.float32)[:, pool]  # (D, P)
+    w = np.asarray(cls.weight, np.float32)[:, pool]  # (D, P)
     self.num_clusters = min(int(config.editor.num_clusters), len(pool))
     scale = float(config.editor.direction_scale) or None
     self.stats = E.make_edit_stats(
         w.T,
-        cls["mean"],
-        cls["std"],
+        cls.mean,
+        cls.std,
         self.num_clusters,
         seed=int(config.editor.kmeans_seed),
         scale=scale,
@@ -441,7 +208,7 @@ class S3EditorTask:
     self.attr_targets = E.attribute_target_regions(
         self.region_of_landmark,
         self.pool_names,
-        table=PART_TABLE,
+        table=E.PART_TABLE,
         min_fraction=float(config.editor.region_min_fraction),
     )
     self.attr_target_table = np.zeros((len(pool), R), bool)
@@ -473,9 +240,9 @@ class S3EditorTask:
         "stats": self.stats,
         "id": p.id_params,
         "cls_w": jnp.asarray(w),
-        "cls_b": jnp.asarray(np.asarray(cls["bias"])[pool]),
-        "cls_mean": jnp.asarray(cls["mean"], jnp.float32),
-        "cls_std": jnp.asarray(cls["std"], jnp.float32),
+        "cls_b": jnp.asarray(np.asarray(cls.bias, np.float32)[pool]),
+        "cls_mean": jnp.asarray(cls.mean, jnp.float32),
+        "cls_std": jnp.asarray(cls.std, jnp.float32),
         "targets": jnp.asarray(self.attr_target_table),
         "rol": jnp.asarray(self.region_of_landmark),
     }
@@ -505,7 +272,7 @@ class S3EditorTask:
 
   # -- state -------------------------------------------------------------------
   def _init_params(self, rng):
-    d = int(self.prereqs.classifier["weight"].shape[0])
+    d = self.prereqs.classifier.dim
     z = jnp.zeros((1, d))
     params = {
         "editor": self.editor.init(rng, z, jnp.zeros((1,), jnp.int32), 0.0, stats=self.stats)[
@@ -518,27 +285,15 @@ class S3EditorTask:
 
   def _make_tx(self):
     cfg = self.config.optim
-    sched = optim.learning_rate_schedule(cfg)
-    adam = lambda lr: optax.adam(lr, b1=float(cfg.b1), b2=float(cfg.b2))  # noqa: E731
-    if self.finetune:
-      inner = optax.multi_transform(
-          {"editor": adam(sched), "dva": adam(float(cfg.unet_lr))},
-          lambda p: {k: jax.tree.map(lambda _: k, v) for k, v in p.items()},
-      )
-    else:
-      inner = adam(sched)
-    parts = [optax.clip_by_global_norm(float(cfg.grad_clip))] if cfg.grad_clip else []
-    parts += [inner, optim.group_lasso_prox(self.group_spec, 1.0, sched)]
-    return optax.chain(*parts)
+    return optim.make_optimizer(
+        cfg,
+        group_spec=self.group_spec,
+        group_lam=1.0,
+        lr_by_key={"dva": float(cfg.unet_lr)} if self.finetune else None,
+    )
 
   def _init(self, rng):
-    params = self._init_params(rng)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=params,
-        opt_state=self.tx.init(params),
-    )
+    return new_train_state(self._init_params(rng), self.tx)
 
   def global_batch(self, batch):
     local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
@@ -568,7 +323,7 @@ class S3EditorTask:
 
   def _decode(self, dva_params, frames, z_id, noise):
     zf = self.dva.apply({"params": dva_params}, z_id, frames["z_lnd"], method="z_face")
-    return decode_from_noised(
+    return diffusion.decode_from_noised(
         self._eps_fn(dva_params),
         frames["image"],
         int(self.config.decode.t),
@@ -594,7 +349,7 @@ class S3EditorTask:
       attr, gamma = self.draw_edits(r_edit, n)
     noise = jax.random.normal(r_noise, f.shape)
     dva_params = params["dva"] if self.finetune else frozen["dva"]
-    regmap = region_map(frames["landmarks"], frozen["rol"], f.shape[1])
+    regmap = E.region_map(frames["landmarks"], frozen["rol"], f.shape[1])
     inside = frozen["targets"][attr[:, None, None], regmap].astype(jnp.float32)
     outside = 1.0 - inside
 
@@ -612,8 +367,8 @@ class S3EditorTask:
     else:
       f_hat = self._decode(dva_params, frames, x_hat, noise)
     diff = jnp.mean(jnp.abs(f_hat - f_rec), axis=-1)
-    loc_out, has_out = _masked_mean(diff, outside)
-    loc_in, has_in = _masked_mean(diff, inside)
+    loc_out, has_out = losses.masked_mean(diff, outside)
+    loc_in, has_in = losses.masked_mean(diff, inside)
     l_loc = jnp.mean(loc_out)
 
     id_fn = lambda x: self.idnet.apply({"params": frozen["id"]}, x)  # noqa: E731
@@ -665,10 +420,10 @@ class S3EditorTask:
     attr, gamma = self.draw_edits(r_edit, n)
     noise = jax.random.normal(r_noise, f.shape)
     st = frozen["stats"]
-    x_plain = _plain_edit(
+    x_plain = E.classifier_edit(
         frames["z_id"],
         st.directions[attr],
-        gamma,
+        gamma[:, None],
         st.mean,
         st.std,
         bool(self.config.editor.normalize_output),
@@ -680,9 +435,9 @@ class S3EditorTask:
         jnp.concatenate([noise, noise]),
     )
     f_plain, f_rec = both[:n], both[n:]
-    regmap = region_map(frames["landmarks"], frozen["rol"], f.shape[1])
+    regmap = E.region_map(frames["landmarks"], frozen["rol"], f.shape[1])
     inside = frozen["targets"][attr[:, None, None], regmap].astype(jnp.float32)
-    loc_out, has_out = _masked_mean(jnp.mean(jnp.abs(f_plain - f_rec), -1), 1.0 - inside)
+    loc_out, has_out = losses.masked_mean(jnp.mean(jnp.abs(f_plain - f_rec), -1), 1.0 - inside)
     e = self.idnet.apply({"params": frozen["id"]}, f_plain)
     e_real = self.idnet.apply({"params": frozen["id"]}, f)
     _, acc = self._faith(frozen, e, attr, gamma)
@@ -725,23 +480,21 @@ class S3EditorTask:
       (_, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
           state.params, frames, frozen, r_loss, attr, gamma, f_rec
       )
-    updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
-    new_params = jax.tree.map(jnp.add, state.params, updates)
-    new_ema = state_lib.ema_update(state.ema_params, new_params, cfg.ema_decay)
-    new_ema = optim.zero_groups_like(new_ema, new_params, self.group_spec)
-    finite = state_lib.all_finite(grads) & jnp.isfinite(metrics["loss"])
-    new_state = state_lib.keep_if_finite(
-        finite,
-        TrainState(step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt),
+    new_state, tail = state_lib.apply_gradients(
         state,
+        grads,
+        metrics["loss"],
+        self.tx,
+        cfg.ema_decay,
+        # The EMA gets the exact sparsity pattern of the params.
+        ema_fn=lambda ema, params: optim.zero_groups_like(ema, params, self.group_spec),
     )
     metrics = dict(
         metrics,
         **extra,
         **self._sparsity_metrics(new_state.params),
-        grad_norm=optax.tree.norm(grads),
+        **tail,
         lr=optim.learning_rate_at(cfg.optim, state.step),
-        finite=finite.astype(jnp.float32),
     )
     return new_state, metrics
 
@@ -782,10 +535,10 @@ class S3EditorTask:
       st = frozen["stats"]
       n = attr.shape[0]
       x_t = self.editor.apply({"params": editor_params}, frames["z_id"], attr, gamma, stats=st)
-      x_p = _plain_edit(
+      x_p = E.classifier_edit(
           frames["z_id"],
           st.directions[attr],
-          gamma,
+          gamma[:, None],
           st.mean,
           st.std,
           bool(self.config.editor.normalize_output),
@@ -798,14 +551,14 @@ class S3EditorTask:
           rep(noise),
       )
       f_t, f_p, f_r = out[:n], out[n : 2 * n], out[2 * n :]
-      regmap = region_map(frames["landmarks"], frozen["rol"], f_r.shape[1])
+      regmap = E.region_map(frames["landmarks"], frozen["rol"], f_r.shape[1])
       inside = frozen["targets"][attr[:, None, None], regmap].astype(jnp.float32)
       e_real = self.idnet.apply({"params": frozen["id"]}, frames["image"])
       res = {}
       for name, fe in (("T", f_t), ("plain", f_p)):
         diff = jnp.mean(jnp.abs(fe - f_r), -1)
-        lo, ho = _masked_mean(diff, 1.0 - inside)
-        li, hi = _masked_mean(diff, inside)
+        lo, ho = losses.masked_mean(diff, 1.0 - inside)
+        li, hi = losses.masked_mean(diff, inside)
         e = self.idnet.apply({"params": frozen["id"]}, fe)
         _, acc = self._faith(frozen, e, attr, gamma)
         res[f"{name}/loc_out"] = jnp.sum(lo) / jnp.maximum(jnp.sum(ho), 1)
@@ -841,10 +594,10 @@ class S3EditorTask:
       st = frozen["stats"]
       x_t = diffusion.ddim_invert(eps_fn, image, zf(z_id), steps)
       rec = diffusion.ddim_sample(eps_fn, x_t, zf(z_id), steps)
-      x_p = _plain_edit(
+      x_p = E.classifier_edit(
           z_id,
           st.directions[attr],
-          gamma,
+          gamma[:, None],
           st.mean,
           st.std,
           bool(self.config.editor.normalize_output),
@@ -876,7 +629,7 @@ class S3EditorTask:
           jnp.asarray(attr),
           jnp.asarray(gamma),
       )
-      grid = make_grid(np.asarray(jax.device_get(rows)))
+      grid = images.make_grid(np.asarray(jax.device_get(rows)))
       ev = jax.device_get(self.evaluate(params, frames, attr, gamma))
       scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
     rep = optim.sparsity_report(jax.device_get(state.params), self.group_spec)
@@ -912,20 +665,20 @@ class S3EditorTask:
         writer.write_scalars(step, scalars)
         writer.write_images(step, {"samples/frame_recon_plain_edit_T_edit": grid[None]})
         path = self.workdir / "samples" / f"step_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(path, grid)
+        images.save_png(path, grid)
         logging.info("wrote sample grid %s", path)
       (self.workdir / "sparsity.json").write_text(json.dumps(summary, indent=2))
-      print(
-          f"s3editor step {step}: zero groups {rep['num_zero']}/{rep['num_groups']} "
-          f"per cluster {[v['zero'] for v in rep['per_cluster'].values()]}; "
-          + " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
-          flush=True,
+      logging.info(
+          "s3editor step %d: zero groups %d/%d per cluster %s; %s",
+          step,
+          rep["num_zero"],
+          rep["num_groups"],
+          [v["zero"] for v in rep["per_cluster"].values()],
+          " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
       )
 
   # -- metadata for load_editor -----------------------------------------------
   def write_meta(self):
-    self.workdir.mkdir(parents=True, exist_ok=True)
     hp = {
         "num_clusters": self.num_clusters,
         "num_regions": int(self.config.editor.num_regions),
@@ -936,85 +689,12 @@ class S3EditorTask:
         "sources": self.prereqs.sources,
         "id_standin_report": self.prereqs.id_report,
     }
-    st = self.stats
-    np.savez(
-        self.workdir / META_FILE,
-        names=np.asarray(self.pool_names),
-        mean=np.asarray(st.mean),
-        std=np.asarray(st.std),
-        directions=np.asarray(st.directions),
-        assignments=np.asarray(st.assignments),
-        centroids=np.asarray(st.centroids),
-        region_of_landmark=self.region_of_landmark,
-        attr_targets=self.attr_target_table,
-        mean_landmarks=self.mean_landmarks,
-        hparams=np.asarray(json.dumps(hp)),
+    loading.save_editor_meta(
+        self.workdir,
+        self.pool_names,
+        self.stats,
+        self.region_of_landmark,
+        self.attr_target_table,
+        self.mean_landmarks,
+        hp,
     )
-
-
-# ---------------------------------------------------------------------------
-# Editing with a trained S3Editor
-# ---------------------------------------------------------------------------
-
-
-def _restore_raw_state(workdir, step=None):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from s3jax.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
-
-  ck = Checkpointer(workdir, async_save=False)
-  try:
-    steps = ck.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints under {ck.directory}")
-    step = steps[-1] if step is None else int(step)
-    out = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return out["state"], step
-  finally:
-    ck.close()
-
-
-def load_editor(directory, step: Optional[int] = None, ema: bool = True):
-  """``edit_fn(z_id (N, D), attribute: str, strength: float) -> (N, D)`` from a trained run.
-
-  ``directory`` is an s3editor workdir (``editor_meta.npz`` + checkpoints).
-  The edit is ``T_k(denorm(norm(z_id) + strength * d_a))`` with the run's
-  directions, clusters and routing (L2-normalised when the run was). The
-  function carries ``.attributes`` (the pool) and ``.step``.
-  """
-  d = pathlib.Path(directory)
-  with np.load(d / META_FILE, allow_pickle=False) as f:
-    meta = {k: f[k] for k in f.files}
-  hp = json.loads(str(meta["hparams"]))
-  names = [str(n) for n in meta["names"]]
-  stats = E.EditStats(
-      mean=jnp.asarray(meta["mean"]),
-      std=jnp.asarray(meta["std"]),
-      directions=jnp.asarray(meta["directions"]),
-      assignments=jnp.asarray(meta["assignments"]),
-      centroids=jnp.asarray(meta["centroids"]),
-  )
-  editor = E.Editor(
-      num_clusters=hp["num_clusters"],
-      num_regions=hp["num_regions"],
-      neurons_per_region=hp["neurons_per_region"],
-      routing=hp["routing"],
-      temperature=hp["temperature"],
-      normalize_output=hp["normalize_output"],
-  )
-  state, step = _restore_raw_state(d, step)
-  params = jax.tree.map(jnp.asarray, state["ema_params" if ema else "params"]["editor"])
-
-  @jax.jit
-  def _apply(z, a, s):
-    return editor.apply({"params": params}, z, a, s, stats=stats)
-
-  def edit_fn(z_id, attribute: str, strength: float):
-    if attribute not in names:
-      raise KeyError(f"attribute {attribute!r} not in the trained pool {names}")
-    z = jnp.asarray(z_id, jnp.float32)
-    return _apply(z, jnp.int32(names.index(attribute)), jnp.float32(strength))
-
-  edit_fn.attributes = tuple(names)
-  edit_fn.step = step
-  edit_fn.params = params
-  return edit_fn

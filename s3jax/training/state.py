@@ -1,22 +1,16 @@
 """Train state, device mesh and shardings shared by every trainer."""
 
-from typing import Any
+from typing import Any, Callable, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from s3jax.checkpointing import TrainState
+
 BATCH_AXES = ("data", "fsdp")
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  ema_params: Any
-  opt_state: Any
 
 
 def make_mesh(mesh_config) -> Mesh:
@@ -94,3 +88,32 @@ def sharded_init(init_fn, rng, mesh):
   )
   init_jit = jax.jit(init_fn, out_shardings=sharding)
   return abstract, sharding, lambda: init_jit(rng)
+
+
+def apply_gradients(
+    state: TrainState,
+    grads,
+    loss,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    ema_fn: Optional[Callable[[Any, Any], Any]] = None,
+):
+  """The tail every train step shares: optimizer update, EMA, and the finite guard.
+
+  Returns (new state, metrics {grad_norm, finite}). A step with a non-finite
+  loss or gradient leaves the state as it was (only the step advances); the
+  loop then stops the run. `ema_fn(new_ema, new_params)` may post-process the
+  EMA (S3Editor copies the exact sparsity pattern of the params onto it).
+  """
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = jax.tree.map(jnp.add, state.params, updates)
+  new_ema = ema_update(state.ema_params, new_params, ema_decay)
+  if ema_fn is not None:
+    new_ema = ema_fn(new_ema, new_params)
+  finite = all_finite(grads) & jnp.isfinite(loss)
+  new_state = keep_if_finite(
+      finite,
+      TrainState(step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt),
+      state,
+  )
+  return new_state, {"grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}

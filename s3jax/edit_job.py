@@ -1,0 +1,175 @@
+"""Editing a video file end to end: read, align and encode, edit z_id, decode, paste back,
+write the video, the side-by-side, PNGs and the report. `python -m s3jax.edit` is its CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Callable, Optional
+
+from s3jax import alignment, editing, images, loading, video
+
+
+class EditError(Exception):
+  """A user error: reported as one line, exit status 1."""
+
+
+def load_edit_fn(editor: str, checkpoint, classifier_dir=None, s3editor_dir=None):
+  """-> (edit_fn(z (N,D), attribute, strength) -> (N,D), attribute names or None, source dir)."""
+  checkpoint = pathlib.Path(checkpoint)
+  if editor == "classifier":
+    d = pathlib.Path(classifier_dir) if classifier_dir else checkpoint / "classifier"
+    try:
+      clf = loading.load_classifier(d)
+    except FileNotFoundError as e:
+      raise EditError(str(e)) from None
+    return clf.edit, list(clf.names), str(d)
+  if editor == "s3editor":
+    d = pathlib.Path(s3editor_dir) if s3editor_dir else checkpoint / "s3editor"
+    if not d.exists():
+      raise EditError(f"no S3Editor at {d}; train one (configs/s3editor.py) or pass --s3editor")
+    try:
+      fn = loading.load_editor(str(d))
+    except FileNotFoundError as e:
+      raise EditError(str(e)) from None
+    names = getattr(fn, "names", None) or getattr(fn, "attributes", None)
+    return fn, (list(names) if names is not None else None), str(d)
+  raise EditError(f"--editor must be classifier or s3editor, got {editor!r}")
+
+
+def run_edit(
+    checkpoint,
+    input,
+    attribute,
+    strength,
+    out,
+    steps: int = 100,  # pylint: disable=redefined-builtin
+    blend: str = "hard",
+    side_by_side: bool = False,
+    max_frames: Optional[int] = None,
+    classifier: Optional[str] = None,
+    editor: str = "classifier",
+    s3editor: Optional[str] = None,
+    png_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    cache: bool = True,
+    chunk: int = 8,
+    metrics: bool = True,
+    progress: bool = False,
+    video_editor=None,
+    command: Optional[str] = None,
+    on_stage: Optional[Callable[[str], None]] = None,
+) -> dict:
+  """The whole edit of a video file; returns the report. Raises EditError on user errors.
+
+  ``video_editor``: an existing ``editing.VideoEditor`` to reuse (tests, sweeps).
+  ``on_stage(message)`` is called at each stage (the CLI prints them).
+  """
+  t_start = time.perf_counter()
+  timings = {}
+  if checkpoint is None or not pathlib.Path(checkpoint).is_dir():
+    raise EditError(f"--checkpoint {checkpoint!r} is not a directory")
+  if not input:
+    raise EditError("--input is required")
+  if not pathlib.Path(input).exists():
+    raise EditError(f"--input {input}: no such video file or frame folder")
+  if not out:
+    raise EditError("--out is required")
+  if not attribute:
+    raise EditError("--attribute is required (see --list-attributes)")
+  edit_fn, names, source = load_edit_fn(editor, checkpoint, classifier, s3editor)
+  if names is not None and attribute not in names:
+    raise EditError(f"unknown attribute {attribute!r}; valid attributes: {', '.join(names)}")
+
+  def stage(msg):
+    logging.info("%s", msg)
+    if on_stage is not None:
+      on_stage(msg)
+
+  stage(f"reading {input}")
+  t0 = time.perf_counter()
+  try:
+    frames, fps = video.read_frames(input, max_frames=max_frames)
+  except (video.VideoReadError, ValueError) as e:
+    raise EditError(str(e)) from None
+  timings["read"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  if video_editor is None:
+    stage(f"loading the DVA from {checkpoint}")
+    try:
+      video_editor = editing.VideoEditor(
+          checkpoint, steps=steps, chunk=chunk, cache=cache, progress=progress
+      )
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+      raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
+  timings["load_model"] = time.perf_counter() - t0
+
+  stage(f"editing {len(frames)} frames: {attribute} x {strength} at {steps} DDIM steps")
+  try:
+    frames_out, report = video_editor.edit_video(
+        frames,
+        attribute,
+        strength,
+        blend=blend,
+        edit_fn=edit_fn,
+        cache_dir=cache_dir,
+        compute_metrics=metrics,
+    )
+  except alignment.NoFaceError as e:
+    raise EditError(f"{input}: {e}") from None
+  except loading.UnknownAttributeError as e:
+    raise EditError(str(e)) from None
+  except KeyError as e:  # e.g. S3Editor's edit_fn on an attribute outside its pool
+    if "attribute" not in str(e):
+      raise
+    raise EditError(str(e.args[0]) if e.args else str(e)) from None
+
+  stage(f"writing {out}")
+  t0 = time.perf_counter()
+  out = pathlib.Path(out)
+  video.write_video(out, frames_out, fps)
+  extra = {}
+  if side_by_side:
+    sbs = out.with_name(out.stem + ".side_by_side.mp4")
+    video.write_side_by_side(sbs, frames, frames_out, fps)
+    extra["side_by_side"] = str(sbs)
+  if png_dir:
+    p = pathlib.Path(png_dir)
+    for i, f in enumerate(frames_out):
+      images.save_png(p / f"{i:05d}.png", f)
+    extra["png_dir"] = str(p)
+  timings["write"] = time.perf_counter() - t0
+  timings["total"] = time.perf_counter() - t_start
+
+  report = dict(report)
+  report["timings_s"] = dict(report["timings_s"], edit_total=report["timings_s"].get("total"))
+  report["timings_s"].update({k: round(v, 4) for k, v in timings.items()})
+  report.update(
+      {
+          "command": command,
+          "input": str(input),
+          "output": str(out),
+          "fps": float(fps),
+          "editor": editor,
+          "editor_source": source,
+          **extra,
+      }
+  )
+  rpath = report_path(out)
+  rpath.write_text(json.dumps(report, indent=2))
+  report["report_path"] = str(rpath)
+  stage(f"wrote {out} and {rpath}")
+  return report
+
+
+def report_path(out) -> pathlib.Path:
+  """Where run_edit writes the report for ``out`` (OUT.mp4 -> OUT.report.json)."""
+  out = pathlib.Path(out)
+  return (
+      out.with_suffix(".report.json")
+      if out.suffix == ".mp4"
+      else out.with_name(out.name + ".report.json")
+  )

@@ -1,0 +1,219 @@
+"""One sweep cell (checkpoint, video, DDIM steps, attribute, strength) and its metrics.
+
+See the package docstring for what each metric means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import pathlib
+
+import cv2
+import numpy as np
+
+from s3jax import face_features, images, metrics
+
+RECON = "none"  # the attribute of reconstruction cells
+ID_SIZE = 256  # crops are upscaled to this before the dlib descriptor
+MS_SSIM_MAX_SCALES = 5
+
+METRICS_RECON = ("ssim", "ms_ssim", "psnr", "mse", "lpips")
+METRICS_ID = ("tl_id", "tg_id", "id_preservation")
+METRICS_EDIT = ("attr_success", "attr_logit_gain", "locality")
+METRICS_TIME = ("sec_per_frame", "sec_per_frame_encode")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  checkpoint: str  # label, e.g. "demo@600"
+  checkpoint_dir: str
+  checkpoint_step: int
+  video: str
+  steps: int
+  attribute: str
+  strength: float
+
+  @property
+  def is_recon(self) -> bool:
+    return self.attribute == RECON
+
+  def key(self, data_fingerprint: str) -> str:
+    """A file-name-safe id, unique per cell and data (its result file is ``<key>.json``)."""
+    ident = json.dumps(
+        [
+            self.checkpoint_dir,
+            self.checkpoint_step,
+            self.video,
+            self.steps,
+            self.attribute,
+            round(float(self.strength), 6),
+            data_fingerprint,
+        ]
+    )
+    h = hashlib.sha1(ident.encode()).hexdigest()[:16]
+    safe = "".join(
+        ch if ch.isalnum() or ch in "-_." else "_"
+        for ch in f"{self.checkpoint}_{self.video}_T{self.steps}_{self.attribute}_"
+        f"{self.strength:+g}"
+    )
+    return f"{safe[:80]}-{h}"
+
+
+def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
+  """(N, C, C, 3) uint8 -> (N, size, size, 3): area when shrinking, cubic when enlarging."""
+  if crops.shape[1] == size:
+    return crops
+  interp = cv2.INTER_AREA if crops.shape[1] > size else cv2.INTER_CUBIC
+  return np.stack([cv2.resize(c, (size, size), interpolation=interp) for c in crops])
+
+
+# ---------------------------------------------------------------------------------- pixels
+def ms_ssim_scales(size: int, max_scales: int = MS_SSIM_MAX_SCALES) -> int:
+  """Most standard MS-SSIM scales (<= max_scales) whose every level fits the 11 px window."""
+  best = 0
+  for levels in range(1, max_scales + 1):
+    if metrics.ms_ssim_min_size(levels) <= size:
+      best = levels
+  return best
+
+
+def pixel_metrics(orig_u8, out_u8, lpips_fn=None, max_scales: int = MS_SSIM_MAX_SCALES) -> dict:
+  """SSIM / MS-SSIM / PSNR / MSE (and LPIPS) of uint8 crops, mean over frames."""
+  x, y = images.to_model(orig_u8), images.to_model(out_u8)
+  res = {
+      "ssim": float(np.mean(metrics.ssim(x, y))),
+      "psnr": float(np.mean(metrics.psnr(x, y))),
+      "mse": float(np.mean(metrics.mse(x, y))),
+  }
+  levels = ms_ssim_scales(min(x.shape[1:3]), max_scales)
+  if levels:
+    w = np.asarray(metrics.MS_SSIM_WEIGHTS[:levels], np.float64)
+    res["ms_ssim"] = float(np.mean(metrics.ms_ssim(x, y, weights=tuple(w / w.sum()))))
+  else:
+    res["ms_ssim"] = float("nan")
+  res["ms_ssim_scales"] = levels
+  res["lpips"] = float(np.mean(lpips_fn(x, y))) if lpips_fn is not None else float("nan")
+  return res
+
+
+def load_lpips(spec: str):
+  """``'module:function'`` returning ``(features_fn, linear_weights)`` -> ``lpips(x, y)``."""
+  if not spec:
+    return None
+  mod, _, fn = spec.partition(":")
+  features_fn, weights = getattr(importlib.import_module(mod), fn)()
+  return lambda x, y: metrics.lpips(x, y, features_fn=features_fn, linear_weights=weights)
+
+
+def locality(orig_u8, out_u8, masks) -> float:
+  """Mean |output - input| outside the masks, in [-1, 1] units."""
+  return float(
+      np.mean(
+          metrics.locality_error(
+              images.to_model(orig_u8), images.to_model(out_u8), np.asarray(masks, np.float32)
+          )
+      )
+  )
+
+
+# -------------------------------------------------------------------------------- identity
+def identity_embeddings(crops_u8) -> np.ndarray:
+  """dlib descriptors (L2-normalised) of aligned crops, upscaled to ``ID_SIZE`` px."""
+  return face_features.identity_embeddings(resize_crops(np.asarray(crops_u8), ID_SIZE))
+
+
+def identity_metrics(e_orig: np.ndarray, e_out: np.ndarray) -> dict:
+  """TL-ID / TG-ID (normalised by the input's, and raw) and per-frame id preservation."""
+  if len(e_orig) < 2:
+    nan = float("nan")
+    return {
+        "tl_id": nan,
+        "tg_id": nan,
+        "tl_id_raw": nan,
+        "tg_id_raw": nan,
+        "tl_id_input": nan,
+        "tg_id_input": nan,
+        "id_preservation": float(metrics.identity_preservation(e_out, e_orig)),
+    }
+  return {
+      "tl_id": float(metrics.tl_id_normalised(e_out, e_orig)),
+      "tg_id": float(metrics.tg_id_normalised(e_out, e_orig)),
+      "tl_id_raw": float(metrics.tl_id(e_out)),
+      "tg_id_raw": float(metrics.tg_id(e_out)),
+      "tl_id_input": float(metrics.tl_id(e_orig)),
+      "tg_id_input": float(metrics.tg_id(e_orig)),
+      "id_preservation": float(metrics.identity_preservation(e_out, e_orig)),
+  }
+
+
+class ReconEmbeddings:
+  """Descriptors of the reconstruction of one (checkpoint, video, steps), kept on disk so a
+  resumed sweep need not decode the reconstruction again. Call it to get them."""
+
+  def __init__(self, path: pathlib.Path, editor, code):
+    self.path, self.editor, self.code, self.value = pathlib.Path(path), editor, code, None
+
+  def store(self, recon_crops) -> None:
+    self.value = identity_embeddings(recon_crops)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(self.path, self.value)
+
+  def __call__(self) -> np.ndarray:
+    if self.value is None:
+      if self.path.exists():
+        self.value = np.load(self.path)
+      else:
+        self.store(self.editor.decode(self.code, self.code.z_id))
+    return self.value
+
+
+# ------------------------------------------------------------------------------- attribute
+def attribute_metrics(classifier, attribute: str, strength: float, e_recon, e_out) -> dict:
+  """Classifier verdict on re-encoded output z_id (see the package docstring); the logit gain
+  is measured against the reconstruction's descriptors ``e_recon``."""
+  j = classifier.index(attribute)
+  lr = classifier.logits(e_recon)[:, j]
+  le = classifier.logits(e_out)[:, j]
+  sign = float(np.sign(strength))
+  if sign == 0:
+    return {"attr_success": float("nan"), "attr_logit_gain": float("nan")}
+  return {
+      "attr_success": float(np.mean(np.sign(le) == sign)),
+      "attr_logit_gain": float(np.mean((le - lr) * sign)),
+  }
+
+
+# ------------------------------------------------------------------------------------ cell
+def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config, e_recon=None):
+  """Decodes one cell and measures it -> (metrics dict, output crops).
+
+  ``editor``: an ``editing.VideoEditor`` and ``code`` its encoding of the cell's video;
+  ``e_orig``: the input crops' descriptors; ``e_recon``: a callable giving the
+  reconstruction's descriptors (edit cells, e.g. ``ReconEmbeddings``).
+  """
+  timings: dict = {}
+  if cell.is_recon:
+    z = code.z_id
+  else:
+    z = classifier.edit(code.z_id, cell.attribute, cell.strength)
+  out = editor.decode(code, z, timings)
+  m = len(out)
+  res = {
+      "frames": m,
+      "sec_per_frame": timings.get("decode", float("nan")) / m,
+      "sec_per_frame_encode": float("nan"),
+  }
+  e_out = identity_embeddings(out)
+  res.update(identity_metrics(e_orig, e_out))
+  res["locality"] = locality(code.crops, out, code.masks)
+  if cell.is_recon:
+    res.update(pixel_metrics(code.crops, out, lpips_fn, int(config.ms_ssim_max_scales)))
+    if not code.cache_hit and "invert" in code.timings:
+      res["sec_per_frame_encode"] = code.timings["invert"] / m
+    res["attr_success"] = res["attr_logit_gain"] = float("nan")
+  else:
+    res.update(attribute_metrics(classifier, cell.attribute, cell.strength, e_recon(), e_out))
+  return res, out

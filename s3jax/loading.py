@@ -1,0 +1,268 @@
+"""Loading trained artefacts for inference: the DVA, the attribute classifier and S3Editor.
+
+Editing, evaluation and porting load weights only through this module; none
+of them imports a trainer. Every loader reads the config saved with the
+checkpoint step it restores (`checkpointing.read_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s3jax import checkpointing, optim
+from s3jax.models import autoencoder
+from s3jax.models import editor as editor_lib
+from s3jax.models import id_standin
+
+CLASSIFIER_FILE = "classifier.npz"
+CLASSIFIER_KEYS = ("names", "weight", "bias", "mean", "std", "auc")
+EDITOR_META_FILE = "editor_meta.npz"
+
+
+# ---------------------------------------------------------------------------
+# DVA
+# ---------------------------------------------------------------------------
+def init_dva_state(model, tx, config, rng) -> checkpointing.TrainState:
+  """Fresh DVA params and optimizer state (the trainer's init and the loaders' template)."""
+  return checkpointing.new_train_state(autoencoder.init_params(model, config.model, rng), tx)
+
+
+def restore_dva_state(workdir, step: Optional[int] = None):
+  """(model, train state, config, step) of a DVA workdir; the newest step by default.
+
+  The config is the one saved with the restored step, so no flags are needed.
+  A newest step that cannot be read falls back to the one before (with a warning).
+  """
+  step = checkpointing.latest_step(workdir) if step is None else int(step)
+  config = checkpointing.read_config(workdir, step)
+  model = autoencoder.make_dva(config.model)
+  tx = optim.make_optimizer(config.optim)
+  abstract = jax.eval_shape(lambda rng: init_dva_state(model, tx, config, rng), jax.random.key(0))
+  state, step = checkpointing.restore_state_only(workdir, abstract, step)
+  return model, state, config, step
+
+
+def load_dva(workdir, step: Optional[int] = None, ema: bool = True):
+  """(model, params, config, step); `ema=True` gives the EMA weights (editing, evaluation)."""
+  model, state, config, step = restore_dva_state(workdir, step)
+  return model, (state.ema_params if ema else state.params), config, step
+
+
+# ---------------------------------------------------------------------------
+# Attribute classifier
+# ---------------------------------------------------------------------------
+class UnknownAttributeError(ValueError):
+  """The attribute is not one the classifier (or editor) knows; the message lists valid names."""
+
+
+@dataclasses.dataclass
+class Classifier:
+  """Linear attribute classifiers on normalised z_id: logits = ((z - mean) / std) @ weight + bias."""
+
+  names: list
+  weight: np.ndarray  # (D, A)
+  bias: np.ndarray  # (A,)
+  mean: np.ndarray  # (D,)
+  std: np.ndarray  # (D,)
+  auc: np.ndarray  # (A,) test AUC (NaN: undefined)
+  path: Optional[str] = None
+
+  @property
+  def dim(self) -> int:
+    return int(self.weight.shape[0])
+
+  def index(self, attribute: str) -> int:
+    try:
+      return list(self.names).index(attribute)
+    except ValueError:
+      raise UnknownAttributeError(
+          f"unknown attribute {attribute!r}; valid attributes: {', '.join(self.names)}"
+      ) from None
+
+  def direction(self, attribute: str) -> np.ndarray:
+    """The weight column of ``attribute`` (in normalised z space), (D,)."""
+    return np.asarray(self.weight[:, self.index(attribute)], np.float64)
+
+  def logits(self, z_id) -> np.ndarray:
+    z = np.asarray(z_id, np.float64)
+    return ((z - self.mean) / self.std) @ self.weight + self.bias
+
+  def edit(self, z_id, attribute: str, strength: float) -> np.ndarray:
+    """docs/design.md's edit ``l2norm(denorm(norm(z) + s·√D·w/‖w‖))``: (D,) or (N, D) -> f32.
+
+    Computed in float64 with ``models.editor.classifier_edit``; ``w`` is the
+    weight column of ``attribute``. Raises ``UnknownAttributeError``. Its
+    signature is that of every ``edit_fn(z, attribute, strength)``.
+    """
+    z = np.asarray(z_id, np.float64)
+    if z.shape[-1] != self.dim:
+      raise ValueError(
+          f"z_id has width {z.shape[-1]} but the classifier was trained on {self.dim}-d "
+          "features (dlib 128 / ArcFace 512): use a classifier of the same path"
+      )
+    direction = editor_lib.edit_direction(self.direction(attribute))
+    edited = editor_lib.classifier_edit(
+        z, direction, float(strength), self.mean, self.std, normalize=True
+    )
+    return edited.astype(np.float32)
+
+
+def classifier_path(directory) -> pathlib.Path:
+  """``classifier.npz`` of a classifier workdir, or the given file itself."""
+  p = pathlib.Path(directory)
+  return p / CLASSIFIER_FILE if p.is_dir() or not p.suffix else p
+
+
+def load_classifier(directory) -> Classifier:
+  """Loads ``classifier.npz`` from a classifier workdir (or the npz path itself)."""
+  f = classifier_path(directory)
+  if not f.exists():
+    raise FileNotFoundError(
+        f"no classifier at {f}; train one with `python -m s3jax.train --config "
+        f"configs/celebahq_classifier.py:demo --workdir {f.parent}` (or pass --classifier)"
+    )
+  with np.load(f, allow_pickle=False) as z:
+    missing = set(CLASSIFIER_KEYS) - set(z.files)
+    if missing:
+      raise ValueError(f"{f} lacks {sorted(missing)}")
+    return Classifier(
+        names=[str(n) for n in z["names"]],
+        weight=np.asarray(z["weight"], np.float64),
+        bias=np.asarray(z["bias"], np.float64),
+        mean=np.asarray(z["mean"], np.float64),
+        std=np.asarray(z["std"], np.float64),
+        auc=np.asarray(z["auc"], np.float64),
+        path=str(f),
+    )
+
+
+def save_classifier(path, names, weight, bias, mean, std, auc) -> None:
+  """Writes the classifier file with exactly ``CLASSIFIER_KEYS`` (float32), atomically."""
+  names = np.asarray([str(n) for n in names])
+  weight = np.asarray(weight, np.float32)
+  d, a = weight.shape
+  if len(names) != a:
+    raise ValueError(f"{len(names)} names for {a} weight columns")
+  arrays = dict(
+      names=names,
+      weight=weight,
+      bias=np.asarray(bias, np.float32).reshape(a),
+      mean=np.asarray(mean, np.float32).reshape(d),
+      std=np.asarray(std, np.float32).reshape(d),
+      auc=np.asarray(auc, np.float32).reshape(a),
+  )
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, **arrays)
+  tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------
+# Identity stand-in
+# ---------------------------------------------------------------------------
+def load_id_standin(workdir, step: Optional[int] = None):
+  """(IdentityNet, params, report) of an ``id_standin`` workdir (EMA-free: plain params)."""
+  step = checkpointing.latest_step(workdir) if step is None else int(step)
+  config = checkpointing.read_config(workdir, step)
+  model = id_standin.make_identity_net(config.model)
+  state = checkpointing.restore_saved_state(workdir, step)
+  params = jax.tree.map(jnp.asarray, state["params"])
+  checkpointing.check_tree_matches(
+      jax.eval_shape(lambda r: id_standin.init_params(model, r), jax.random.key(0)),
+      params,
+      what=f"identity stand-in {workdir} step {step}",
+  )
+  report_path = pathlib.Path(workdir) / id_standin.REPORT_FILE
+  report = json.loads(report_path.read_text()) if report_path.exists() else {}
+  return model, params, report
+
+
+# ---------------------------------------------------------------------------
+# S3Editor
+# ---------------------------------------------------------------------------
+def save_editor_meta(
+    directory, pool_names, stats, region_of_landmark, attr_targets, mean_landmarks, hparams: dict
+) -> None:
+  """What ``load_editor`` needs besides the checkpoint: the pool, directions, clusters."""
+  d = pathlib.Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  np.savez(
+      d / EDITOR_META_FILE,
+      names=np.asarray(pool_names),
+      mean=np.asarray(stats.mean),
+      std=np.asarray(stats.std),
+      directions=np.asarray(stats.directions),
+      assignments=np.asarray(stats.assignments),
+      centroids=np.asarray(stats.centroids),
+      region_of_landmark=np.asarray(region_of_landmark),
+      attr_targets=np.asarray(attr_targets),
+      mean_landmarks=np.asarray(mean_landmarks),
+      hparams=np.asarray(json.dumps(hparams)),
+  )
+
+
+EditFn = Callable[[np.ndarray, str, float], np.ndarray]
+
+
+def load_editor(directory, step: Optional[int] = None, ema: bool = True) -> EditFn:
+  """``edit_fn(z_id (N, D), attribute: str, strength: float) -> (N, D)`` from a trained run.
+
+  ``directory`` is an s3editor workdir (``editor_meta.npz`` + checkpoints).
+  The edit is ``T_k(denorm(norm(z_id) + strength * d_a))`` with the run's
+  directions, clusters and routing (L2-normalised when the run was). The
+  function carries ``.attributes`` (the pool) and ``.step``.
+  """
+  d = pathlib.Path(directory)
+  meta_path = d / EDITOR_META_FILE
+  if not meta_path.exists():
+    raise FileNotFoundError(
+        f"no S3Editor at {d} ({EDITOR_META_FILE} missing); train one with `python -m s3jax.train "
+        f"--config configs/s3editor.py:demo --workdir {d}`"
+    )
+  with np.load(meta_path, allow_pickle=False) as f:
+    meta = {k: f[k] for k in f.files}
+  hp = json.loads(str(meta["hparams"]))
+  names = [str(n) for n in meta["names"]]
+  stats = editor_lib.EditStats(
+      mean=jnp.asarray(meta["mean"]),
+      std=jnp.asarray(meta["std"]),
+      directions=jnp.asarray(meta["directions"]),
+      assignments=jnp.asarray(meta["assignments"]),
+      centroids=jnp.asarray(meta["centroids"]),
+  )
+  editor = editor_lib.Editor(
+      num_clusters=hp["num_clusters"],
+      num_regions=hp["num_regions"],
+      neurons_per_region=hp["neurons_per_region"],
+      routing=hp["routing"],
+      temperature=hp["temperature"],
+      normalize_output=hp["normalize_output"],
+  )
+  step = checkpointing.latest_step(d) if step is None else int(step)
+  state = checkpointing.restore_saved_state(d, step)
+  params = jax.tree.map(jnp.asarray, state["ema_params" if ema else "params"]["editor"])
+
+  @jax.jit
+  def apply(z, a, s):
+    return editor.apply({"params": params}, z, a, s, stats=stats)
+
+  def edit_fn(z_id, attribute: str, strength: float):
+    if attribute not in names:
+      raise UnknownAttributeError(
+          f"unknown attribute {attribute!r}; the S3Editor's pool: {', '.join(names)}"
+      )
+    z = jnp.asarray(z_id, jnp.float32)
+    return apply(z, jnp.int32(names.index(attribute)), jnp.float32(strength))
+
+  edit_fn.attributes = tuple(names)
+  edit_fn.step = step
+  edit_fn.params = params
+  return edit_fn
