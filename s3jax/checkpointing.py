@@ -174,8 +174,8 @@ class Checkpointer:
     )
 
 
-def latest_step(workdir) -> int:
-  """The newest checkpoint step of `workdir`; FileNotFoundError when it has none."""
+def all_steps(workdir) -> list:
+  """The checkpoint steps of `workdir`, oldest first; FileNotFoundError when it has none."""
   ckpt = Checkpointer(workdir, async_save=False)
   try:
     steps = ckpt.all_steps()
@@ -183,7 +183,12 @@ def latest_step(workdir) -> int:
     ckpt.close()
   if not steps:
     raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
-  return steps[-1]
+  return steps
+
+
+def latest_step(workdir) -> int:
+  """The newest checkpoint step of `workdir`; FileNotFoundError when it has none."""
+  return all_steps(workdir)[-1]
 
 
 def read_config(workdir, step: Optional[int] = None):

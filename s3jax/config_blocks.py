@@ -5,9 +5,12 @@ these blocks and overrides what differs. Library code never loads a config
 file: entry points take them with `ml_collections.config_flags`.
 """
 
+import dataclasses
 from typing import Sequence
 
 import ml_collections
+
+from s3jax.models.unet import UNetConfig
 
 
 def parse_variant(arg: str, variants: Sequence[str] = ("", "demo")) -> str:
@@ -66,22 +69,15 @@ def adam(lr: float, grad_clip: float = 1.0, **extra) -> ml_collections.ConfigDic
 
 
 def paper_unet(image_size: int = 256) -> ml_collections.ConfigDict:
-  """The paper's UNet: 128 channels, mult (1,1,2,2,4,4), attention at 16 px."""
-  return ml_collections.ConfigDict(
-      dict(
-          image_size=image_size,
-          in_channels=3,
-          out_channels=3,
-          model_channels=128,
-          channel_mult=(1, 1, 2, 2, 4, 4),
-          num_res_blocks=2,
-          attention_resolutions=(16,),
-          embed_channels=512,
-          num_heads=1,
-          dropout=0.1,
-          resblock_updown=True,
-      )
-  )
+  """The paper's UNet (`UNetConfig.paper`): 128 channels, mult (1,1,2,2,4,4), attention at 16 px.
+
+  `dtype` and `remat` are not UNet fields here: they live in the config's
+  `model` block.
+  """
+  fields = dataclasses.asdict(UNetConfig.paper(image_size=image_size))
+  for key in ("dtype", "remat"):
+    fields.pop(key)
+  return ml_collections.ConfigDict(fields)
 
 
 def demo_unet() -> ml_collections.ConfigDict:

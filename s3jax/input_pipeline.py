@@ -64,6 +64,7 @@ from s3jax import images
 from s3jax.face_features import flip_landmarks
 
 VIDEO_INDEX_FILE = "video_index.json"
+_OPEN_LOCK = threading.Lock()
 _TEXT_KEYS = ("video_id", "identity")
 
 
@@ -132,12 +133,16 @@ class FrameSource:
 
   def _open(self):
     if self._tfds is None:
-      # Lazy: importing TFDS costs seconds, and worker processes reopen sources.
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      # grain's prefetch threads open sources concurrently; TFDS's lazy imports
+      # deadlock when two threads trigger them at once, so opening is serialised.
+      with _OPEN_LOCK:
+        if self._tfds is None:
+          # Lazy: importing TFDS costs seconds, and worker processes reopen sources.
+          import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-      builder = tfds.builder_from_directory(os.fspath(self.version_dir))
-      self._tfds = builder.as_data_source(split=self.split)
-      self._features = builder.info.features
+          builder = tfds.builder_from_directory(os.fspath(self.version_dir))
+          self._features = builder.info.features
+          self._tfds = builder.as_data_source(split=self.split)
     return self._tfds
 
   def __getstate__(self):

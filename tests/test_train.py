@@ -120,6 +120,10 @@ def test_two_processes_match_one_process_with_four_devices(straight_run, tmp_pat
               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
               "JAX_NUM_PROCESSES": "2",
               "JAX_PROCESS_ID": str(i),
+              # Not the session's persistent compile cache: an executable the 4-device
+              # single-process run cached there was handed to one of the two processes,
+              # which then skipped the cross-process collectives (gloo timeout).
+              "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache_multi"),
           },
       )
       for i in range(2)

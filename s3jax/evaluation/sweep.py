@@ -22,14 +22,7 @@ def parse_checkpoint_spec(spec: str) -> list[tuple[str, str, Optional[int]]]:
   path, _, step = str(spec).partition("@")
   name = pathlib.Path(path).name or path
   if step == "all":
-    ck = checkpointing.Checkpointer(path, async_save=False)
-    try:
-      steps = ck.all_steps()
-    finally:
-      ck.close()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints under {path}/checkpoints")
-    return [(f"{name}@{s}", path, int(s)) for s in steps]
+    return [(f"{name}@{s}", path, int(s)) for s in checkpointing.all_steps(path)]
   if step:
     return [(f"{name}@{int(step)}", path, int(step))]
   return [(name, path, None)]

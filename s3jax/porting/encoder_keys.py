@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Iterator, Mapping
 
+import jax
 import numpy as np
 
 from s3jax.models import face_encoders as fe
@@ -197,8 +198,6 @@ def _flax_path(net: str, fpath: tuple[str, ...], kind: str, leaf: str) -> tuple[
 @functools.lru_cache(maxsize=None)
 def _expected_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
   """{(collection, net, ..., leaf): shape} of OfficialEncoders via jax.eval_shape."""
-  import jax
-
   abstract = fe.init_variables()
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
@@ -234,10 +233,6 @@ def _to_array(v, dtype=None):
 
 
 def _is_tracer(v) -> bool:
-  try:
-    import jax
-  except ImportError:  # pragma: no cover
-    return False
   return isinstance(v, jax.core.Tracer)
 
 
