@@ -23,6 +23,8 @@ from s3jax.checkpointing import Checkpointer
 from s3jax.evaluation import cells, sweep
 from s3jax.models.autoencoder import make_dva
 
+from train_helpers import TINY_UNET
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_FRAMES = 8
 
@@ -179,19 +181,6 @@ def test_pixel_metrics_match_skimage(size):
 
 
 # ------------------------------------------------------------------ the sweep
-TINY_UNET = dict(
-    image_size=16,
-    in_channels=3,
-    out_channels=3,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(8,),
-    embed_channels=512,
-    num_heads=1,
-    dropout=0.0,
-    resblock_updown=True,
-)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import chex
 import jax
@@ -22,21 +20,9 @@ from s3jax.porting import dva_checkpoint as dc  # noqa: E402
 from s3jax.porting import state_dict as sdlib  # noqa: E402
 from s3jax.porting.unet_keys import KeyMismatchError, key_table  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from train_helpers import TINY_UNET, run_convert  # noqa: E402
 
-TINY_UNET = dict(
-    image_size=16,
-    in_channels=3,
-    out_channels=3,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(8,),
-    embed_channels=512,
-    num_heads=1,
-    dropout=0.0,
-    resblock_updown=True,
-)
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(face_features="dlib"):
@@ -59,17 +45,6 @@ def tiny_config_file(tmp_path, face_features="dlib") -> pathlib.Path:
       "  return c\n"
   )
   return path
-
-
-def run_convert(*args) -> subprocess.CompletedProcess:
-  """`python -m s3jax.convert ARGS` from the repo root (its absl flags live in that process)."""
-  return subprocess.run(
-      [sys.executable, "-m", "s3jax.convert", *map(str, args)],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
 
 
 def _randomise(tree, seed):

@@ -3,8 +3,6 @@
 import json
 import pathlib
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,8 @@ from s3jax.porting.unet_keys import (
     unet_params_from_torch,
     unet_params_to_torch,
 )
+
+from train_helpers import run_convert
 
 torch = pytest.importorskip("torch")
 
@@ -169,17 +169,6 @@ def unet_only_golden(tmp_path, golden_dir):
   for name in ("unet_tiny_io.npz", "unet_tiny_state_dict.npz"):
     (d / name).symlink_to(golden_dir / name)
   return d
-
-
-def run_convert(*args) -> subprocess.CompletedProcess:
-  """`python -m s3jax.convert ARGS` from the repo root (its absl flags live in that process)."""
-  return subprocess.run(
-      [sys.executable, "-m", "s3jax.convert", *map(str, args)],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
 
 
 def test_parity_cli(unet_only_golden):

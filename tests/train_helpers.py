@@ -1,6 +1,7 @@
-"""Tiny DVA trainer configs shared by the training tests and their subprocesses."""
+"""Tiny DVA configs and CLI runners shared by the tests and their subprocesses."""
 
 import pathlib
+import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,3 +40,35 @@ def tiny_dva_config(data_dir, total_steps=6, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+# The smallest UNet the DVA accepts (16 px, two levels): for tests of loading, export and the CLIs.
+TINY_UNET = dict(
+    image_size=16,
+    in_channels=3,
+    out_channels=3,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    embed_channels=512,
+    num_heads=1,
+    dropout=0.0,
+    resblock_updown=True,
+)
+
+
+def run_module(module, *args, timeout=900) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` from the repo root: each app keeps its absl flags in its own process."""
+  return subprocess.run(
+      [sys.executable, "-m", module, *map(str, args)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
+
+
+def run_convert(*args, timeout=900) -> subprocess.CompletedProcess:
+  """`python -m s3jax.convert ARGS`."""
+  return run_module("s3jax.convert", *args, timeout=timeout)
