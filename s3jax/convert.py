@@ -4,6 +4,7 @@
   python -m s3jax.convert export --checkpoint runs/demo --out demo.ckpt --lightning
   python -m s3jax.convert export --checkpoint runs/demo --out demo_ema.safetensors --ema
   python -m s3jax.convert import --src last.ckpt --workdir runs/dva_official --config configs/voxceleb.py
+  python -m s3jax.convert import-classifier --src last.ckpt --out runs/classifier_official
 
 The subcommand is the first argument:
   parity  runs the golden checks whose files are in --golden (unet_tiny_*, ddim_tiny_io.npz,
@@ -15,6 +16,10 @@ The subcommand is the first argument:
           workdir, checking every key and shape against the model --config builds
           (--config.<field>=<value> overrides fields). --step is the step to store (default 0),
           --which ema|model loads one set of a Lightning file. Prints one JSON line.
+  import-classifier  reads the reference's CelebA-HQ attribute classifier (a Lightning ClsModel
+          checkpoint: conds_mean/std, classifier.*, ema_classifier.*; other keys are ignored)
+          into --out (a directory or .npz) as classifier.npz. Edits use classifier.* as the
+          reference does; --weights ema picks the EMA probe. Prints one JSON line.
 
 Exit status: 0 on success; 1 when a parity output is out of tolerance; 2 on a usage error or
 when the files cannot be converted (the message on stderr names the parameter).
@@ -30,6 +35,7 @@ from s3jax.checkpointing import CheckpointShapeError
 from s3jax.models.autoencoder import LND_DIM
 from s3jax.parity import encoders as parity_encoders
 from s3jax.parity import unet as parity_unet
+from s3jax.porting import classifier as classifier_import
 from s3jax.porting import dva_checkpoint
 from s3jax.porting.state_dict import StateDictError
 from s3jax.porting.unet_keys import KeyMismatchError
@@ -46,7 +52,10 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "export: the s3jax workdir to read (its checkpoints/<step>)."
 )
 _OUT = flags.DEFINE_string(
-    "out", None, "export: output file: .pt, .pth, .safetensors (or .ckpt with --lightning)."
+    "out",
+    None,
+    "export: output file: .pt, .pth, .safetensors (or .ckpt with --lightning); "
+    "import-classifier: output directory (classifier.npz) or .npz file.",
 )
 _EMA = flags.DEFINE_bool(
     "ema",
@@ -73,7 +82,8 @@ _SRC = flags.DEFINE_string(
     "src",
     None,
     "import: reference-named DVA weights: .pt/.pth, a Lightning .ckpt or .safetensors "
-    "(read with torch.load(weights_only=True)).",
+    "(read with torch.load(weights_only=True)); import-classifier: the reference's classifier "
+    "checkpoint.",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "import: the new s3jax workdir to write.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -91,7 +101,18 @@ _WHICH = flags.DEFINE_enum(
     "Default: model.* -> params, ema_model.* -> EMA.",
 )
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "import: allow a workdir that already holds checkpoints."
+    "overwrite",
+    False,
+    "import: allow a workdir that already holds checkpoints; "
+    "import-classifier: replace an existing classifier.npz.",
+)
+# import-classifier
+_WEIGHTS = flags.DEFINE_enum(
+    "weights",
+    "classifier",
+    ["classifier", "ema"],
+    "import-classifier: the probe edits use: classifier.* (the reference's choice) or "
+    "ema_classifier.*; both are stored.",
 )
 
 # (module with `check(golden_dir, backend)`, trigger file): a check runs when its trigger file
@@ -103,6 +124,7 @@ PARITY_CHECKS = (
 
 # Errors that mean "these files cannot be converted": one line on stderr, exit status 2.
 CONVERT_ERRORS = (
+    classifier_import.ClassifierImportError,
     dva_checkpoint.DVACheckpointError,
     KeyMismatchError,
     StateDictError,
@@ -210,11 +232,35 @@ def run_import() -> int:
   return 0
 
 
+def run_import_classifier() -> int:
+  """The reference's attribute classifier checkpoint -> classifier.npz."""
+  try:
+    res = classifier_import.import_classifier(
+        _SRC.value, _OUT.value, edit_weights=_WEIGHTS.value, overwrite=_OVERWRITE.value
+    )
+  except CONVERT_ERRORS as e:
+    return report_error(e)
+  emit(
+      {
+          "wrote": str(res.path),
+          "attributes": res.num_attributes,
+          "dim": res.dim,
+          "edit_weights": res.edit_weights,
+          "ema_stored": res.has_ema,
+          "ignored_keys": res.ignored_keys,
+          "epoch": res.epoch,
+          "global_step": res.global_step,
+      }
+  )
+  return 0
+
+
 # subcommand -> (run, required flags, optional flags)
 SUBCOMMANDS = {
     "parity": (run_parity, ("golden",), ("backend",)),
     "export": (run_export, ("checkpoint", "out"), ("ema", "lightning", "step")),
     "import": (run_import, ("src", "workdir", "config"), ("which", "step", "overwrite")),
+    "import-classifier": (run_import_classifier, ("src", "out"), ("weights", "overwrite")),
 }
 _ALL_FLAGS = {f for _, required, optional in SUBCOMMANDS.values() for f in required + optional}
 

@@ -23,6 +23,9 @@ from s3jax.models import id_standin
 
 CLASSIFIER_FILE = "classifier.npz"
 CLASSIFIER_KEYS = ("names", "weight", "bias", "mean", "std", "auc")
+# Optional since the import of the reference's classifier; older files lack them.
+CLASSIFIER_OPTIONAL_KEYS = ("ema_weight", "ema_bias", "edit_weights")
+EDIT_WEIGHTS = ("classifier", "ema")  # which probe edits and logits use
 EDITOR_META_FILE = "editor_meta.npz"
 
 
@@ -64,7 +67,13 @@ class UnknownAttributeError(ValueError):
 
 @dataclasses.dataclass
 class Classifier:
-  """Linear attribute classifiers on normalised z_id: logits = ((z - mean) / std) @ weight + bias."""
+  """Linear attribute classifiers on normalised z_id: logits = ((z - mean) / std) @ weight + bias.
+
+  ``weight``/``bias`` are the probe (the reference's ``classifier.*``);
+  ``ema_weight``/``ema_bias`` its EMA copy when known (``ema_classifier.*``).
+  ``edit_weights`` names the set that ``direction``, ``logits`` and ``edit`` use:
+  ``'classifier'`` (the reference's choice for edits) or ``'ema'``.
+  """
 
   names: list
   weight: np.ndarray  # (D, A)
@@ -73,10 +82,28 @@ class Classifier:
   std: np.ndarray  # (D,)
   auc: np.ndarray  # (A,) test AUC (NaN: undefined)
   path: Optional[str] = None
+  ema_weight: Optional[np.ndarray] = None  # (D, A)
+  ema_bias: Optional[np.ndarray] = None  # (A,)
+  edit_weights: str = "classifier"
+
+  def __post_init__(self):
+    if self.edit_weights not in EDIT_WEIGHTS:
+      raise ValueError(f"edit_weights must be one of {EDIT_WEIGHTS}, got {self.edit_weights!r}")
+    if self.edit_weights == "ema" and (self.ema_weight is None or self.ema_bias is None):
+      raise ValueError("edit_weights='ema' needs ema_weight and ema_bias")
 
   @property
   def dim(self) -> int:
     return int(self.weight.shape[0])
+
+  @property
+  def edit_weight(self) -> np.ndarray:
+    """(D, A): the weights edits and logits use (``edit_weights``)."""
+    return self.ema_weight if self.edit_weights == "ema" else self.weight
+
+  @property
+  def edit_bias(self) -> np.ndarray:
+    return self.ema_bias if self.edit_weights == "ema" else self.bias
 
   def index(self, attribute: str) -> int:
     try:
@@ -88,18 +115,19 @@ class Classifier:
 
   def direction(self, attribute: str) -> np.ndarray:
     """The weight column of ``attribute`` (in normalised z space), (D,)."""
-    return np.asarray(self.weight[:, self.index(attribute)], np.float64)
+    return np.asarray(self.edit_weight[:, self.index(attribute)], np.float64)
 
   def logits(self, z_id) -> np.ndarray:
     z = np.asarray(z_id, np.float64)
-    return ((z - self.mean) / self.std) @ self.weight + self.bias
+    return ((z - self.mean) / self.std) @ self.edit_weight + self.edit_bias
 
   def edit(self, z_id, attribute: str, strength: float) -> np.ndarray:
     """docs/design.md's edit ``l2norm(denorm(norm(z) + s·√D·w/‖w‖))``: (D,) or (N, D) -> f32.
 
     Computed in float64 with ``models.editor.classifier_edit``; ``w`` is the
-    weight column of ``attribute``. Raises ``UnknownAttributeError``. Its
-    signature is that of every ``edit_fn(z, attribute, strength)``.
+    weight column of ``attribute`` (from ``edit_weights``). Raises
+    ``UnknownAttributeError``. Its signature is that of every
+    ``edit_fn(z, attribute, strength)``.
     """
     z = np.asarray(z_id, np.float64)
     if z.shape[-1] != self.dim:
@@ -132,6 +160,7 @@ def load_classifier(directory) -> Classifier:
     missing = set(CLASSIFIER_KEYS) - set(z.files)
     if missing:
       raise ValueError(f"{f} lacks {sorted(missing)}")
+    has_ema = "ema_weight" in z.files and "ema_bias" in z.files
     return Classifier(
         names=[str(n) for n in z["names"]],
         weight=np.asarray(z["weight"], np.float64),
@@ -140,16 +169,41 @@ def load_classifier(directory) -> Classifier:
         std=np.asarray(z["std"], np.float64),
         auc=np.asarray(z["auc"], np.float64),
         path=str(f),
+        ema_weight=np.asarray(z["ema_weight"], np.float64) if has_ema else None,
+        ema_bias=np.asarray(z["ema_bias"], np.float64) if has_ema else None,
+        edit_weights=str(z["edit_weights"]) if "edit_weights" in z.files else "classifier",
     )
 
 
-def save_classifier(path, names, weight, bias, mean, std, auc) -> None:
-  """Writes the classifier file with exactly ``CLASSIFIER_KEYS`` (float32), atomically."""
+def save_classifier(
+    path,
+    names,
+    weight,
+    bias,
+    mean,
+    std,
+    auc,
+    ema_weight=None,
+    ema_bias=None,
+    edit_weights: str = "classifier",
+) -> None:
+  """Writes the classifier file (float32), atomically.
+
+  Always ``CLASSIFIER_KEYS``; ``ema_weight``/``ema_bias`` (D, A)/(A,) and
+  ``edit_weights`` only when an EMA copy is given, so files without one read
+  as before.
+  """
   names = np.asarray([str(n) for n in names])
   weight = np.asarray(weight, np.float32)
   d, a = weight.shape
   if len(names) != a:
     raise ValueError(f"{len(names)} names for {a} weight columns")
+  if edit_weights not in EDIT_WEIGHTS:
+    raise ValueError(f"edit_weights must be one of {EDIT_WEIGHTS}, got {edit_weights!r}")
+  if (ema_weight is None) != (ema_bias is None):
+    raise ValueError("give both ema_weight and ema_bias, or neither")
+  if edit_weights == "ema" and ema_weight is None:
+    raise ValueError("edit_weights='ema' needs ema_weight and ema_bias")
   arrays = dict(
       names=names,
       weight=weight,
@@ -158,6 +212,15 @@ def save_classifier(path, names, weight, bias, mean, std, auc) -> None:
       std=np.asarray(std, np.float32).reshape(d),
       auc=np.asarray(auc, np.float32).reshape(a),
   )
+  if ema_weight is not None:
+    ema_weight = np.asarray(ema_weight, np.float32)
+    if ema_weight.shape != (d, a):
+      raise ValueError(f"ema_weight has shape {ema_weight.shape}, weight {(d, a)}")
+    arrays.update(
+        ema_weight=ema_weight,
+        ema_bias=np.asarray(ema_bias, np.float32).reshape(a),
+        edit_weights=np.asarray(edit_weights),
+    )
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp.npz")

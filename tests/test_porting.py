@@ -202,7 +202,7 @@ def test_parity_cli_fails_on_error(unet_only_golden, golden_dir):
 def test_cli_usage_errors(tmp_path):
   """Exit status 2 and a message naming the problem; --help lists the subcommands."""
   for args, message in (
-      ((), "missing subcommand (one of: parity, export, import)"),
+      ((), "missing subcommand (one of: parity, export, import, import-classifier)"),
       (("convert",), "unknown subcommand 'convert'"),
       (("export", "--checkpoint", tmp_path), "export needs --out"),
       (("import", "--src", "a.pt", "--workdir", tmp_path), "import needs --config"),

