@@ -3,14 +3,21 @@ r"""Edit a face in a video with a trained DVA.
   python -m s3jax.edit --checkpoint runs/demo --input VIDEO.mp4|FRAMES_DIR \
       --attribute Mouth_Wide --strength 0.5 --out out/edited.mp4 \
       [--steps 100] [--blend hard|feather|poisson] [--side-by-side] [--max-frames N] \
-      [--classifier DIR] [--editor classifier|s3editor] [--s3editor DIR] [--png-dir DIR]
+      [--classifier DIR] [--editor classifier|s3editor] [--s3editor DIR] [--png-dir DIR] \
+      [--reference] [--[no]renormalize-identity] [--paste-space frame|crop] \
+      [--align-border reflect|constant]
   python -m s3jax.edit --checkpoint runs/demo --list-attributes
 
 Steps: align (dlib, STIT-smoothed FFHQ quads) -> per-frame z_lnd and the averaged
-z_id -> batched DDIM inversion (cached per video and model in
-<checkpoint>/edit_cache) -> edit z_id -> batched DDIM decoding -> paste back
--> OUT (the input's fps and size), OUT.report.json, optionally
-OUT.side_by_side.mp4 (input | edit) and one PNG per frame.
+z_id (dlib or the official encoders, as the checkpoint was trained) -> batched DDIM
+inversion (cached per video and model in <checkpoint>/edit_cache) -> edit z_id ->
+batched DDIM decoding -> paste back -> OUT (the input's fps and size), OUT.report.json,
+optionally OUT.side_by_side.mp4 (input | edit) and one PNG per frame.
+
+--reference reproduces the reference's editing_classifier.py: 1000 DDIM steps, the
+identity average not renormalised, a hard paste composited in the crop, no alignment
+padding. Each of those is also a flag of its own, which wins over --reference
+(docs/editing.md lists the deviations of the default and why).
 
 Exit status 0 on success, 1 on a user error (unknown attribute, no face in the
 video, missing file, ...), with a one-line message and no traceback.
@@ -36,12 +43,40 @@ _INPUT = flags.DEFINE_string("input", None, "Input video file or folder of frame
 _ATTRIBUTE = flags.DEFINE_string("attribute", None, "Attribute to edit (see --list-attributes).")
 _STRENGTH = flags.DEFINE_float("strength", 0.5, "Edit strength s (negative removes the attribute).")
 _OUT = flags.DEFINE_string("out", None, "Output MP4 path; the report goes to OUT.report.json.")
-_STEPS = flags.DEFINE_integer("steps", 100, "DDIM steps for inversion and decoding (divides 1000).")
+_STEPS = flags.DEFINE_integer(
+    "steps",
+    None,
+    "DDIM steps for inversion and decoding (divides 1000). Default 100; 1000 with --reference.",
+)
 _BLEND = flags.DEFINE_enum(
     "blend",
-    "hard",
+    None,
     ["hard", "feather", "poisson"],
-    "Paste-back: hard (DVA), feather (dilate + blur, STIT), poisson.",
+    "Paste-back: hard (DVA, the default), feather (dilate + blur, STIT), poisson.",
+)
+_REFERENCE = flags.DEFINE_bool(
+    "reference",
+    False,
+    "Reproduce the reference's editing_classifier.py: --steps 1000 --norenormalize-identity "
+    "--paste-space crop --align-border constant --blend hard (explicit flags win).",
+)
+_RENORMALIZE_IDENTITY = flags.DEFINE_bool(
+    "renormalize-identity",
+    None,
+    "L2-normalise the averaged z_id (default yes; the reference: no).",
+)
+_PASTE_SPACE = flags.DEFINE_enum(
+    "paste-space",
+    None,
+    ["frame", "crop"],
+    "frame: composite inside the warped mask in the frame (default); crop: composite in the "
+    "crop and replace the whole quad (the reference).",
+)
+_ALIGN_BORDER = flags.DEFINE_enum(
+    "align-border",
+    None,
+    ["reflect", "constant"],
+    "Alignment fill outside the frame: reflect (default) or constant black (the reference).",
 )
 _SIDE_BY_SIDE = flags.DEFINE_bool(
     "side-by-side", False, "Also write OUT.side_by_side.mp4 (input | edit)."
@@ -66,12 +101,23 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 _CACHE = flags.DEFINE_bool("cache", True, "Use the inversion cache.")
 _CHUNK = flags.DEFINE_integer(
-    "chunk", 8, "Frames per jitted DDIM call (rounded to the device count)."
+    "chunk", 8, "Frames per jitted DDIM (and encoder) call (rounded to the device count)."
 )
-_METRICS = flags.DEFINE_bool("metrics", True, "Compute TL-ID/TG-ID of the result (dlib).")
+_METRICS = flags.DEFINE_bool(
+    "metrics", True, "Compute TL-ID/TG-ID of the result (dlib or ArcFace, as the checkpoint)."
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 # absl takes the hyphenated names as they are; the underscore spellings work too.
-for _name in ("side-by-side", "max-frames", "list-attributes", "png-dir", "cache-dir"):
+for _name in (
+    "side-by-side",
+    "max-frames",
+    "list-attributes",
+    "png-dir",
+    "cache-dir",
+    "renormalize-identity",
+    "paste-space",
+    "align-border",
+):
   flags.DEFINE_alias(_name.replace("-", "_"), _name)
 
 
@@ -122,6 +168,10 @@ def main(argv):
         progress=_PROGRESS.value,
         command=" ".join(shlex.quote(a) for a in sys.argv),
         on_stage=_print_stage if _PROGRESS.value else None,
+        reference=_REFERENCE.value,
+        renormalize_identity=_RENORMALIZE_IDENTITY.value,
+        paste_space=_PASTE_SPACE.value,
+        align_border=_ALIGN_BORDER.value,
     )
   except edit_job.EditError as e:
     print(f"s3jax.edit: error: {e}", file=sys.stderr)

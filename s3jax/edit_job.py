@@ -45,8 +45,8 @@ def run_edit(
     attribute,
     strength,
     out,
-    steps: int = 100,  # pylint: disable=redefined-builtin
-    blend: str = "hard",
+    steps: Optional[int] = None,  # pylint: disable=redefined-builtin
+    blend: Optional[str] = None,
     side_by_side: bool = False,
     max_frames: Optional[int] = None,
     classifier: Optional[str] = None,
@@ -61,11 +61,19 @@ def run_edit(
     video_editor=None,
     command: Optional[str] = None,
     on_stage: Optional[Callable[[str], None]] = None,
+    reference: bool = False,
+    renormalize_identity: Optional[bool] = None,
+    paste_space: Optional[str] = None,
+    align_border: Optional[str] = None,
 ) -> dict:
   """The whole edit of a video file; returns the report. Raises EditError on user errors.
 
-  ``video_editor``: an existing ``editing.VideoEditor`` to reuse (tests, sweeps).
+  ``video_editor``: an existing ``editing.VideoEditor`` to reuse (tests, sweeps); its
+  options then hold, except ``blend`` and ``paste_space`` when given.
   ``on_stage(message)`` is called at each stage (the CLI prints them).
+  ``reference``: the reference's options (``editing.REFERENCE_OPTIONS``); ``steps``,
+  ``blend``, ``renormalize_identity``, ``paste_space`` and ``align_border`` override
+  single options when not None (``editing.EditOptions``).
   """
   t_start = time.perf_counter()
   timings = {}
@@ -79,6 +87,17 @@ def run_edit(
     raise EditError("--out is required")
   if not attribute:
     raise EditError("--attribute is required (see --list-attributes)")
+  try:  # bad option values are user errors, before anything loads
+    editing.resolve_options(
+        reference,
+        steps=steps,
+        blend=blend,
+        renormalize_identity=renormalize_identity,
+        paste_space=paste_space,
+        align_border=align_border,
+    )
+  except ValueError as e:
+    raise EditError(str(e)) from None
   edit_fn, names, source = load_edit_fn(editor, checkpoint, classifier, s3editor)
   if names is not None and attribute not in names:
     raise EditError(f"unknown attribute {attribute!r}; valid attributes: {', '.join(names)}")
@@ -101,13 +120,26 @@ def run_edit(
     stage(f"loading the DVA from {checkpoint}")
     try:
       video_editor = editing.VideoEditor(
-          checkpoint, steps=steps, chunk=chunk, cache=cache, progress=progress
+          checkpoint,
+          steps=steps,
+          chunk=chunk,
+          cache=cache,
+          progress=progress,
+          reference=reference,
+          renormalize_identity=renormalize_identity,
+          paste_space=paste_space,
+          align_border=align_border,
+          blend=blend,
       )
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
       raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
   timings["load_model"] = time.perf_counter() - t0
 
-  stage(f"editing {len(frames)} frames: {attribute} x {strength} at {steps} DDIM steps")
+  stage(
+      f"editing {len(frames)} frames: {attribute} x {strength} at {video_editor.steps} DDIM "
+      f"steps ({'reference' if video_editor.reference else 'default'} options, "
+      f"{video_editor.face_features} features)"
+  )
   try:
     frames_out, report = video_editor.edit_video(
         frames,
@@ -117,6 +149,7 @@ def run_edit(
         edit_fn=edit_fn,
         cache_dir=cache_dir,
         compute_metrics=metrics,
+        paste_space=paste_space,
     )
   except alignment.NoFaceError as e:
     raise EditError(f"{input}: {e}") from None

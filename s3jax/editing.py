@@ -1,15 +1,16 @@
 """Editing face videos with a trained DVA: classifier directions, batched DDIM, paste-back.
 
-The procedure (DVA's classifier editing, STIT's video path):
+The procedure (DVA's classifier editing, ``editing_classifier.py``, with STIT's video path):
 
 1. ``align_video`` (dlib, smoothed FFHQ quads) at ``max(size, 256)`` px, the
-   size the dlib descriptor and z_lnd are defined on (as ``data_prep`` does);
+   size the face features are defined on (as ``data_prep`` does);
    crops, landmarks and masks are then resized to the model size.
-2. Per-frame z_lnd; per-frame dlib z_id averaged over the frames with a
-   detected face and L2-normalised: ``z̄_id``. (The reference averages
-   without renormalising; we renormalise so that ``z̄_id`` lies on the unit
-   sphere like every training z_id, and so that strength 0 decodes exactly
-   the DDIM reconstruction.)
+2. Per-frame z_lnd and z_id, and the paste-back mask, on the checkpoint's feature path
+   (``config.model.face_features``): ``dlib`` (descriptor, landmark geometry, landmark
+   hull) or ``official`` (IR-SE50, MobileNet, BiSeNet video mask; ``face_features.
+   OfficialFeatures`` with the workdir's frozen encoders). z_id is averaged over the
+   frames with a detected face: ``z̄_id``, L2-normalised by default
+   (``EditOptions.renormalize_identity``; the reference does not renormalise).
 3. Batched deterministic DDIM inversion x0 -> x_T conditioned on
    ``z_face(z̄_id, z_lnd_i)``: one jitted ``lax.scan``, frames in fixed-size
    chunks (the last one padded), sharded over all devices, compiled once per
@@ -19,7 +20,12 @@ The procedure (DVA's classifier editing, STIT's video path):
    ``l2norm(denorm(norm(z̄_id) + s·√D·w/‖w‖))`` with the classifier's weight column
    ``w`` and D the z_id width (128 dlib, 512 ArcFace).
 5. Batched DDIM decoding from x_T with ``z_face(z̄'_id, z_lnd_i)``.
-6. ``video.paste_back`` with the landmark-hull video mask (hard / feather / poisson).
+6. ``video.paste_back`` with the video mask (hard / feather / poisson), composited in the
+   frame (default) or, as the reference, in the crop (``EditOptions.paste_space``).
+
+``EditOptions`` holds every choice where the default deviates from the reference;
+``REFERENCE_OPTIONS`` (``VideoEditor(reference=True)``, ``python -m s3jax.edit
+--reference``) reproduces the reference's math. docs/editing.md lists them.
 
 The encoding (aligned crops, quads, masks, z_lnd, per-frame and averaged z_id,
 x_T) is cached per (video content hash, model parameter hash, steps, size,
@@ -29,8 +35,9 @@ edits of the same clip skip alignment, features and inversion.
 Already aligned inputs (dataset records with their landmarks and z_id) skip
 step 1 and the features: ``VideoEditor.encode_aligned``.
 
-Public API: ``VideoCode``, ``DDIMRunner``, ``VideoEditor``. Weights are loaded by
-``s3jax.loading`` (``load_dva``, ``load_classifier``, ``load_editor``).
+Public API: ``VideoCode``, ``DDIMRunner``, ``VideoEditor``, ``EditOptions``,
+``average_identity``. Weights are loaded by ``s3jax.loading`` (``load_dva``,
+``load_classifier``, ``load_editor``) and ``porting.dva_checkpoint.load_frozen_encoders``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,6 @@ import pathlib
 import time
 from typing import Callable, Optional
 
-import cv2
 import flax
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -56,12 +62,84 @@ from s3jax import alignment, diffusion, face_features, images, loading, metrics,
 from s3jax.loading import Classifier
 from s3jax.models.editor import l2_normalize
 from s3jax.models import autoencoder
+from s3jax.porting import dva_checkpoint
 
 FEATURE_SIZE = 256  # alignment/feature size, as data_prep.common.FEATURE_SIZE
 CACHE_VERSION = 1
 DEFAULT_CHUNK = 8
+PASTE_SPACES = ("frame", "crop")
+ALIGN_BORDERS = ("reflect", "constant")
 
 EditFn = Callable[[np.ndarray, str, float], np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# Options: where the default deviates from the reference
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EditOptions:
+  """The editing choices on which the default and the reference differ (docs/editing.md).
+
+  steps: DDIM steps of inversion and decoding. The reference's script runs ``--T 1000``;
+    100 is 10x faster.
+  renormalize_identity: L2-normalise the averaged z_id. The reference does not (its mean
+    has norm < 1); renormalising keeps it on the unit sphere like every training z_id
+    and makes strength 0 decode exactly the DDIM reconstruction.
+  paste_space: 'frame' composites the decoded crop into the frame inside the warped video
+    mask, so pixels outside the mask keep the frame's full resolution. 'crop' is the
+    reference's: composite ``where(mask, decoded, crop)`` in the crop, then replace the
+    whole quad in the frame with it.
+  align_border: how the alignment warp fills parts of the quad outside the frame:
+    'reflect' (FFHQ's padded recipe) or 'constant' (black, the reference's
+    ``enable_padding=False``).
+  blend: paste-back blend (``video.BLEND_DEFAULTS``); 'hard' is the reference's.
+  """
+
+  steps: int = 100
+  renormalize_identity: bool = True
+  paste_space: str = "frame"
+  align_border: str = "reflect"
+  blend: str = "hard"
+
+  def __post_init__(self):
+    diffusion.respaced_timesteps(self.steps)  # validates the step count early
+    if self.paste_space not in PASTE_SPACES:
+      raise ValueError(f"paste_space must be one of {PASTE_SPACES}, got {self.paste_space!r}")
+    if self.align_border not in ALIGN_BORDERS:
+      raise ValueError(f"align_border must be one of {ALIGN_BORDERS}, got {self.align_border!r}")
+    if self.blend not in video.BLEND_DEFAULTS:
+      raise ValueError(f"blend must be one of {sorted(video.BLEND_DEFAULTS)}, got {self.blend!r}")
+
+
+DEFAULT_OPTIONS = EditOptions()
+# editing_classifier.py: --T 1000, the mean z_id as it is, paste in the crop, no padding.
+REFERENCE_OPTIONS = EditOptions(
+    steps=1000,
+    renormalize_identity=False,
+    paste_space="crop",
+    align_border="constant",
+    blend="hard",
+)
+
+
+def resolve_options(reference: bool = False, **overrides) -> EditOptions:
+  """The reference's or the default options, with every non-None override applied."""
+  base = REFERENCE_OPTIONS if reference else DEFAULT_OPTIONS
+  given = {k: v for k, v in overrides.items() if v is not None}
+  unknown = set(given) - {f.name for f in dataclasses.fields(EditOptions)}
+  if unknown:
+    raise TypeError(f"unknown edit options {sorted(unknown)}")
+  return dataclasses.replace(base, **given)
+
+
+def average_identity(z_frames, renormalize: bool = True) -> np.ndarray:
+  """The video's z_id: the mean of the per-frame z_id (M, D) -> (D,) float32.
+
+  ``renormalize=False`` is the reference's ``torch.mean(cond, 0)``, fed as it is to
+  the fusion layer and the edit; ``True`` L2-normalises it.
+  """
+  z = np.asarray(z_frames, np.float64).mean(0)
+  return (l2_normalize(z) if renormalize else z).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -299,8 +377,10 @@ class VideoEditor:
   """Encodes a video once, then edits it with batched DDIM (see the module docstring).
 
   Args:
-    checkpoint_dir: a DVA workdir (``config.json`` + ``checkpoints/``).
+    checkpoint_dir: a DVA workdir (``config.json`` + ``checkpoints/``; on the ``official``
+      feature path also ``frozen_encoders/``, written by ``python -m s3jax.convert import``).
     steps: DDIM steps for inversion and decoding (must divide 1000, e.g. 20, 100).
+      Default: ``options.steps`` (100; 1000 with ``reference``).
     mesh: a ``jax.sharding.Mesh``; frames are split over all of its axes. Default:
       one axis over every device.
     chunk: frames per jitted call (rounded up to a multiple of the device count;
@@ -309,12 +389,18 @@ class VideoEditor:
     max_gap / detector: alignment options (``alignment.align_video``).
     model: optional ``(model, params, config)`` to skip loading the checkpoint (tests,
       benchmarks, sweeps).
+    encoders: for the ``official`` path, ``OfficialEncoders`` variables or a
+      ``face_features.OfficialFeatures`` (whose compiled programs are then shared) instead
+      of ``<checkpoint>/frozen_encoders``.
+    reference: start from ``REFERENCE_OPTIONS`` instead of ``DEFAULT_OPTIONS``.
+    renormalize_identity / paste_space / align_border / blend: override that field of the
+      options (``EditOptions``); None keeps it.
   """
 
   def __init__(
       self,
       checkpoint_dir,
-      steps: int = 100,
+      steps: Optional[int] = None,
       mesh=None,
       chunk: int = DEFAULT_CHUNK,
       cache: bool = True,
@@ -323,10 +409,25 @@ class VideoEditor:
       progress: bool = False,
       model=None,
       step: Optional[int] = None,
+      encoders=None,
+      reference: bool = False,
+      renormalize_identity: Optional[bool] = None,
+      paste_space: Optional[str] = None,
+      align_border: Optional[str] = None,
+      blend: Optional[str] = None,
   ):
     self.checkpoint_dir = pathlib.Path(checkpoint_dir)
-    diffusion.respaced_timesteps(steps)  # validates the step count before loading
-    self.steps = int(steps)
+    # Validated before loading anything.
+    self.options = resolve_options(
+        reference,
+        steps=steps,
+        renormalize_identity=renormalize_identity,
+        paste_space=paste_space,
+        align_border=align_border,
+        blend=blend,
+    )
+    self.reference = bool(reference)
+    self.steps = self.options.steps
     t0 = time.perf_counter()
     if model is None:
       self.model, params, self.config, self.ckpt_step = loading.load_dva(
@@ -335,12 +436,20 @@ class VideoEditor:
     else:
       self.model, params, self.config = model
       self.ckpt_step = None
-    if self.config.model.face_features != "dlib":
-      raise NotImplementedError(
-          f"the checkpoint uses face_features={self.config.model.face_features!r}: editing "
-          "computes z_id with the dlib descriptor only (the ArcFace/MobileNet encoders need their "
-          "published weights, which this editor does not load yet)"
-      )
+    self.face_features = self.config.model.face_features
+    if self.face_features not in ("dlib", "official"):
+      raise ValueError(f"unknown face_features {self.face_features!r} (dlib or official)")
+    if self.face_features == "official" and encoders is None:
+      # Before anything is built or compiled: a missing import fails fast.
+      encoders = dva_checkpoint.load_frozen_encoders(self.checkpoint_dir)
+      if encoders is None:
+        raise FileNotFoundError(
+            f"{dva_checkpoint.frozen_encoders_dir(self.checkpoint_dir)} is missing: the "
+            "official feature path needs the frozen IR-SE50/MobileNet/BiSeNet encoders. "
+            "Import the published checkpoint, which carries them (encoder.*): `python -m "
+            f"s3jax.convert import --src <published .ckpt> --workdir {self.checkpoint_dir} "
+            "--config configs/voxceleb.py`"
+        )
     self.size = int(self.config.model.unet.image_size)
     self.id_dim = autoencoder.id_dim(self.config.model)
     self.runner = DDIMRunner(
@@ -350,6 +459,22 @@ class VideoEditor:
     self.num_devices = self.runner.num_devices
     self.params = self.runner.params
     self.model_hash = params_hash(params, self.config.model)
+    self.features = None  # the dlib path computes its features on the host
+    if self.face_features == "official":
+      if isinstance(encoders, face_features.OfficialFeatures):
+        self.features = encoders  # shares its compiled programs (sweeps, tests)
+      else:
+        self.features = face_features.OfficialFeatures(encoders, chunk=chunk, mesh=self.mesh)
+      # z_id, z_lnd and the masks depend on the encoders: they key the cache too.
+      self.model_hash = hashlib.sha256(
+          (self.model_hash + self.features.params_hash()).encode()
+      ).hexdigest()
+    if self.reference and self.face_features != "official":
+      logging.warning(
+          "reference mode on a %r checkpoint: the reference's procedure with the dlib "
+          "stand-ins for its encoders",
+          self.face_features,
+      )
     self.chunk = int(chunk)
     self.cache = bool(cache)
     self.max_gap = int(max_gap)
@@ -363,7 +488,12 @@ class VideoEditor:
 
   # -- encode / decode -------------------------------------------------------
   def cache_key(self, frames: np.ndarray) -> str:
-    opts = f"steps={self.steps};size={self.size};gap={self.max_gap};det={self.detector}"
+    o = self.options
+    opts = (
+        f"steps={self.steps};size={self.size};gap={self.max_gap};det={self.detector};"
+        f"renorm={o.renormalize_identity};border={o.align_border};"
+        f"features={self.face_features}"
+    )
     return (
         f"{video_hash(frames)[:20]}-{self.model_hash[:20]}-s{self.steps}-{self.size}-"
         + hashlib.sha256(opts.encode()).hexdigest()[:8]
@@ -398,7 +528,12 @@ class VideoEditor:
     t0 = time.perf_counter()
     fsize = max(self.size, FEATURE_SIZE)
     res = alignment.align_video(
-        frames, size=fsize, detector=self.detector, max_gap=self.max_gap, progress=self.progress
+        frames,
+        size=fsize,
+        detector=self.detector,
+        max_gap=self.max_gap,
+        progress=self.progress,
+        border=self.options.align_border,
     )
     timings["align"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -406,14 +541,21 @@ class VideoEditor:
     usable[list(res.passthrough)] = False
     idx = np.flatnonzero(usable)
     lnd = np.asarray(res.landmarks_crop[idx], np.float64)
-    z_frames = face_features.dlib_descriptor(res.crops[idx], landmarks_crop=lnd)
-    z_lnd = face_features.z_lnd_from_landmarks(lnd, fsize)
-    timings["features"] = time.perf_counter() - t0
+    masks = None
+    if self.features is None:
+      z_frames = face_features.dlib_descriptor(res.crops[idx], landmarks_crop=lnd)
+      z_lnd = face_features.z_lnd_from_landmarks(lnd, fsize)
+    else:
+      z_frames = self.features.id_feats(res.crops[idx], timings)
+      z_lnd = self.features.lnd_feats(res.crops[idx], timings)
+      masks = self.features.video_masks(res.crops[idx], self.size, timings)
+    timings["features"] = time.perf_counter() - t0 - timings.get("compile", 0.0)
     code = self._encode_crops(
         res.crops[idx],
         lnd,
         z_frames,
         z_lnd,
+        masks=masks,
         detected=np.asarray(res.has_face, bool)[idx],
         timings=timings,
         num_frames=len(frames),
@@ -442,8 +584,10 @@ class VideoEditor:
 
     Args:
       crops_u8: (M, C, C, 3) uint8 aligned crops, any size C (resized to the model's).
-      landmarks: (M, 68, 2) landmarks in pixels of those crops (for the video masks).
-      z_id_frames: (M, D) per-frame z_id; their L2-normalised mean conditions the inversion.
+      landmarks: (M, 68, 2) landmarks in pixels of those crops (the video masks of the
+        dlib path; the official path's masks come from BiSeNet on the crops).
+      z_id_frames: (M, D) per-frame z_id; their mean (``average_identity``) conditions the
+        inversion.
       z_lnd: (M, 102) per-frame landmark codes.
       name: labels the code (``key`` is ``aligned:<name>``).
 
@@ -460,13 +604,18 @@ class VideoEditor:
     ):
       if np.shape(a) != shape:
         raise ValueError(f"{what} must be {shape} for {m} crops, got {np.shape(a)}")
+    timings = {}
+    masks = None
+    if self.features is not None:
+      masks = self.features.video_masks(crops, self.size, timings)
     return self._encode_crops(
         crops,
         np.asarray(landmarks, np.float64),
         np.asarray(z_id_frames),
         np.asarray(z_lnd),
+        masks=masks,
         detected=np.ones(m, bool),
-        timings={},
+        timings=timings,
         num_frames=m,
         frame_shape=(self.size, self.size, 3),
         frame_indices=np.arange(m),
@@ -480,20 +629,18 @@ class VideoEditor:
     )
 
   def _encode_crops(
-      self, crops, lnd, z_frames, z_lnd, detected, timings: dict, **video_fields
+      self, crops, lnd, z_frames, z_lnd, masks, detected, timings: dict, **video_fields
   ) -> VideoCode:
     """The shared tail of ``encode``/``encode_aligned``: crops and landmarks at the model
-    size, video masks, the averaged z_id, DDIM inversion -> VideoCode."""
+    size, video masks (the landmark hull unless ``masks`` are given at the model size), the
+    averaged z_id, DDIM inversion -> VideoCode."""
     t0 = time.perf_counter()
     s, c = self.size, crops.shape[1]
-    if c != s:
-      interp = cv2.INTER_AREA if c > s else cv2.INTER_CUBIC
-      crops_s = np.stack([cv2.resize(x, (s, s), interpolation=interp) for x in crops])
-      lnd_s = (lnd + 0.5) * (s / c) - 0.5
-    else:
-      crops_s, lnd_s = crops, lnd
-    masks = np.stack([face_features.hull_mask(l, s, for_video=True) for l in lnd_s])
-    z_mean = l2_normalize(np.asarray(z_frames[detected].mean(0), np.float64)).astype(np.float32)
+    crops_s = face_features.resize_crops(crops, s)
+    lnd_s = (lnd + 0.5) * (s / c) - 0.5 if c != s else lnd
+    if masks is None:
+      masks = np.stack([face_features.hull_mask(l, s, for_video=True) for l in lnd_s])
+    z_mean = average_identity(z_frames[detected], self.options.renormalize_identity)
     timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t0
     z_rep = np.repeat(z_mean[None], len(crops_s), 0)
     x_T = self.runner.invert(images.to_model(crops_s), z_rep, z_lnd, timings)
@@ -535,29 +682,66 @@ class VideoEditor:
     d = video.BLEND_DEFAULTS[blend]
     return {"dilate": d["dilate"] * self.size / 256.0, "blur": d["blur"] * self.size / 256.0}
 
-  def paste(self, frames, code: VideoCode, crops, blend: str = "hard") -> np.ndarray:
-    """Pastes edited crops into copies of ``frames`` (frames not in the code pass through)."""
+  def composite(self, code: VideoCode, crops) -> np.ndarray:
+    """The reference's crop-space paste: ``where(mask, decoded, original crop)`` (M, S, S, 3)."""
+    return np.where(code.masks[..., None].astype(bool), crops, code.crops)
+
+  def paste(
+      self,
+      frames,
+      code: VideoCode,
+      crops,
+      blend: Optional[str] = None,
+      paste_space: Optional[str] = None,
+  ) -> np.ndarray:
+    """Pastes edited crops into copies of ``frames`` (frames not in the code pass through).
+
+    ``paste_space`` 'frame': ``video.paste_back`` of the crop inside the warped video mask.
+    'crop': the reference's; the crop-space ``composite`` replaces the whole quad.
+    None: ``self.options``' (and likewise ``blend``).
+    """
+    blend = blend or self.options.blend
+    space = paste_space or self.options.paste_space
+    if space not in PASTE_SPACES:
+      raise ValueError(f"paste_space must be one of {PASTE_SPACES}, got {space!r}")
+    if space == "crop":
+      crops = self.composite(code, crops)
+      masks = np.ones_like(code.masks)
+    else:
+      masks = code.masks
     out = np.array(frames, copy=True)
     bp = self.blend_params(blend)
     for j, i in enumerate(code.frame_indices):
-      out[i] = video.paste_back(
-          frames[i], crops[j], code.quads[i], code.masks[j], blend=blend, **bp
-      )
+      out[i] = video.paste_back(frames[i], crops[j], code.quads[i], masks[j], blend=blend, **bp)
     return out
 
+  def identity_embeddings(self, crops_u8) -> np.ndarray:
+    """L2-normalised identity embeddings of aligned crops on the checkpoint's path: dlib
+    descriptors (128-d) or ArcFace (IR-SE50, 512-d)."""
+    if self.features is None:
+      return face_features.identity_embeddings(crops_u8)
+    return self.features.id_feats(crops_u8)
+
   def identity_metrics(self, original, edited, code: VideoCode) -> dict:
-    """TL-ID/TG-ID (dlib descriptors on the re-aligned frames), normalised by the original's."""
+    """TL-ID/TG-ID (``identity_embeddings`` of the re-aligned frames), normalised by the
+    original's."""
     idx = [int(i) for i in code.frame_indices if code.has_face[i]]
     if len(idx) < 2:
       return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
 
     def embs(frames):
       crops = np.stack(
-          [alignment.crop_from_quad(frames[i], code.quads[i], FEATURE_SIZE) for i in idx]
+          [
+              alignment.crop_from_quad(
+                  frames[i], code.quads[i], FEATURE_SIZE, border=self.options.align_border
+              )
+              for i in idx
+          ]
       )
-      return face_features.identity_embeddings(crops)
+      return self.identity_embeddings(crops)
 
     e_orig, e_edit = embs(original), embs(edited)
+    name = "dlib descriptor (128-d)" if self.features is None else "ArcFace IR-SE50 (512-d)"
     return {
         "tl_id": float(metrics.tl_id_normalised(e_edit, e_orig)),
         "tg_id": float(metrics.tg_id_normalised(e_edit, e_orig)),
@@ -566,7 +750,7 @@ class VideoEditor:
         "tl_id_original": float(metrics.tl_id(e_orig)),
         "tg_id_original": float(metrics.tg_id(e_orig)),
         "identity_preservation": float(metrics.identity_preservation(e_edit, e_orig)),
-        "embedding": "dlib descriptor (128-d), frames re-cropped with the smoothed quads",
+        "embedding": f"{name}, frames re-cropped with the smoothed quads",
         "num_frames": len(idx),
     }
 
@@ -575,21 +759,29 @@ class VideoEditor:
       frames,
       attribute: str,
       strength: float,
-      blend: str = "hard",
+      blend: Optional[str] = None,
       classifier: Optional[Classifier] = None,
       edit_fn: Optional[EditFn] = None,
       cache_dir=None,
       compute_metrics: bool = True,
       return_crops: bool = False,
+      paste_space: Optional[str] = None,
   ):
     """Edits ``frames`` (N, H, W, 3) uint8 -> ``(frames_out, report)`` (+ crops if asked).
 
     Give a ``classifier`` (DVA classifier directions) or an ``edit_fn(z (N, D),
     attribute, strength) -> (N, D)`` (e.g. S3Editor's). Frames in long face
-    gaps pass through unedited and are listed in the report.
+    gaps pass through unedited and are listed in the report. ``blend`` and
+    ``paste_space`` default to ``self.options``'. Both renders share the inversion
+    under the unedited z_id, as in the reference; ``crops`` are the decoded ones.
     """
-    if blend not in video.BLEND_DEFAULTS:
-      raise ValueError(f"blend must be one of {sorted(video.BLEND_DEFAULTS)}, got {blend!r}")
+    # Validates blend and paste_space before any work.
+    options = dataclasses.replace(
+        self.options,
+        blend=blend or self.options.blend,
+        paste_space=paste_space or self.options.paste_space,
+    )
+    blend, paste_space = options.blend, options.paste_space
     if edit_fn is None:
       if classifier is None:
         raise ValueError("edit_video needs a classifier or an edit_fn")
@@ -606,7 +798,7 @@ class VideoEditor:
     timings["edit_z"] = time.perf_counter() - t0
     crops = self.decode(code, z_new, timings)
     t0 = time.perf_counter()
-    out = self.paste(frames, code, crops, blend)
+    out = self.paste(frames, code, crops, blend, paste_space)
     timings["paste"] = time.perf_counter() - t0
     ident = None
     if compute_metrics:
@@ -622,6 +814,11 @@ class VideoEditor:
         "strength": float(strength),
         "blend": blend,
         "steps": self.steps,
+        "face_features": self.face_features,
+        "options": dataclasses.asdict(options),
+        "reference": self.reference,
+        # True when every EditOptions field is the reference's (docs/editing.md).
+        "reference_options": options == REFERENCE_OPTIONS,
         "model_size": self.size,
         "checkpoint": str(self.checkpoint_dir),
         "checkpoint_step": self.ckpt_step,

@@ -1,0 +1,389 @@
+"""Video editing on the official feature path (IR-SE50 z_id, MobileNet z_lnd, BiSeNet masks)
+and the reference-exact options, with random-weight encoders and a tiny 32 px DVA.
+
+One workdir (tiny DVA built with face_features='official', so its fusion layer takes
+512 + 102 inputs; frozen encoders saved as `convert import` writes them) and one
+`OfficialFeatures` (its compiled programs) serve every test through module fixtures.
+The edit-math test checks the reference options against ../shared/golden/edit.
+"""
+
+import json
+
+import cv2
+import jax
+import numpy as np
+import pytest
+
+import configs
+from s3jax import alignment, edit_job, editing, images, loading, optim, video
+from s3jax.checkpointing import Checkpointer
+from s3jax.models import face_encoders as fe
+from s3jax.models.autoencoder import FaceFusion, make_dva
+from s3jax.porting import dva_checkpoint
+
+STEPS = 10
+NUM_FRAMES = 4
+WIDTH = 384  # the 1080p frames scaled down: dlib still finds the face, alignment is fast
+
+
+def _tiny_official_config():
+  cfg = configs.get("voxceleb:demo")
+  cfg.model.face_features = "official"
+  cfg.model.unet.image_size = 32
+  cfg.model.unet.model_channels = 32
+  cfg.model.unet.channel_mult = (1, 1)
+  cfg.model.unet.num_res_blocks = 1
+  cfg.model.unet.attention_resolutions = ()
+  cfg.model.unet.embed_channels = 64
+  cfg.data.image_size = 32
+  return cfg
+
+
+def random_encoder_variables(seed=0):
+  """OfficialEncoders variables with fixed random values (numpy: one generator, fast).
+
+  Kernels N(0, 1/fan_in); BatchNorm scale U(0.8, 1.2), running mean U(-0.1, 0.1), running
+  var U(0.5, 1.5); biases U(-0.1, 0.1); PReLU slopes U(0, 0.3).
+  """
+  r = np.random.default_rng(seed)
+  flat, tree = jax.tree_util.tree_flatten_with_path(fe.init_variables())
+  leaves = []
+  for path, a in flat:
+    name = str(getattr(path[-1], "key", path[-1]))
+    shape = a.shape
+    if name in ("kernel", "classifier_kernel"):
+      v = r.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    elif name == "scale":
+      v = r.uniform(0.8, 1.2, shape)
+    elif name == "var":
+      v = r.uniform(0.5, 1.5, shape)
+    elif name == "alpha":
+      v = r.uniform(0.0, 0.3, shape)
+    else:  # biases, running means
+      v = r.uniform(-0.1, 0.1, shape)
+    leaves.append(v.astype(np.float32))
+  return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def _save_tiny_dva(workdir, cfg):
+  model = make_dva(cfg.model)
+  state = loading.init_dva_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))
+  r = np.random.default_rng(0)
+  # The zero-initialised convs get small random weights so eps depends on z_face.
+  params = jax.tree.map(
+      lambda x: (
+          (0.05 * r.standard_normal(x.shape)).astype(np.float32)
+          if x.ndim == 4 and not np.asarray(x).any()
+          else np.asarray(x)
+      ),
+      state.params,
+  )
+  state = state.replace(params=params, ema_params=params)
+  ck = Checkpointer(workdir, async_save=False)
+  ck.save(0, state, config=cfg, force=True)
+  ck.close()
+  d = 512  # a classifier on the 512-d ArcFace z_id
+  loading.save_classifier(
+      workdir / "classifier" / "classifier.npz",
+      ["Smiling", "Eyeglasses"],
+      r.standard_normal((d, 2)),
+      np.zeros(2),
+      r.uniform(-0.02, 0.02, d),
+      r.uniform(0.02, 0.06, d),
+      np.array([0.9, 0.8]),
+  )
+
+
+@pytest.fixture(scope="module")
+def enc_variables():
+  return random_encoder_variables(0)
+
+
+@pytest.fixture(scope="module")
+def bare_workdir(tmp_path_factory):
+  """A tiny official DVA without frozen encoders."""
+  workdir = tmp_path_factory.mktemp("official_bare")
+  _save_tiny_dva(workdir, _tiny_official_config())
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, enc_variables):
+  """The tiny official DVA with its frozen encoders, as `convert import` leaves it."""
+  workdir = tmp_path_factory.mktemp("official_dva")
+  _save_tiny_dva(workdir, _tiny_official_config())
+  dva_checkpoint.save_frozen_encoders(workdir, enc_variables)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def frames(office_clip_dir):
+  out, _ = video.read_frames(office_clip_dir, max_frames=NUM_FRAMES, resize_width=WIDTH)
+  return out
+
+
+@pytest.fixture(scope="module")
+def editor(workdir):
+  """Default options; loads the DVA and the encoders from the workdir (cache in it)."""
+  return editing.VideoEditor(workdir, steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def ref_editor(workdir, editor):
+  """Reference options (but 10 steps); shares the default editor's compiled encoders."""
+  return editing.VideoEditor(
+      workdir,
+      steps=STEPS,
+      reference=True,
+      model=(editor.model, editor.params, editor.config),
+      encoders=editor.features,
+  )
+
+
+@pytest.fixture(scope="module")
+def edit_default(editor, frames, workdir):
+  clf = loading.load_classifier(workdir / "classifier")
+  code = editor.encode(frames)
+  out, report, crops = editor.edit_video(
+      frames, "Smiling", 1.0, classifier=clf, return_crops=True, compute_metrics=True
+  )
+  return code, out, report, crops
+
+
+@pytest.fixture(scope="module")
+def edit_reference(ref_editor, frames, workdir):
+  clf = loading.load_classifier(workdir / "classifier")
+  code = ref_editor.encode(frames)
+  out, report, crops = ref_editor.edit_video(
+      frames, "Smiling", 1.0, classifier=clf, return_crops=True, compute_metrics=False
+  )
+  return code, out, report, crops
+
+
+@pytest.fixture(scope="module")
+def direct_outputs(enc_variables, editor, edit_default, frames):
+  """OfficialEncoders applied directly (one batch, no chunking) to the 256 px crops."""
+  code = edit_default[0]
+  crops = np.stack(
+      [
+          alignment.crop_from_quad(frames[i], code.quads[i], 256, border="reflect")
+          for i in code.frame_indices
+      ]
+  )
+  out = jax.jit(fe.OfficialEncoders().apply)(enc_variables, images.to_model(crops))
+  return crops, {k: np.asarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------
+def test_missing_encoders_is_a_clear_error(tmp_path):
+  # The check runs before the model is used: no weights needed to reach it.
+  model = (None, None, _tiny_official_config())
+  with pytest.raises(FileNotFoundError, match=r"frozen_encoders.*python -m s3jax.convert import"):
+    editing.VideoEditor(tmp_path, steps=STEPS, model=model)
+
+
+@pytest.mark.slow
+def test_missing_encoders_workdir_is_a_user_error(bare_workdir, tmp_path):
+  images.save_png(tmp_path / "frames" / "0000.png", np.zeros((64, 64, 3), np.uint8))
+  with pytest.raises(edit_job.EditError, match=r"frozen_encoders.*convert import --src"):
+    edit_job.run_edit(
+        bare_workdir, str(tmp_path / "frames"), "Smiling", 1.0, str(tmp_path / "x.mp4")
+    )
+
+
+def test_options_default_and_reference():
+  assert editing.resolve_options() == editing.DEFAULT_OPTIONS
+  ref = editing.resolve_options(reference=True)
+  assert ref == editing.REFERENCE_OPTIONS
+  assert (ref.steps, ref.renormalize_identity, ref.paste_space, ref.align_border, ref.blend) == (
+      1000,
+      False,
+      "crop",
+      "constant",
+      "hard",
+  )
+  # Explicit values win over --reference.
+  assert editing.resolve_options(reference=True, steps=20).steps == 20
+  with pytest.raises(ValueError, match="paste_space"):
+    editing.resolve_options(paste_space="quad")
+  with pytest.raises(ValueError, match="respace"):
+    editing.resolve_options(steps=999)
+
+
+@pytest.mark.slow
+def test_per_frame_features_are_the_encoders(edit_default, direct_outputs):
+  code = edit_default[0]
+  _, direct = direct_outputs
+  assert code.z_id_frames.shape == (NUM_FRAMES, 512)
+  np.testing.assert_allclose(code.z_id_frames, direct["id_feats"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(code.z_lnd, direct["lnd_feats"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(code.z_id_frames, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_identity_average_default_renormalised_reference_not(edit_default, edit_reference):
+  code = edit_default[0]
+  mean = code.z_id_frames.astype(np.float64).mean(0)
+  assert np.linalg.norm(mean) < 1 - 1e-6  # random-weight frames disagree: the mean is short
+  np.testing.assert_allclose(code.z_id, mean / np.linalg.norm(mean), atol=1e-6)
+  assert np.linalg.norm(code.z_id) == pytest.approx(1.0, abs=1e-6)
+  ref = edit_reference[0]
+  ref_mean = ref.z_id_frames.astype(np.float64).mean(0)
+  np.testing.assert_allclose(ref.z_id, ref_mean, atol=1e-7)
+  assert np.linalg.norm(ref.z_id) < 1 - 1e-6
+
+
+@pytest.mark.slow
+def test_hard_paste_uses_the_bisenet_mask(editor, edit_default, direct_outputs, frames):
+  code, out, report, crops = edit_default
+  _, direct = direct_outputs
+  want = np.stack(
+      [
+          cv2.resize(m, (editor.size,) * 2, interpolation=cv2.INTER_NEAREST)
+          for m in direct["face_mask_video"][..., 0].astype(np.uint8)
+      ]
+  )
+  np.testing.assert_array_equal(code.masks, want)
+  assert 0.05 < code.masks.mean() < 0.95  # a real mask, neither empty nor full
+  assert report["options"]["paste_space"] == "frame" and report["blend"] == "hard"
+  assert report["cache"]["hit"]  # the BiSeNet masks and ArcFace z_id round-trip the cache
+  for j, i in enumerate(code.frame_indices):
+    _, _, support = video.paste_back(
+        frames[i], crops[j], code.quads[i], code.masks[j], blend="hard", return_mask=True
+    )
+    assert support.any()
+    np.testing.assert_array_equal(out[i][~support], frames[i][~support])
+    assert (out[i][support] != frames[i][support]).any()
+  ident = report["identity"]
+  assert "ArcFace" in ident["embedding"] and ident["num_frames"] == NUM_FRAMES
+  assert np.isfinite(ident["tl_id"]) and np.isfinite(ident["tg_id"])
+
+
+@pytest.mark.slow
+def test_reference_mode_pastes_in_the_crop(ref_editor, edit_reference, frames):
+  code, out, report, crops = edit_reference
+  assert report["reference"] and report["reference_options"] is False  # 10 steps, not 1000
+  assert report["options"]["paste_space"] == "crop"
+  assert report["options"]["renormalize_identity"] is False
+  composite = ref_editor.composite(code, crops)
+  m = code.masks.astype(bool)
+  np.testing.assert_array_equal(composite[m], crops[m])
+  np.testing.assert_array_equal(composite[~m], code.crops[~m])
+  for j, i in enumerate(code.frame_indices):
+    want, _, quad = video.paste_back(
+        frames[i],
+        composite[j],
+        code.quads[i],
+        np.ones(code.masks[j].shape, np.uint8),
+        blend="hard",
+        return_mask=True,
+    )
+    np.testing.assert_array_equal(out[i], want)
+    np.testing.assert_array_equal(out[i][~quad], frames[i][~quad])  # outside the quad
+
+
+def test_bad_option_is_a_user_error(tmp_path):
+  # Checked before the checkpoint or the classifier is read.
+  with pytest.raises(edit_job.EditError, match="paste_space"):
+    edit_job.run_edit(
+        tmp_path, str(tmp_path), "Smiling", 1.0, str(tmp_path / "x.mp4"), paste_space="quad"
+    )
+
+
+@pytest.mark.slow
+def test_run_edit_reports_reference_options(ref_editor, edit_reference, frames, tmp_path):
+  folder = tmp_path / "frames"
+  for i, f in enumerate(frames):
+    images.save_png(folder / f"{i:04d}.png", f)
+  out = tmp_path / "ref.mp4"
+  edit_job.run_edit(
+      ref_editor.checkpoint_dir, str(folder), "Smiling", 1.0, str(out), video_editor=ref_editor
+  )
+  rep = json.loads(edit_job.report_path(out).read_text())
+  assert rep["reference"] and rep["face_features"] == "official"
+  assert rep["options"] == {
+      "steps": STEPS,
+      "renormalize_identity": False,
+      "paste_space": "crop",
+      "align_border": "constant",
+      "blend": "hard",
+  }
+  assert rep["cache"]["hit"] and "ArcFace" in rep["identity"]["embedding"]
+
+
+@pytest.mark.slow
+def test_reference_decode_shares_the_inversion(ref_editor, edit_reference, workdir):
+  """Both renders start from x_T of the unedited average: the reconstruction decodes the
+  cached x_T with z̄_id, the edit with the classifier's edit of the same z̄_id."""
+  code, _, _, crops = edit_reference
+  clf = loading.load_classifier(workdir / "classifier")
+  z_new = clf.edit(code.z_id[None], "Smiling", 1.0)[0]
+  np.testing.assert_array_equal(ref_editor.decode(code, z_new), crops)
+  assert np.abs(ref_editor.reconstruct(code).astype(int) - crops.astype(int)).max() > 0
+
+
+# ----------------------------------------------------------------------------------------
+def _golden_arrays(path, names):
+  """Named tensors of a golden ``*_state_dict.npz`` (``f::`` as stored, ``q::`` x ``s::``)."""
+  out = {}
+  with np.load(path) as z:
+    for k in names:
+      if f"f::{k}" in z.files:
+        out[k] = z[f"f::{k}"]
+      else:
+        out[k] = z[f"q::{k}"].astype(np.float32) * z[f"s::{k}"]
+  return out
+
+
+@pytest.fixture(scope="module")
+def golden_edit(golden_dir):
+  d = golden_dir.parent / "edit"
+  if not (d / "edit_io.npz").exists():
+    pytest.skip(f"golden edit vectors not found at {d}")
+  keys = ("cond", "avg_cond", "lnd_feats", "avg_cond2", "avg_latent", "avg_latent2", "config")
+  with np.load(d / "edit_io.npz") as z:
+    io = {k: z[k] for k in keys}
+  io["config"] = json.loads(str(io["config"]))
+  sd = _golden_arrays(
+      d / "classifier_state_dict.npz",
+      ("conds_mean", "conds_std", "classifier.weight", "classifier.bias"),
+  )
+  sd.update(
+      _golden_arrays(d / "dva_state_dict.npz", ("encoder.linear.weight", "encoder.linear.bias"))
+  )
+  return io, sd
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_reference_edit_math_matches_golden(golden_edit):
+  """Teacher-forced on the golden per-frame features: the reference options' average, the
+  classifier edit and the fusion layer land within 1e-6 of editing_classifier.py's."""
+  io, sd = golden_edit
+  cfg = io["config"]
+  avg = editing.average_identity(
+      io["cond"], renormalize=editing.REFERENCE_OPTIONS.renormalize_identity
+  )
+  assert _rel(avg, io["avg_cond"][0]) < 1e-6
+  # The default's renormalised average is off by far more than the tolerance (quirk 7).
+  assert _rel(editing.average_identity(io["cond"]), io["avg_cond"][0]) > 1e-5
+  w = np.asarray(sd["classifier.weight"], np.float64)
+  clf = loading.Classifier(
+      names=list(cfg["id_to_cls"]),
+      weight=w.T,
+      bias=np.asarray(sd["classifier.bias"], np.float64),
+      mean=np.asarray(sd["conds_mean"], np.float64)[0],
+      std=np.asarray(sd["conds_std"], np.float64)[0],
+      auc=np.full(len(w), np.nan),
+  )
+  edited = clf.edit(avg[None], cfg["attribute"], cfg["scale"])
+  assert _rel(edited, io["avg_cond2"]) < 1e-6
+  fusion = {"params": {"linear": {"kernel": sd["encoder.linear.weight"].T}}}
+  fusion["params"]["linear"]["bias"] = sd["encoder.linear.bias"]
+  n = len(io["lnd_feats"])
+  for z, key in ((avg, "avg_latent"), (edited[0], "avg_latent2")):
+    lat = FaceFusion(512).apply(fusion, np.repeat(z[None], n, 0), io["lnd_feats"])
+    assert _rel(lat, io[key]) < 1e-6, key
