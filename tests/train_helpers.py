@@ -8,7 +8,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `configs` is importable from a checkout (also in subprocesses)
   sys.path.insert(0, str(REPO))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
 import configs  # noqa: E402
+from s3jax.models import face_encoders  # noqa: E402
 
 
 def tiny_dva_config(data_dir, total_steps=6, **overrides):
@@ -72,3 +76,43 @@ def run_module(module, *args, timeout=900) -> subprocess.CompletedProcess:
 def run_convert(*args, timeout=900) -> subprocess.CompletedProcess:
   """`python -m s3jax.convert ARGS`."""
   return run_module("s3jax.convert", *args, timeout=timeout)
+
+
+def tiny_official_config():
+  """A 32 px one-level DVA on the published encoders' features (614-d fusion input)."""
+  cfg = configs.get("voxceleb:demo")
+  cfg.model.face_features = "official"
+  cfg.model.unet.image_size = 32
+  cfg.model.unet.model_channels = 32
+  cfg.model.unet.channel_mult = (1, 1)
+  cfg.model.unet.num_res_blocks = 1
+  cfg.model.unet.attention_resolutions = ()
+  cfg.model.unet.embed_channels = 64
+  cfg.data.image_size = 32
+  return cfg
+
+
+def random_encoder_variables(seed=0):
+  """OfficialEncoders variables with fixed random values (numpy: one generator, fast).
+
+  Kernels N(0, 1/fan_in); BatchNorm scale U(0.8, 1.2), running mean U(-0.1, 0.1), running
+  var U(0.5, 1.5); biases U(-0.1, 0.1); PReLU slopes U(0, 0.3).
+  """
+  r = np.random.default_rng(seed)
+  flat, tree = jax.tree_util.tree_flatten_with_path(face_encoders.init_variables())
+  leaves = []
+  for path, a in flat:
+    name = str(getattr(path[-1], "key", path[-1]))
+    shape = a.shape
+    if name in ("kernel", "classifier_kernel"):
+      v = r.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    elif name == "scale":
+      v = r.uniform(0.8, 1.2, shape)
+    elif name == "var":
+      v = r.uniform(0.5, 1.5, shape)
+    elif name == "alpha":
+      v = r.uniform(0.0, 0.3, shape)
+    else:  # biases, running means
+      v = r.uniform(-0.1, 0.1, shape)
+    leaves.append(v.astype(np.float32))
+  return jax.tree_util.tree_unflatten(tree, leaves)

@@ -19,13 +19,15 @@ strength 0 is the DDIM reconstruction. Metrics per cell (mean over the video's f
   scales as fit the crop: a scale needs >= 11 px, so 64 px crops get 3 scales,
   >= 161 px all 5; the weights used are renormalised to sum to 1 and the count is
   in ``ms_ssim_scales``), ``psnr`` (dB, data range 2 for [-1, 1] images), ``mse``
-  (on [-1, 1]), ``lpips`` only when ``config.lpips`` names a weights loader;
-* ``tl_id`` / ``tg_id``: STIT's TL-ID / TG-ID of the output crops divided by the
-  same figure for the input crops (1 = as consistent as the source), with the
-  dlib 128-d descriptor (crops upscaled to 256 px); ``*_raw`` are unnormalised;
+  (on [-1, 1]), ``lpips`` (AlexNet by default, ``config.lpips``);
+* ``tl_id`` / ``tg_id``: STIT's TL-ID / TG-ID of the output crops, each frame pair's
+  cosine divided by the same pair's in the input crops, averaged (1 = as consistent
+  as the source), with the checkpoint's identity network on crops upscaled to 256 px:
+  the dlib 128-d descriptor, or ArcFace (IR-SE50) on the official feature path;
+  ``*_raw`` are unnormalised;
 * ``id_preservation``: mean per-frame cosine between input and output descriptors;
 * ``attr_success`` (edit cells): fraction of output frames that the attribute
-  classifier, applied to the *re-encoded* z_id (the dlib descriptor of the output
+  classifier, applied to the *re-encoded* z_id (that identity network on the output
   crop, i.e. exactly the z_id encoder), puts on the side of the edit
   (logit > 0 for strength > 0, < 0 for strength < 0); ``attr_logit_gain`` is the
   mean logit change in the direction of the edit relative to the *reconstruction*

@@ -136,9 +136,17 @@ def locality(orig_u8, out_u8, masks) -> float:
 
 
 # -------------------------------------------------------------------------------- identity
-def identity_embeddings(crops_u8) -> np.ndarray:
-  """dlib descriptors (L2-normalised) of aligned crops, upscaled to ``ID_SIZE`` px."""
-  return face_features.identity_embeddings(resize_crops(np.asarray(crops_u8), ID_SIZE))
+def identity_embeddings(crops_u8, editor=None) -> np.ndarray:
+  """L2-normalised identity embeddings of aligned crops, upscaled to ``ID_SIZE`` px.
+
+  With an ``editing.VideoEditor``, its checkpoint's own identity network: ArcFace
+  (IR-SE50) on the official path, so the attribute classifier sees the z_id it was
+  trained on. Without one, the dlib descriptor.
+  """
+  crops = resize_crops(np.asarray(crops_u8), ID_SIZE)
+  if editor is None:
+    return face_features.identity_embeddings(crops)
+  return editor.identity_embeddings(crops)
 
 
 def identity_metrics(e_orig: np.ndarray, e_out: np.ndarray) -> dict:
@@ -173,7 +181,7 @@ class ReconEmbeddings:
     self.path, self.editor, self.code, self.value = pathlib.Path(path), editor, code, None
 
   def store(self, recon_crops) -> None:
-    self.value = identity_embeddings(recon_crops)
+    self.value = identity_embeddings(recon_crops, self.editor)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     np.save(self.path, self.value)
 
@@ -222,7 +230,7 @@ def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config, e_r
       "sec_per_frame": timings.get("decode", float("nan")) / m,
       "sec_per_frame_encode": float("nan"),
   }
-  e_out = identity_embeddings(out)
+  e_out = identity_embeddings(out, editor)
   res.update(identity_metrics(e_orig, e_out))
   res["locality"] = locality(code.crops, out, code.masks)
   if cell.is_recon:

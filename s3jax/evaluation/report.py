@@ -127,7 +127,8 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
       f"{len(rows)} cells ({len(failed)} failed); mean over videos. ssim/ms_ssim/psnr/mse/"
       f"lpips: reconstruction vs input crops on [-1, 1] (lpips: {_lpips_label(config)}); "
       "tl_id/tg_id: STIT's, each frame pair's cosine divided by the same pair's in the input "
-      "video, averaged (1 = as consistent); id_preservation: cosine to the input frame (dlib); "
+      "video, averaged (1 = as consistent); id_preservation: cosine to the input frame (the checkpoint's "
+      "identity network: dlib or ArcFace); "
       "attr_success: "
       "classifier on re-encoded output; locality: mean |change| outside the face mask "
       "([-1, 1] units); sec_per_frame: DDIM decoding.",

@@ -135,10 +135,16 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
     if not todo_ck:
       continue
     model, params, mcfg, _ = loading.load_dva(path, step=step)
+    encoders = None  # the first editor's compiled encoders serve every step count
     for steps in sorted({c.steps for c in todo_ck}):
       editor = editing.VideoEditor(
-          path, steps=steps, model=(model, params, mcfg), cache=bool(config.cache_encodings)
+          path,
+          steps=steps,
+          model=(model, params, mcfg),
+          cache=bool(config.cache_encodings),
+          encoders=encoders,
       )
+      encoders = editor.features
       for clip_name in [c.name for c in clips]:
         todo = [c for c in todo_ck if c.steps == steps and c.video == clip_name]
         if not todo:
@@ -151,7 +157,7 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
             code = editor.encode_aligned(
                 clip.crops, clip.landmarks, clip.z_id, clip.z_lnd, name=clip.name
             )
-          e_orig = cells_lib.identity_embeddings(code.crops)
+          e_orig = cells_lib.identity_embeddings(code.crops, editor)
           recon_cell = Cell(label, path, step, clip_name, steps, RECON, 0.0)
           e_recon = cells_lib.ReconEmbeddings(
               workdir / "embeddings" / f"{recon_cell.key(fp)}.npy", editor, code
