@@ -2,11 +2,14 @@ r"""CelebA-HQ images + the 40 attributes -> TFDS ArrayRecord shards.
 
   python -m data_prep.celebahq --images DIR \
       --attributes CelebAMask-HQ-attribute-anno.txt --out DIR \
-      [--mapping CelebA-HQ-to-CelebA-mapping.txt] [--size 256] [--workers N]
+      [--mapping CelebA-HQ-to-CelebA-mapping.txt] [--size 256] [--workers N] \
+      [--encoders DIR | --checkpoint FILE] [--encoder_batch 16]
 
 ``--images`` holds ``<idx>.jpg`` (CelebAMask-HQ's ``CelebA-HQ-img/``, idx
 0..29999; any extension in IMAGE_EXTS). Each image is processed like a
-one-frame video (dlib alignment to the FFHQ quad, cached features) and stored
+one-frame video (dlib alignment to the FFHQ quad, cached features: dlib by
+default, the official IR-SE50 / MobileNet / BiSeNet encoders with ``--encoders``
+or ``--checkpoint``, as in ``data_prep.voxceleb``) and stored
 with the record layout of ``data_prep/tfds_builder.py`` plus ``attributes``
 (40,) int32 in {-1, 1}, in the annotation file's column order. Dataset name:
 ``celebahq_faces`` (``DIR/celebahq_faces/1.0.0``). ``video_id`` is the image
@@ -58,6 +61,7 @@ def define_flags():
   flags.DEFINE_integer("limit", None, "Only the first N annotated images (smoke tests).")
   flags.DEFINE_bool("retry_failed", False, "Re-run images that failed before.")
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+  common.define_feature_flags()
 
 
 def parse_attributes(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -121,11 +125,18 @@ def prepare(
     limit: int | None = None,
     retry_failed: bool = False,
     progress: bool = True,
+    encoders: str | None = None,
+    checkpoint: str | None = None,
+    encoder_batch: int = 16,
+    features=None,
 ) -> dict:
+  """Library entry point of the CLI (``features``: an already loaded ``OfficialFeatures``)."""
   images_dir = pathlib.Path(images)
   if not images_dir.is_dir():
     raise FileNotFoundError(f"--images is not a folder: {images_dir}")
   _, table = parse_attributes(attributes)
+  if features is None:
+    features = common.load_official_features(encoders, checkpoint, encoder_batch)
   if mapping is None:
     cand = pathlib.Path(attributes).parent / "CelebA-HQ-to-CelebA-mapping.txt"
     mapping = str(cand) if cand.exists() else None
@@ -165,9 +176,10 @@ def prepare(
       workers=workers,
       retry_failed=retry_failed,
       progress=progress,
+      features=features,
   )
   dataset_dir = common.build_from_statuses(
-      out, jobs, statuses, lambda j: is_test[j.key], tfds_builder.CelebahqFaces
+      out, jobs, statuses, lambda j: is_test[j.key], tfds_builder.CelebahqFaces, features=features
   )
   extra = {
       "command": " ".join(sys.argv),
@@ -177,6 +189,7 @@ def prepare(
       "split": (
           "celeba_official_partition" if hq_to_celeba is not None else f"index<{INDEX_SPLIT}"
       ),
+      **common.features_info(features),
   }
   return common.write_report(out, statuses, extra)
 
@@ -199,6 +212,7 @@ def main(argv):
         limit=FLAGS.limit,
         retry_failed=FLAGS.retry_failed,
         progress=FLAGS.progress,
+        **common.feature_flag_values(FLAGS),
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -18,12 +18,14 @@ import multiprocessing
 import os
 import pathlib
 import re
+import sys
 import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
+from absl import flags
 
 from data_prep import tfds_builder
 
@@ -72,28 +74,98 @@ def read_video_or_folder(path: str | os.PathLike, max_frames: Optional[int] = No
 
 
 # ----------------------------------------------------------------------------
+# Face-feature paths
+# ----------------------------------------------------------------------------
+def load_official_features(encoders=None, checkpoint=None, batch_size: int = 16):
+  """The ``official`` extractor (``s3jax.face_encoding.OfficialFeatures``) from the
+  published files in ``encoders`` or a DVA ``checkpoint``; None when neither is given
+  (the ``dlib`` path). Raises ``ValueError`` (names the expected files) on bad weights."""
+  if encoders is None and checkpoint is None:
+    return None
+  if encoders is not None and checkpoint is not None:
+    raise ValueError("give --encoders or --checkpoint, not both")
+  # Lazy: JAX and the encoders are only needed on the official path.
+  from s3jax import face_encoding  # pylint: disable=g-import-not-at-top
+
+  return face_encoding.OfficialFeatures.load(encoders, checkpoint, batch_size=batch_size)
+
+
+def define_feature_flags() -> None:
+  """The CLIs' --encoders / --checkpoint / --encoder_batch (call from ``define_flags``)."""
+  # absl files a program's own flags under argv[0]; --helpshort then lists these too.
+  own = {"module_name": sys.argv[0]}
+  flags.DEFINE_string(
+      "encoders",
+      None,
+      "Official face features (IR-SE50 z_id, MobileNet z_lnd, BiSeNet masks) from this folder "
+      "of the published encoder files: model_ir_se50.pth, "
+      "mobilenet_224_model_best_gdconv_external.pth.tar, 79999_iter.pth. Default: the dlib "
+      "features.",
+      **own,
+  )
+  flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "Official face features from the frozen encoders in this DVA checkpoint "
+      "(encoder.idnet|lndnet|bgnet.backbone.*; .ckpt/.pt/.safetensors, EMA set, or an s3jax "
+      "workdir after `convert import`). Exclusive with --encoders.",
+      **own,
+  )
+  flags.DEFINE_integer("encoder_batch", 16, "Crops per encoder call (official features).", **own)
+
+
+def feature_flag_values(flag_values) -> dict:
+  """``prepare(**...)`` kwargs of the feature flags."""
+  return {
+      "encoders": flag_values.encoders,
+      "checkpoint": flag_values.checkpoint,
+      "encoder_batch": flag_values.encoder_batch,
+  }
+
+
+def features_info(features) -> dict:
+  """Which face features a dataset holds (its metadata, the report and unit statuses)."""
+  if features is None:
+    return {"face_features": "dlib", "z_id_dim": 128}
+  return features.info()
+
+
+def _same_features(status: dict, info: dict) -> bool:
+  # Statuses written before the official path existed are dlib units.
+  have = status.get("face_features", "dlib")
+  return have == info["face_features"] and status.get("encoders_fingerprint") == info.get(
+      "encoders_fingerprint"
+  )
+
+
+# ----------------------------------------------------------------------------
 # Frames -> unit
 # ----------------------------------------------------------------------------
-def process_frames(
+@dataclasses.dataclass
+class Aligned:
+  """Usable frames of one video, aligned at ``max(size, 256)`` px (``align_frames``)."""
+
+  idx: np.ndarray  # (M,) frame indices in the source video
+  crops: np.ndarray  # (M, F, F, 3) uint8 at the feature size F
+  landmarks: np.ndarray  # (M, 68, 2) float64, crop pixels at F
+  quads: np.ndarray  # (M, 4, 2)
+  interpolated: np.ndarray  # (M,) int32
+  stats: dict
+
+
+def align_frames(
     frames: Sequence[np.ndarray],
     *,
-    video_id: str,
-    identity: str,
     size: int = 256,
     detector: str = "hog",
     max_gap: int = 5,
-    attributes: Optional[np.ndarray] = None,
-) -> tuple[dict, dict]:
-  """Align frames and compute the cached features of every usable frame.
+) -> Aligned:
+  """Aligns frames at ``max(size, 256)`` px and keeps the usable ones.
 
-  Alignment and features run at ``max(size, 256)`` px (the dlib descriptor
-  and the z_lnd convention are defined on 256 px crops); crops, landmarks
-  and masks are then resized to ``size``. Frames that ``align_video`` passes
-  through (no face and gap longer than ``max_gap``) are dropped.
-
-  Returns ``(unit, stats)``; raises ``PrepError`` when no frame is usable.
+  Frames that ``align_video`` passes through (no face and gap longer than
+  ``max_gap``) are dropped. Raises ``PrepError`` when no frame is usable.
   """
-  from s3jax import alignment, face_features
+  from s3jax import alignment  # pylint: disable=g-import-not-at-top
 
   frames = list(frames)
   fsize = max(size, FEATURE_SIZE)
@@ -106,36 +178,105 @@ def process_frames(
   idx = np.flatnonzero(keep)
   if len(idx) == 0:
     raise PrepError("no usable frame (all passthrough)")
-  crops = res.crops[idx]
-  lnd = np.asarray(res.landmarks_crop[idx], np.float64)
-  lnd_flip = face_features.flip_landmarks(lnd, fsize)
-  z_id = face_features.dlib_descriptor(crops, landmarks_crop=lnd)
-  z_id_flip = face_features.dlib_descriptor(
-      np.ascontiguousarray(crops[:, :, ::-1]), landmarks_crop=lnd_flip
+  stats = {
+      "frames": len(frames),
+      "frames_with_face": int(np.sum(res.has_face)),
+      "passthrough": len(res.passthrough),
+  }
+  return Aligned(
+      idx=idx,
+      crops=res.crops[idx],
+      landmarks=np.asarray(res.landmarks_crop[idx], np.float64),
+      quads=np.asarray(res.quads[idx], np.float32),
+      interpolated=(~np.asarray(res.has_face, bool)[idx]).astype(np.int32),
+      stats=stats,
   )
-  z_lnd = face_features.z_lnd_from_landmarks(lnd, fsize)
-  z_lnd_flip = face_features.z_lnd_from_landmarks(lnd_flip, fsize)
-  finite = np.isfinite(z_id).all(1) & np.isfinite(z_id_flip).all(1) & np.isfinite(z_lnd).all(1)
+
+
+def _dlib_features(crops, lnd, fsize: int) -> dict:
+  from s3jax import face_features  # pylint: disable=g-import-not-at-top
+
+  lnd_flip = face_features.flip_landmarks(lnd, fsize)
+  return {
+      "z_id": face_features.dlib_descriptor(crops, landmarks_crop=lnd),
+      "z_id_flip": face_features.dlib_descriptor(
+          np.ascontiguousarray(crops[:, :, ::-1]), landmarks_crop=lnd_flip
+      ),
+      "z_lnd": face_features.z_lnd_from_landmarks(lnd, fsize),
+      "z_lnd_flip": face_features.z_lnd_from_landmarks(lnd_flip, fsize),
+  }
+
+
+def _official_features(crops, features) -> dict:
+  """IR-SE50 / MobileNet / BiSeNet outputs of the crops and of their mirrors (one call)."""
+  n = len(crops)
+  # One call for both: the extractor brings larger crops down to its 256 px (INTER_AREA).
+  f = features(np.concatenate([crops, crops[:, :, ::-1]]))
+  return {
+      "z_id": f["z_id"][:n],
+      "z_id_flip": f["z_id"][n:],
+      "z_lnd": f["z_lnd"][:n],
+      "z_lnd_flip": f["z_lnd"][n:],
+      "mask": f["mask"][:n],
+      "mask_flip": f["mask"][n:],  # parsing of the mirror, not the mirrored parsing
+      "mask_video": f["mask_video"][:n],
+  }
+
+
+def _mask_png(mask, size: int) -> bytes:
+  m = np.asarray(mask, bool).astype(np.uint8) * 255
+  if m.shape[0] != size:  # nearest, as the reference resizes its parsing
+    m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+  return tfds_builder.encode_png(m)
+
+
+def build_unit(
+    aligned: Aligned,
+    *,
+    video_id: str,
+    identity: str,
+    size: int = 256,
+    attributes: Optional[np.ndarray] = None,
+    features=None,
+) -> tuple[dict, dict]:
+  """Computes the cached features of aligned frames -> ``(unit, stats)``.
+
+  ``features`` None: the dlib path (dlib descriptor z_id, landmark z_lnd and hull
+  masks, all from the landmarks). Otherwise an ``OfficialFeatures`` extractor:
+  IR-SE50 z_id, MobileNet z_lnd and BiSeNet masks of the 256 px crop and of its
+  mirror (``mask_flip``). Crops, landmarks and masks are then resized to ``size``.
+  """
+  from s3jax import face_features  # pylint: disable=g-import-not-at-top
+
+  idx, crops, lnd = aligned.idx, aligned.crops, aligned.landmarks
+  quads, interpolated = aligned.quads, aligned.interpolated
+  fsize = crops.shape[1]
+  feats = (
+      _dlib_features(crops, lnd, fsize) if features is None else _official_features(crops, features)
+  )
+  finite = np.ones(len(idx), bool)
+  for key in ("z_id", "z_id_flip", "z_lnd"):
+    finite &= np.isfinite(feats[key]).all(1)
   if not finite.all():
     idx, crops, lnd = idx[finite], crops[finite], lnd[finite]
-    z_id, z_id_flip = z_id[finite], z_id_flip[finite]
-    z_lnd, z_lnd_flip = z_lnd[finite], z_lnd_flip[finite]
+    quads, interpolated = quads[finite], interpolated[finite]
+    feats = {k: v[finite] for k, v in feats.items()}
     if len(idx) == 0:
       raise PrepError("face features are not finite on any frame")
   if size != fsize:
     crops = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in crops])
     lnd = (lnd + 0.5) * (size / fsize) - 0.5  # pixel-centre convention
-  images, masks, masks_video = [], [], []
-  for c, l in zip(crops, lnd):
-    images.append(tfds_builder.encode_png(c))
-    masks.append(
-        tfds_builder.encode_png((face_features.hull_mask(l, size) > 0).astype(np.uint8) * 255)
-    )
-    masks_video.append(
-        tfds_builder.encode_png(
-            (face_features.hull_mask(l, size, for_video=True) > 0).astype(np.uint8) * 255
-        )
-    )
+  images = [tfds_builder.encode_png(c) for c in crops]
+  if features is None:
+    masks = [_mask_png(face_features.hull_mask(l, size) > 0, size) for l in lnd]
+    masks_video = [
+        _mask_png(face_features.hull_mask(l, size, for_video=True) > 0, size) for l in lnd
+    ]
+    masks_flip = None
+  else:
+    masks = [_mask_png(m, size) for m in feats["mask"]]
+    masks_video = [_mask_png(m, size) for m in feats["mask_video"]]
+    masks_flip = [_mask_png(m, size) for m in feats["mask_flip"]]
   unit = {
       "video_id": video_id,
       "identity": identity,
@@ -144,26 +285,59 @@ def process_frames(
       "mask": masks,
       "mask_video": masks_video,
       "landmarks": lnd.astype(np.float32),
-      "quad": np.asarray(res.quads[idx], np.float32),
-      "z_id": z_id.astype(np.float32),
-      "z_id_flip": z_id_flip.astype(np.float32),
-      "z_lnd": z_lnd.astype(np.float32),
-      "z_lnd_flip": z_lnd_flip.astype(np.float32),
-      "interpolated": (~np.asarray(res.has_face, bool)[idx]).astype(np.int32),
+      "quad": np.asarray(quads, np.float32),
+      "z_id": feats["z_id"].astype(np.float32),
+      "z_id_flip": feats["z_id_flip"].astype(np.float32),
+      "z_lnd": feats["z_lnd"].astype(np.float32),
+      "z_lnd_flip": feats["z_lnd_flip"].astype(np.float32),
+      "interpolated": interpolated.astype(np.int32),
       "attributes": (
           None
           if attributes is None
           else np.repeat(np.asarray(attributes, np.int32)[None], len(idx), 0)
       ),
   }
-  stats = {
-      "frames": len(frames),
-      "frames_with_face": int(np.sum(res.has_face)),
-      "frames_written": int(len(idx)),
-      "interpolated": int(np.sum(unit["interpolated"])),
-      "passthrough": len(res.passthrough),
-  }
+  if masks_flip is not None:
+    unit["mask_flip"] = masks_flip
+  stats = dict(
+      aligned.stats,
+      frames_written=int(len(idx)),
+      interpolated=int(np.sum(unit["interpolated"])),
+      **features_info(features),
+  )
   return unit, stats
+
+
+def process_frames(
+    frames: Sequence[np.ndarray],
+    *,
+    video_id: str,
+    identity: str,
+    size: int = 256,
+    detector: str = "hog",
+    max_gap: int = 5,
+    attributes: Optional[np.ndarray] = None,
+    features=None,
+) -> tuple[dict, dict]:
+  """Align frames and compute the cached features of every usable frame.
+
+  Alignment and features run at ``max(size, 256)`` px (the dlib descriptor,
+  the z_lnd convention and the official encoders are defined on 256 px crops);
+  crops, landmarks and masks are then resized to ``size``. Frames that
+  ``align_video`` passes through (no face and gap longer than ``max_gap``) are
+  dropped. ``features``: None (dlib path) or an ``OfficialFeatures`` extractor.
+
+  Returns ``(unit, stats)``; raises ``PrepError`` when no frame is usable.
+  """
+  aligned = align_frames(frames, size=size, detector=detector, max_gap=max_gap)
+  return build_unit(
+      aligned,
+      video_id=video_id,
+      identity=identity,
+      size=size,
+      attributes=attributes,
+      features=features,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -197,10 +371,8 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def run_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int) -> dict:
-  """Processes one job; never raises (except KeyboardInterrupt). Returns its status."""
-  t0 = time.perf_counter()
-  status = {
+def _new_status(job: Job) -> dict:
+  return {
       "path": job.path,
       "video_id": job.video_id,
       "identity": job.identity,
@@ -209,6 +381,23 @@ def run_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int) -> d
       "status": "failed",
       "reason": "",
   }
+
+
+def _record_failure(status: dict, e: Exception) -> None:
+  """Call inside ``except``: a PrepError is a reason, anything else also a traceback."""
+  if isinstance(e, PrepError):
+    status["reason"] = str(e)
+    if "no face" in str(e) and status["frames"]:
+      status["frames_with_face"] = 0
+  else:
+    status["reason"] = f"{type(e).__name__}: {e}"
+    status["traceback"] = traceback.format_exc(limit=5)
+
+
+def run_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int, features=None) -> dict:
+  """Processes one job; never raises (except KeyboardInterrupt). Returns its status."""
+  t0 = time.perf_counter()
+  status = _new_status(job)
   try:
     frames, extra = job.load(*job.load_args)
     status["frames"] = len(frames)
@@ -219,24 +408,64 @@ def run_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int) -> d
         size=size,
         detector=detector,
         max_gap=max_gap,
+        features=features,
         **extra,
     )
     tfds_builder.save_unit(_unit_path(out_dir, job.key), unit)
     status.update(stats, status="ok", reason="")
-  except PrepError as e:
-    status["reason"] = str(e)
-    if "no face" in str(e) and status["frames"]:
-      status["frames_with_face"] = 0
   except Exception as e:  # pylint: disable=broad-except
-    status["reason"] = f"{type(e).__name__}: {e}"
-    status["traceback"] = traceback.format_exc(limit=5)
+    _record_failure(status, e)
   status["seconds"] = round(time.perf_counter() - t0, 3)
+  _write_json(_status_path(out_dir, job.key), status)
+  return status
+
+
+def align_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int):
+  """Reads and aligns one job (a worker's share on the official path); never raises.
+
+  Returns ``(job, status, Aligned or None, extra process_frames kwargs)``.
+  """
+  del out_dir
+  t0 = time.perf_counter()
+  status, aligned, extra = _new_status(job), None, {}
+  try:
+    frames, extra = job.load(*job.load_args)
+    status["frames"] = len(frames)
+    aligned = align_frames(frames, size=size, detector=detector, max_gap=max_gap)
+  except Exception as e:  # pylint: disable=broad-except
+    _record_failure(status, e)
+  status["seconds"] = time.perf_counter() - t0
+  return job, status, aligned, extra
+
+
+def finish_job(job: Job, out_dir, size: int, status: dict, aligned, extra: dict, features) -> dict:
+  """Features + unit + status file of an ``align_job`` result; never raises."""
+  t0 = time.perf_counter()
+  if aligned is not None:
+    try:
+      unit, stats = build_unit(
+          aligned,
+          video_id=job.video_id,
+          identity=job.identity,
+          size=size,
+          features=features,
+          **extra,
+      )
+      tfds_builder.save_unit(_unit_path(out_dir, job.key), unit)
+      status.update(stats, status="ok", reason="")
+    except Exception as e:  # pylint: disable=broad-except
+      _record_failure(status, e)
+  status["seconds"] = round(status["seconds"] + time.perf_counter() - t0, 3)
   _write_json(_status_path(out_dir, job.key), status)
   return status
 
 
 def _run_job_star(args):
   return run_job(*args)
+
+
+def _align_job_star(args):
+  return align_job(*args)
 
 
 def run_jobs(
@@ -249,15 +478,21 @@ def run_jobs(
     workers: int = 1,
     retry_failed: bool = False,
     progress: bool = True,
+    features=None,
 ) -> list[dict]:
   """Runs every job that has no status yet (or failed, with ``retry_failed``).
 
   A finished video keeps its unit + status file, so a killed run resumes
-  where it stopped. Returns the statuses of all ``jobs`` (in order).
+  where it stopped; a finished video whose features are not the requested
+  ones (``features``: None for dlib, else an ``OfficialFeatures``; for the
+  official path also the encoder weights) is processed again. With
+  ``workers > 1`` on the official path the workers read and align, and this
+  process runs the encoders. Returns the statuses of all ``jobs`` (in order).
   """
   from tqdm import tqdm
 
   out_dir = os.fspath(out_dir)
+  info = features_info(features)
   keys = [j.key for j in jobs]
   if len(set(keys)) != len(keys):
     dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -270,6 +505,7 @@ def run_jobs(
         and not retry_failed
         or st["status"] == "ok"
         and _unit_path(out_dir, j.key).exists()
+        and _same_features(st, info)
     )
     if not done:
       todo.append(j)
@@ -279,12 +515,19 @@ def run_jobs(
   if workers > 1 and len(todo) > 1:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) as pool:
-      for st in pool.imap_unordered(_run_job_star, args):
+      if features is None:
+        results = pool.imap_unordered(_run_job_star, args)
+      else:  # one process owns the accelerator: workers only align
+        results = (
+            finish_job(job, out_dir, size, st, aligned, extra, features)
+            for job, st, aligned, extra in pool.imap_unordered(_align_job_star, args)
+        )
+      for st in results:
         bar.update(1)
         bar.set_postfix(last=st["status"])
   else:
     for a in args:
-      st = run_job(*a)
+      st = run_job(*a, features=features)
       bar.update(1)
       bar.set_postfix(last=st["status"])
   bar.close()
@@ -346,13 +589,23 @@ def build_from_statuses(
     statuses: Sequence[dict],
     is_test: Callable[[Job], bool],
     builder_cls,
+    features=None,
 ) -> Optional[pathlib.Path]:
-  """Packs the ok units into train/test splits; None when nothing succeeded."""
+  """Packs the ok units into train/test splits; None when nothing succeeded.
+
+  The dataset's metadata (``face_features.json``) records ``features_info(features)``.
+  """
+  info = features_info(features)
   units = {"train": [], "test": []}
   for j, st in zip(jobs, statuses):
     if st and st["status"] == "ok":
+      if not _same_features(st, info):  # run_jobs redoes these; never pack a mix
+        raise ValueError(
+            f"unit {j.key} holds {st.get('face_features', 'dlib')} features, the run asked for "
+            f"{info['face_features']}"
+        )
       split = "test" if is_test(j) else "train"
       units[split].append(str(_unit_path(out_dir, j.key)))
   if not units["train"] and not units["test"]:
     return None
-  return tfds_builder.build_dataset(out_dir, units, builder_cls)
+  return tfds_builder.build_dataset(out_dir, units, builder_cls, metadata=info)

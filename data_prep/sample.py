@@ -1,6 +1,7 @@
 r"""A small face-video dataset built in seconds from faces shipped in packages.
 
   python -m data_prep.sample --out DIR [--size 64] [--frames 10]
+      [--encoders DIR | --checkpoint FILE]                # official face features
   python -m data_prep.sample --clip CLIP.mp4 [--frames 24]   # one held-out video to edit
 
 Sources (nothing is downloaded):
@@ -12,8 +13,10 @@ similarity warp about the face centre whose rotation (up to ~7 deg), scale
 (+-8%) and translation (up to ~6% of the frame) follow random sinusoids --
 and a lighting change (global gain, colour cast and a moving left/right
 gradient), rendered as 320x320 frames. The frames then go through the real
-path: ``align_video`` (dlib), the dlib descriptor, z_lnd, hull masks, and the
-TFDS ``voxceleb_faces`` writer (record layout: ``data_prep/tfds_builder.py``).
+path: ``align_video`` (dlib), the dlib descriptor, z_lnd, hull masks (or, with
+``--encoders`` / ``--checkpoint``, the official encoders as in
+``data_prep.voxceleb``), and the TFDS ``voxceleb_faces`` writer (record layout:
+``data_prep/tfds_builder.py``).
 
 Splits: ``train`` holds 3 astronaut and 2 grace_hopper videos; ``test`` holds
 one more video of each with unseen motion. With only two real identities the
@@ -127,21 +130,35 @@ def build_sample_dataset(
     frames_per_video: int = 10,
     seed: int = 0,
     progress: bool = False,
+    features=None,
 ) -> pathlib.Path:
   """Builds (or resumes) the sample into ``out_dir``; returns the version dir.
 
   ``out_dir`` gets the same layout as ``data_prep.voxceleb``: units/,
-  report.json and ``voxceleb_faces/1.0.0``.
+  report.json and ``voxceleb_faces/1.0.0``. ``features``: None (dlib) or an
+  ``OfficialFeatures`` (``common.load_official_features``).
   """
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   jobs = sample_jobs(frames_per_video, seed)
   statuses = common.run_jobs(
-      jobs, out_dir, size=size, detector="hog", max_gap=5, workers=1, progress=progress
+      jobs,
+      out_dir,
+      size=size,
+      detector="hog",
+      max_gap=5,
+      workers=1,
+      progress=progress,
+      features=features,
   )
   failed = [s for s in statuses if s["status"] != "ok"]
   version_dir = common.build_from_statuses(
-      out_dir, jobs, statuses, lambda j: "/test_" in j.video_id, tfds_builder.VoxcelebFaces
+      out_dir,
+      jobs,
+      statuses,
+      lambda j: "/test_" in j.video_id,
+      tfds_builder.VoxcelebFaces,
+      features=features,
   )
   common.write_report(
       out_dir,
@@ -152,6 +169,7 @@ def build_sample_dataset(
           "detector": "hog",
           "dataset_dir": str(version_dir) if version_dir else None,
           "kind": "sample",
+          **common.features_info(features),
       },
   )
   if failed or version_dir is None:
@@ -165,7 +183,8 @@ def build_sample_dataset(
 def ensure_sample_dataset(data_dir: str | os.PathLike, size: int = 64, **kwargs) -> pathlib.Path:
   """Returns the dataset in ``data_dir``; builds the sample there if none exists.
 
-  An existing dataset of another crop size is an error (not overwritten).
+  An existing dataset of another crop size or other face features (``features``
+  kwarg, see ``build_sample_dataset``) is an error (not overwritten).
   """
   from s3jax.input_pipeline import find_version_dir  # pylint: disable=g-import-not-at-top
 
@@ -182,6 +201,9 @@ def ensure_sample_dataset(data_dir: str | os.PathLike, size: int = 64, **kwargs)
         f"{version_dir} holds {have} px frames, config wants {size} px; "
         f"point data_dir elsewhere or delete it"
     )
+  from s3jax.input_pipeline import check_face_features  # pylint: disable=g-import-not-at-top
+
+  check_face_features(version_dir, common.features_info(kwargs.get("features"))["face_features"])
   return version_dir
 
 
@@ -210,9 +232,10 @@ def main(argv):
   import time  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
+  features = common.load_official_features(f.encoders, f.checkpoint, f.encoder_batch)
   # Idempotent, so `make demo` can run it every time.
   version_dir = ensure_sample_dataset(
-      f.out, size=f.size, frames_per_video=f.frames, seed=f.seed, progress=True
+      f.out, size=f.size, frames_per_video=f.frames, seed=f.seed, progress=True, features=features
   )
   print(f"sample dataset: {version_dir} ({time.perf_counter() - t0:.1f} s)")
 
@@ -225,4 +248,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("size", 64, "Crop size (px).")
   flags.DEFINE_integer("frames", 10, "Frames per video.")
   flags.DEFINE_integer("seed", 0, "Motion/lighting seed.")
+  common.define_feature_flags()
   app.run(main)

@@ -23,6 +23,10 @@ key             type / shape           meaning
                                        training mask (landmark hull)
 ``mask_video``  bytes                  PNG, same, paste-back mask
                                        (``hull_mask(..., for_video=True)``)
+``mask_flip``   bytes                  official path only: PNG, training mask
+                                       of the mirrored crop (BiSeNet parsing
+                                       of ``image[:, ::-1]``); the dlib path
+                                       mirrors ``mask`` instead
 ``z_id``        float32 (D,)           identity feature of the unflipped crop
 ``z_id_flip``   float32 (D,)           identity feature of the mirrored crop
 ``z_lnd``       float32 (102,)         68 points in [0,1] over crop
@@ -38,6 +42,11 @@ key             type / shape           meaning
                                        -1 / 1, in the annotation file's order
 ==============  =====================  =========================================
 
+On the ``official`` path (``--encoders`` / ``--checkpoint``) z_id is the
+IR-SE50 ArcFace embedding (D = 512), z_lnd the MobileNetV2-GDConv output and the
+masks come from BiSeNet parsing (``OfficialEncoders.face_mask``), each computed
+on the 256 px crop and, for the ``*_flip`` keys, on its mirror.
+
 Frames that ``align_video`` passes through (no face, gap too long) are not
 written. Splits are ``train`` and ``test`` and are made by *identity* (no
 person appears in both); a split with no records is omitted.
@@ -45,8 +54,12 @@ person appears in both); a split with no records is omitted.
 On disk: ``<data_dir>/<name>/<version>/`` holds ``dataset_info.json``,
 ``features.json`` and ``<name>-<split>.array_record-XXXXX-of-YYYYY`` shards,
 plus ``video_index.json`` (record ranges per video, used by the input pipeline
-to group frames without decoding records). Records are written in generation
-order (``disable_shuffling=True``): video by video, frames in order.
+to group frames without decoding records) and ``face_features.json`` (which
+feature path made the records: ``{"face_features": "dlib"|"official",
+"z_id_dim", ...}``, plus the encoder weights' source and fingerprint; the DVA
+trainer checks it against ``config.model.face_features``). Records are written
+in generation order (``disable_shuffling=True``): video by video, frames in
+order.
 
 Open it without TensorFlow with any of::
 
@@ -82,9 +95,11 @@ from etils import epath
 NUM_ATTRIBUTES = 40
 Z_LND_DIM = 102
 VIDEO_INDEX_FILE = "video_index.json"
+FACE_FEATURES_FILE = "face_features.json"
 
 # Keys of a unit (.npz) that hold one PNG per frame (stored as blob + offsets).
 _PNG_KEYS = ("image", "mask", "mask_video")
+_OPTIONAL_PNG_KEYS = ("mask_flip",)  # official path only
 _ARRAY_KEYS = (
     "frame_index",
     "landmarks",
@@ -132,7 +147,8 @@ def save_unit(path: str | os.PathLike, unit: dict) -> None:
 
   ``unit`` keys: ``video_id`` (str), ``identity`` (str), the array keys of
   the record layout with a leading frame axis N, and ``image``, ``mask``,
-  ``mask_video`` as lists of PNG bytes. ``attributes`` (N, 40) is optional.
+  ``mask_video`` as lists of PNG bytes. ``attributes`` (N, 40) and
+  ``mask_flip`` (PNG list) are optional.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +157,7 @@ def save_unit(path: str | os.PathLike, unit: dict) -> None:
     out[key] = np.asarray(unit[key])
   if unit.get("attributes") is not None:
     out["attributes"] = np.asarray(unit["attributes"], np.int32)
-  for key in _PNG_KEYS:
+  for key in _PNG_KEYS + tuple(k for k in _OPTIONAL_PNG_KEYS if unit.get(k) is not None):
     blobs = list(unit[key])
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     out[key + "_blob"] = np.frombuffer(b"".join(blobs), np.uint8)
@@ -163,7 +179,10 @@ def load_unit(path: str | os.PathLike) -> dict:
     for key in _ARRAY_KEYS:
       unit[key] = z[key]
     unit["attributes"] = z["attributes"] if "attributes" in z else None
-    for key in _PNG_KEYS:
+    for key in _PNG_KEYS + _OPTIONAL_PNG_KEYS:
+      if key + "_blob" not in z:
+        unit[key] = None
+        continue
       blob, off = z[key + "_blob"].tobytes(), z[key + "_off"]
       unit[key] = [blob[off[i] : off[i + 1]] for i in range(len(off) - 1)]
   return unit
@@ -177,6 +196,11 @@ def unit_num_frames(path: str | os.PathLike) -> int:
 def unit_z_id_dim(path: str | os.PathLike) -> int:
   with np.load(path, allow_pickle=False) as z:
     return int(z["z_id"].shape[-1])
+
+
+def unit_has_mask_flip(path: str | os.PathLike) -> bool:
+  with np.load(path, allow_pickle=False) as z:
+    return "mask_flip_blob" in z.files
 
 
 # ----------------------------------------------------------------------------
@@ -207,6 +231,7 @@ class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     units: ``{split_name: [unit .npz paths]}``; empty splits are dropped.
     z_id_dim: width D of ``z_id`` / ``z_id_flip``.
     with_attributes: adds the ``attributes`` (40,) feature.
+    with_mask_flip: adds the ``mask_flip`` feature (official path).
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -217,10 +242,16 @@ class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   code_path = epath.Path(__file__)
 
   def __init__(
-      self, *, units: dict[str, Sequence[str]] | None = None, z_id_dim: int = 128, **kwargs
+      self,
+      *,
+      units: dict[str, Sequence[str]] | None = None,
+      z_id_dim: int = 128,
+      with_mask_flip: bool = False,
+      **kwargs,
   ):
     self._units = {k: list(v) for k, v in (units or {}).items() if v}
     self._z_id_dim = int(z_id_dim)
+    self._with_mask_flip = bool(with_mask_flip)
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
@@ -243,6 +274,8 @@ class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     }
     if self.WITH_ATTRIBUTES:
       features["attributes"] = tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.int32)
+    if self._with_mask_flip:
+      features["mask_flip"] = tfds.features.Tensor(shape=(), dtype=np.object_)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split("\n")[0],
@@ -278,6 +311,10 @@ class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         }
         if self.WITH_ATTRIBUTES:
           rec["attributes"] = np.asarray(unit["attributes"][i], np.int32)
+        if self._with_mask_flip:
+          if unit["mask_flip"] is None:
+            raise ValueError(f"{path} has no mask_flip; rebuild it with the other units' flags")
+          rec["mask_flip"] = unit["mask_flip"][i]
         # Keys sort in generation order (video, then frame).
         yield f"{vi:08d}_{i:06d}", rec
 
@@ -297,11 +334,14 @@ def build_dataset(
     units: dict[str, Sequence[str]],
     builder_cls: type[FaceRecordsBuilder] = VoxcelebFaces,
     z_id_dim: int | None = None,
+    metadata: dict | None = None,
 ) -> pathlib.Path:
   """Writes the shards for ``units`` and returns the version directory.
 
-  Rewrites the dataset when the set of units changed since the last build
-  (tracked in ``<version dir>/units.json``); otherwise returns it unchanged.
+  Rewrites the dataset when the set of units (or ``metadata``) changed since
+  the last build (tracked in ``<version dir>/units.json``); otherwise returns
+  it unchanged. ``metadata`` (which face features the units hold, see
+  ``common.features_info``) is written to ``face_features.json``.
   """
   units = {k: sorted(map(str, v)) for k, v in units.items() if v}
   all_paths = [p for v in units.values() for p in v]
@@ -309,12 +349,18 @@ def build_dataset(
     raise ValueError("no units to write: every video failed or none given")
   if z_id_dim is None:
     z_id_dim = unit_z_id_dim(all_paths[0])
+  with_mask_flip = unit_has_mask_flip(all_paths[0])
   manifest = {
       "units": {k: [os.path.basename(p) for p in v] for k, v in units.items()},
       "mtimes": {os.path.basename(p): os.path.getmtime(p) for p in all_paths},
       "z_id_dim": z_id_dim,
   }
-  builder = builder_cls(units=units, z_id_dim=z_id_dim, data_dir=os.fspath(data_dir))
+  if metadata is not None:
+    manifest["metadata"] = metadata
+  kwargs = dict(
+      units=units, z_id_dim=z_id_dim, with_mask_flip=with_mask_flip, data_dir=os.fspath(data_dir)
+  )
+  builder = builder_cls(**kwargs)
   version_dir = pathlib.Path(builder.data_dir)
   manifest_path = version_dir / "units.json"
   if manifest_path.exists():
@@ -325,7 +371,7 @@ def build_dataset(
       pass
   if version_dir.exists():
     shutil.rmtree(version_dir)
-    builder = builder_cls(units=units, z_id_dim=z_id_dim, data_dir=os.fspath(data_dir))
+    builder = builder_cls(**kwargs)
   tfds.disable_progress_bar()  # data_prep shows its own tqdm bar
   with tempfile.TemporaryDirectory() as dl_dir:
     builder.download_and_prepare(download_dir=dl_dir)
@@ -342,5 +388,7 @@ def build_dataset(
       start += n
     index[split] = videos
   (version_dir / VIDEO_INDEX_FILE).write_text(json.dumps(index, indent=1))
+  if metadata is not None:
+    (version_dir / FACE_FEATURES_FILE).write_text(json.dumps(metadata, indent=1))
   manifest_path.write_text(json.dumps(manifest, indent=1))
   return version_dir

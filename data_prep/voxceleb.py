@@ -2,6 +2,7 @@ r"""VoxCeleb (or any face videos) -> TFDS ArrayRecord shards for DVA training.
 
   python -m data_prep.voxceleb --videos PATH --out DIR [--size 256] [--workers N]
       [--detector hog|cnn] [--test_fraction 0.1] [--max_frames N] [--retry_failed]
+      [--encoders DIR | --checkpoint FILE] [--encoder_batch 16]
 
 PATH is one of
   * a video file (``clip.mp4``): one video, identity = its stem;
@@ -12,9 +13,19 @@ PATH is one of
     recursively the same way: identity = first path component below PATH.
 
 Per video: read, align (dlib detection + 68 landmarks, FFHQ quads, STIT
-smoothing, gap filling), compute the cached features (dlib descriptor z_id of
-the crop and of its mirror, z_lnd, hull masks) and keep the result in
-``DIR/units/``. Finished videos are skipped when the command runs again, so a
+smoothing, gap filling), compute the cached features of the crop and of its
+mirror and keep the result in ``DIR/units/``. Features (``face_features``):
+
+* default, ``dlib``: dlib descriptor z_id (128), z_lnd from the dlib landmarks,
+  landmark-hull masks;
+* ``official``, with ``--encoders DIR`` (the three published files, see
+  ``s3jax.face_encoding``) or ``--checkpoint FILE`` (a DVA checkpoint holding
+  ``encoder.idnet|lndnet|bgnet.*``): IR-SE50 ArcFace z_id (512), MobileNet
+  z_lnd and BiSeNet parsing masks, run batched on the local accelerators.
+
+The dataset records which (``face_features.json``, and in report.json); the
+trainer refuses a config whose ``model.face_features`` differs. Finished videos
+made with other features (or other encoder weights) are processed again. Finished videos are skipped when the command runs again, so a
 killed run loses at most the videos in flight. A video without a usable face is
 marked ``failed`` with a reason in ``DIR/report.json`` and never stops the run.
 Finally the ok videos are written as the ``voxceleb_faces`` TFDS dataset
@@ -51,6 +62,7 @@ def define_flags():
   flags.DEFINE_integer("max_gap", 5, "Longest run of face-less frames that is interpolated.")
   flags.DEFINE_bool("retry_failed", False, "Re-run videos that failed in an earlier run.")
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+  common.define_feature_flags()
   flags.DEFINE_alias("test-fraction", "test_fraction")
   flags.DEFINE_alias("max-frames", "max_frames")
   flags.DEFINE_alias("retry-failed", "retry_failed")
@@ -110,9 +122,19 @@ def prepare(
     max_gap: int = 5,
     retry_failed: bool = False,
     progress: bool = True,
+    encoders: str | None = None,
+    checkpoint: str | None = None,
+    encoder_batch: int = 16,
+    features=None,
 ) -> dict:
-  """Library entry point of the CLI. Returns the report dict (also in out/report.json)."""
+  """Library entry point of the CLI. Returns the report dict (also in out/report.json).
+
+  ``encoders`` / ``checkpoint`` select the official face features (see the module
+  docstring); ``features`` passes an already loaded ``OfficialFeatures`` instead.
+  """
   found = discover_videos(videos)
+  if features is None:
+    features = common.load_official_features(encoders, checkpoint, encoder_batch)
   jobs = [
       common.Job(
           key=common.safe_key(vid),
@@ -134,13 +156,19 @@ def prepare(
       workers=workers,
       retry_failed=retry_failed,
       progress=progress,
+      features=features,
   )
   # Split over the identities that have at least one usable video, so a
   # failed identity cannot take a test slot (train always keeps one).
   ok_ids = [j.identity for j, st in zip(jobs, statuses) if st and st["status"] == "ok"]
   test_ids = tfds_builder.split_identities(ok_ids, test_fraction)
   dataset_dir = common.build_from_statuses(
-      out, jobs, statuses, lambda j: j.identity in test_ids, tfds_builder.VoxcelebFaces
+      out,
+      jobs,
+      statuses,
+      lambda j: j.identity in test_ids,
+      tfds_builder.VoxcelebFaces,
+      features=features,
   )
   extra = {
       "command": " ".join(sys.argv),
@@ -148,6 +176,7 @@ def prepare(
       "detector": detector,
       "dataset_dir": str(dataset_dir) if dataset_dir else None,
       "test_identities": sorted(test_ids),
+      **common.features_info(features),
   }
   return common.write_report(out, statuses, extra)
 
@@ -169,6 +198,7 @@ def main(argv):
         max_gap=FLAGS.max_gap,
         retry_failed=FLAGS.retry_failed,
         progress=FLAGS.progress,
+        **common.feature_flag_values(FLAGS),
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

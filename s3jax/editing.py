@@ -7,7 +7,7 @@ The procedure (DVA's classifier editing, ``editing_classifier.py``, with STIT's 
    crops, landmarks and masks are then resized to the model size.
 2. Per-frame z_lnd and z_id, and the paste-back mask, on the checkpoint's feature path
    (``config.model.face_features``): ``dlib`` (descriptor, landmark geometry, landmark
-   hull) or ``official`` (IR-SE50, MobileNet, BiSeNet video mask; ``face_features.
+   hull) or ``official`` (IR-SE50, MobileNet, BiSeNet video mask; ``face_encoding.
    OfficialFeatures`` with the workdir's frozen encoders). z_id is averaged over the
    frames with a detected face: ``z̄_id``, L2-normalised by default
    (``EditOptions.renormalize_identity``; the reference does not renormalise).
@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from s3jax import alignment, diffusion, face_features, images, loading, metrics, video
+from s3jax import alignment, diffusion, face_encoding, face_features, images, loading
+from s3jax import metrics, video
 from s3jax.loading import Classifier
 from s3jax.models.editor import l2_normalize
 from s3jax.models import autoencoder
@@ -390,7 +391,7 @@ class VideoEditor:
     model: optional ``(model, params, config)`` to skip loading the checkpoint (tests,
       benchmarks, sweeps).
     encoders: for the ``official`` path, ``OfficialEncoders`` variables or a
-      ``face_features.OfficialFeatures`` (whose compiled programs are then shared) instead
+      ``face_encoding.OfficialFeatures`` (whose compiled programs are then shared) instead
       of ``<checkpoint>/frozen_encoders``.
     reference: start from ``REFERENCE_OPTIONS`` instead of ``DEFAULT_OPTIONS``.
     renormalize_identity / paste_space / align_border / blend: override that field of the
@@ -461,13 +462,13 @@ class VideoEditor:
     self.model_hash = params_hash(params, self.config.model)
     self.features = None  # the dlib path computes its features on the host
     if self.face_features == "official":
-      if isinstance(encoders, face_features.OfficialFeatures):
+      if isinstance(encoders, face_encoding.OfficialFeatures):
         self.features = encoders  # shares its compiled programs (sweeps, tests)
       else:
-        self.features = face_features.OfficialFeatures(encoders, chunk=chunk, mesh=self.mesh)
+        self.features = face_encoding.OfficialFeatures(encoders, batch_size=chunk, mesh=self.mesh)
       # z_id, z_lnd and the masks depend on the encoders: they key the cache too.
       self.model_hash = hashlib.sha256(
-          (self.model_hash + self.features.params_hash()).encode()
+          (self.model_hash + self.features.fingerprint).encode()
       ).hexdigest()
     if self.reference and self.face_features != "official":
       logging.warning(

@@ -4,26 +4,20 @@
   128-d dlib descriptor stands in for z_id, the 68 dlib landmarks give z_lnd, and a
   landmark hull stands in for BiSeNet parsing. Landmark inputs are in pixel-index
   coordinates of the aligned crop (as ``AlignResult.landmarks_crop``).
-* ``official`` (the published reference): :class:`OfficialFeatures` runs the frozen
-  encoders of ``models.face_encoders`` (IR-SE50 z_id, MobileNet z_lnd, BiSeNet masks)
-  on 256 px crops, jitted and chunked over the local devices.
+* ``official`` (the published reference): ``face_encoding.OfficialFeatures`` runs the
+  frozen encoders of ``models.face_encoders`` (IR-SE50 z_id, MobileNet z_lnd, BiSeNet
+  masks) on crops brought to 256 px by this module's ``resize_crops``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import time
-from typing import Optional
 
 import cv2
 import dlib
-import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from s3jax import alignment, images
-from s3jax.models import face_encoders
+from s3jax import alignment
 
 __all__ = [
     "get_face_recognizer",
@@ -35,16 +29,11 @@ __all__ = [
     "hull_mask",
     "Z_ID_DIM",
     "Z_LND_DIM",
-    "OFFICIAL_Z_ID_DIM",
-    "OFFICIAL_SIZE",
-    "OfficialFeatures",
     "resize_crops",
 ]
 
 Z_ID_DIM = 128
 Z_LND_DIM = 102
-OFFICIAL_Z_ID_DIM = 512
-OFFICIAL_SIZE = 256  # the crop size the reference's encoders are defined on
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,118 +191,6 @@ def hull_mask(landmarks_crop, size: int, for_video: bool = False) -> np.ndarray:
   mask = np.zeros((size, size), np.uint8)
   cv2.fillConvexPoly(mask, hull, 1)
   return mask
-
-
-# ---------------------------------------------------------------------------
-# The official path: the reference's frozen encoders
-# ---------------------------------------------------------------------------
-class OfficialFeatures:
-  """IR-SE50 z_id, MobileNet z_lnd and BiSeNet video masks of aligned crops.
-
-  Crops (N, C, C, 3) uint8 are resized to 256 px when C differs (the size the
-  encoders' fixed crop windows assume) and fed as ``crop/127.5 - 1``, like the
-  reference's model input. Each output is its own jitted program, so the identity
-  metric runs IR-SE50 alone; crops go through in fixed-size chunks (the last one
-  padded by repeating its last crop), split over every device of ``mesh``, and each
-  program is compiled once per chunk size.
-
-  Args:
-    variables: ``OfficialEncoders`` variables (``{'params', 'batch_stats'}``), e.g.
-      ``porting.dva_checkpoint.load_frozen_encoders(workdir)``.
-    chunk: crops per call (rounded up to a multiple of the device count).
-    mesh: a ``jax.sharding.Mesh``; default one axis over every device.
-  """
-
-  def __init__(self, variables, chunk: int = 8, mesh=None):
-    self.model = face_encoders.OfficialEncoders()
-    self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
-    self.num_devices = int(self.mesh.size)
-    self.chunk = int(chunk)
-    self._repl = NamedSharding(self.mesh, P())
-    self._batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
-    self.variables = jax.device_put(dict(variables), self._repl)
-    model = self.model
-
-    def video_mask(v, x):
-      return model.apply(v, x, for_video=True, method="face_mask")[..., 0]
-
-    fns = {
-        "id_feats": lambda v, x: model.apply(v, x, method="id_feats"),
-        "lnd_feats": lambda v, x: model.apply(v, x, method="lnd_feats"),
-        "video_mask": video_mask,
-    }
-    self._jit = {
-        k: jax.jit(f, in_shardings=(self._repl, self._batch), out_shardings=self._batch)
-        for k, f in fns.items()
-    }
-    self._compiled = {}
-    self._hash = None
-
-  def params_hash(self) -> str:
-    """sha256 of the encoder variables (computed once; they are frozen)."""
-    if self._hash is None:
-      h = hashlib.sha256()
-      flat = jax.tree_util.tree_flatten_with_path(self.variables)[0]
-      for path, v in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        v = np.ascontiguousarray(np.asarray(jax.device_get(v)))
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(repr((v.shape, str(v.dtype))).encode())
-        h.update(v.data)
-      self._hash = h.hexdigest()
-    return self._hash
-
-  def chunk_size(self, num_crops: int) -> int:
-    n = min(self.chunk, max(int(num_crops), 1))
-    return -(-n // self.num_devices) * self.num_devices
-
-  def _program(self, method: str, chunk: int, timings: dict):
-    key = (method, chunk)
-    if key not in self._compiled:
-      t0 = time.perf_counter()
-      x = jax.ShapeDtypeStruct(
-          (chunk, OFFICIAL_SIZE, OFFICIAL_SIZE, 3), np.float32, sharding=self._batch
-      )
-      self._compiled[key] = self._jit[method].lower(self.variables, x).compile()
-      timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - t0
-    return self._compiled[key]
-
-  def _run(self, method: str, crops_u8, timings: Optional[dict]) -> np.ndarray:
-    timings = {} if timings is None else timings
-    x = resize_crops(_as_batch(crops_u8), OFFICIAL_SIZE)
-    m = len(x)
-    chunk = self.chunk_size(m)
-    fn = self._program(method, chunk, timings)
-    outs = []
-    for start in range(0, m, chunk):
-      part = images.to_model(x[start : start + chunk])
-      k = len(part)
-      if k < chunk:
-        part = np.concatenate([part, np.repeat(part[-1:], chunk - k, 0)])
-      outs.append((fn(self.variables, jax.device_put(part, self._batch)), k))
-    return np.concatenate([np.asarray(jax.device_get(o))[:k] for o, k in outs])
-
-  def id_feats(self, crops_u8, timings: Optional[dict] = None) -> np.ndarray:
-    """(N, 512) float32 L2-normalised ArcFace (IR-SE50) embeddings: z_id."""
-    return self._run("id_feats", crops_u8, timings).astype(np.float32)
-
-  def lnd_feats(self, crops_u8, timings: Optional[dict] = None) -> np.ndarray:
-    """(N, 102) float32 landmark features (51 non-jaw points in [0, 1]): z_lnd."""
-    return self._run("lnd_feats", crops_u8, timings).astype(np.float32)
-
-  def video_masks(self, crops_u8, size: Optional[int] = None, timings=None) -> np.ndarray:
-    """(N, S, S) uint8 {0, 1} BiSeNet paste-back masks (``face_mask(for_video=True)``).
-
-    Computed at 256 px and resized (nearest, as the reference resizes its parsing) to
-    ``size`` (default the crops' size).
-    """
-    crops = _as_batch(crops_u8)
-    size = crops.shape[1] if size is None else int(size)
-    masks = (self._run("video_mask", crops, timings) > 0.5).astype(np.uint8)
-    if size != OFFICIAL_SIZE:
-      masks = np.stack(
-          [cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) for m in masks]
-      )
-    return masks
 
 
 def resize_crops(crops_u8, size: int) -> np.ndarray:

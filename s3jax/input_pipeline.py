@@ -29,7 +29,9 @@ Batches (numpy, per process, ``Bp = global_batch_size // process_count``):
 key             shape, dtype            meaning
 ==============  ======================  ======================================
 image           (Bp, k, H, W, 3) f32    RGB in [-1, 1] (flipped if ``flipped``)
-mask            (Bp, k, H, W, 1) f32    training mask in {0, 1}
+mask            (Bp, k, H, W, 1) f32    training mask in {0, 1} (``mask_flip``
+                                        for flipped frames when the records
+                                        have it: the official path)
 z_id            (Bp, k, D) f32          ``z_id_flip`` for flipped frames
 z_lnd           (Bp, k, 102) f32        ``z_lnd_flip`` for flipped frames
 landmarks       (Bp, k, 68, 2) f32      crop pixels, flipped with the image
@@ -64,6 +66,9 @@ from s3jax import images
 from s3jax.face_features import flip_landmarks
 
 VIDEO_INDEX_FILE = "video_index.json"
+FACE_FEATURES_FILE = "face_features.json"  # written by data_prep (tfds_builder)
+# z_id width -> feature path, for datasets written before face_features.json existed.
+_FACE_FEATURES_BY_DIM = {128: "dlib", 512: "official"}
 _OPEN_LOCK = threading.Lock()
 _TEXT_KEYS = ("video_id", "identity")
 
@@ -191,6 +196,46 @@ def open_split(path: str | os.PathLike, split: str = "train") -> FrameSource:
   return FrameSource(path, split)
 
 
+def dataset_face_features(path: str | os.PathLike) -> dict:
+  """Which face features a dataset's records hold: ``{"face_features", "z_id_dim", ...}``.
+
+  From ``face_features.json`` (data_prep writes it); for older datasets inferred from
+  the width of ``z_id`` in ``features.json`` (128: dlib, 512: official).
+  """
+  version_dir = find_version_dir(path)
+  meta_path = version_dir / FACE_FEATURES_FILE
+  if meta_path.exists():
+    return json.loads(meta_path.read_text())
+  dim = None
+  features_path = version_dir / "features.json"
+  if features_path.exists():
+    feats = json.loads(features_path.read_text())
+    try:
+      spec = feats["featuresDict"]["features"]["z_id"]["tensor"]["shape"]
+      dim = int(spec["dimensions"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+      dim = None
+  return {"face_features": _FACE_FEATURES_BY_DIM.get(dim, "unknown"), "z_id_dim": dim}
+
+
+def check_face_features(path: str | os.PathLike, face_features: str) -> dict:
+  """Raises ValueError unless the dataset at ``path`` holds ``face_features`` records."""
+  meta = dataset_face_features(path)
+  have = meta.get("face_features")
+  if have != face_features:
+    how = {
+        "official": "--encoders DIR or --checkpoint FILE",
+        "dlib": "neither --encoders nor --checkpoint",
+    }
+    raise ValueError(
+        f"config.model.face_features={face_features!r} but the records in "
+        f"{find_version_dir(path)} hold {have!r} features (z_id width {meta.get('z_id_dim')}); "
+        f"set config.model.face_features={have!r} or rebuild the data with data_prep and "
+        f"{how.get(face_features, 'the matching flags')}"
+    )
+  return meta
+
+
 def video_index(source: FrameSource) -> list[dict]:
   """[{video_id, start, count}] record ranges per video (contiguous records).
 
@@ -306,9 +351,11 @@ class _ItemLoader:
     for r, fl in zip(recs, flips):
       try:
         rec = self.source[int(r)]
+        # Official records hold the mirror's own parsing mask.
+        own_flip_mask = fl and "mask_flip" in rec
         try:
           img = decode_image(rec["image"], 3)
-          mask = decode_image(rec["mask"], 1)
+          mask = decode_image(rec["mask_flip" if own_flip_mask else "mask"], 1)
         except Exception as e:  # pylint: disable=broad-except
           raise self.source.corrupt_error(int(r), e, "decode image/mask") from e
       except CorruptRecordError as e:
@@ -328,7 +375,8 @@ class _ItemLoader:
       size = img.shape[0]
       lnd = rec["landmarks"].astype(np.float32)
       if fl:
-        img, mask = img[:, ::-1], mask[:, ::-1]
+        img = img[:, ::-1]
+        mask = mask if own_flip_mask else mask[:, ::-1]
         lnd = flip_landmarks(lnd, size).astype(np.float32)
       frame = {
           "image": images.to_model(img),

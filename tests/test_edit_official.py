@@ -14,55 +14,17 @@ import jax
 import numpy as np
 import pytest
 
-import configs
-from s3jax import alignment, edit_job, editing, images, loading, optim, video
+from s3jax import alignment, edit_job, editing, face_encoding, images, loading, optim, video
 from s3jax.checkpointing import Checkpointer
 from s3jax.models import face_encoders as fe
 from s3jax.models.autoencoder import FaceFusion, make_dva
 from s3jax.porting import dva_checkpoint
 
+from train_helpers import random_encoder_variables, tiny_official_config
+
 STEPS = 10
 NUM_FRAMES = 4
 WIDTH = 384  # the 1080p frames scaled down: dlib still finds the face, alignment is fast
-
-
-def _tiny_official_config():
-  cfg = configs.get("voxceleb:demo")
-  cfg.model.face_features = "official"
-  cfg.model.unet.image_size = 32
-  cfg.model.unet.model_channels = 32
-  cfg.model.unet.channel_mult = (1, 1)
-  cfg.model.unet.num_res_blocks = 1
-  cfg.model.unet.attention_resolutions = ()
-  cfg.model.unet.embed_channels = 64
-  cfg.data.image_size = 32
-  return cfg
-
-
-def random_encoder_variables(seed=0):
-  """OfficialEncoders variables with fixed random values (numpy: one generator, fast).
-
-  Kernels N(0, 1/fan_in); BatchNorm scale U(0.8, 1.2), running mean U(-0.1, 0.1), running
-  var U(0.5, 1.5); biases U(-0.1, 0.1); PReLU slopes U(0, 0.3).
-  """
-  r = np.random.default_rng(seed)
-  flat, tree = jax.tree_util.tree_flatten_with_path(fe.init_variables())
-  leaves = []
-  for path, a in flat:
-    name = str(getattr(path[-1], "key", path[-1]))
-    shape = a.shape
-    if name in ("kernel", "classifier_kernel"):
-      v = r.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-    elif name == "scale":
-      v = r.uniform(0.8, 1.2, shape)
-    elif name == "var":
-      v = r.uniform(0.5, 1.5, shape)
-    elif name == "alpha":
-      v = r.uniform(0.0, 0.3, shape)
-    else:  # biases, running means
-      v = r.uniform(-0.1, 0.1, shape)
-    leaves.append(v.astype(np.float32))
-  return jax.tree_util.tree_unflatten(tree, leaves)
 
 
 def _save_tiny_dva(workdir, cfg):
@@ -103,7 +65,7 @@ def enc_variables():
 def bare_workdir(tmp_path_factory):
   """A tiny official DVA without frozen encoders."""
   workdir = tmp_path_factory.mktemp("official_bare")
-  _save_tiny_dva(workdir, _tiny_official_config())
+  _save_tiny_dva(workdir, tiny_official_config())
   return workdir
 
 
@@ -111,7 +73,7 @@ def bare_workdir(tmp_path_factory):
 def workdir(tmp_path_factory, enc_variables):
   """The tiny official DVA with its frozen encoders, as `convert import` leaves it."""
   workdir = tmp_path_factory.mktemp("official_dva")
-  _save_tiny_dva(workdir, _tiny_official_config())
+  _save_tiny_dva(workdir, tiny_official_config())
   dva_checkpoint.save_frozen_encoders(workdir, enc_variables)
   return workdir
 
@@ -175,9 +137,30 @@ def direct_outputs(enc_variables, editor, edit_default, frames):
 
 
 # ----------------------------------------------------------------------------------------
+def test_encoder_batches_pad_the_tail_to_a_power_of_two(enc_variables):
+  features = face_encoding.OfficialFeatures(
+      enc_variables, batch_size=8, devices=jax.local_devices()[:1]
+  )
+
+  def calls(n):
+    out = []
+    while n > 0:
+      out.append(features.batch_shape(n))
+      n -= min(out[-1], n)
+    return out
+
+  assert [calls(n) for n in (1, 3, 4, 5, 8, 10, 13)] == [[1], [4], [4], [8], [8], [8, 2], [8, 8]]
+  assert features.fingerprint == face_encoding.fingerprint(enc_variables)
+  empty = np.zeros((0, 64, 64, 3), np.uint8)
+  assert features.id_feats(empty).shape == (0, 512)
+  assert features.video_masks(empty).shape == (0, 64, 64)
+  assert features(empty)["mask"].shape == (0, 256, 256)
+  assert features.compiled_programs() == set()  # nothing to run, nothing compiled
+
+
 def test_missing_encoders_is_a_clear_error(tmp_path):
   # The check runs before the model is used: no weights needed to reach it.
-  model = (None, None, _tiny_official_config())
+  model = (None, None, tiny_official_config())
   with pytest.raises(FileNotFoundError, match=r"frozen_encoders.*python -m s3jax.convert import"):
     editing.VideoEditor(tmp_path, steps=STEPS, model=model)
 
@@ -245,6 +228,8 @@ def test_hard_paste_uses_the_bisenet_mask(editor, edit_default, direct_outputs, 
   )
   np.testing.assert_array_equal(code.masks, want)
   assert 0.05 < code.masks.mean() < 0.95  # a real mask, neither empty nor full
+  # One network per program (the all-in-one is data_prep's), 4 crops in one batch of 4.
+  assert editor.features.compiled_programs() == {("z_id", 4), ("z_lnd", 4), ("mask_video", 4)}
   assert report["options"]["paste_space"] == "frame" and report["blend"] == "hard"
   assert report["cache"]["hit"]  # the BiSeNet masks and ArcFace z_id round-trip the cache
   for j, i in enumerate(code.frame_indices):

@@ -1,7 +1,8 @@
 """Read and write PyTorch-style state dicts as {name: numpy array}.
 
 Formats (picked by file suffix):
-- `.pt` / `.pth`: `torch.load(weights_only=True)` only; arbitrary pickles are refused.
+- `.pt` / `.pth` / `.pth.tar` / `.bin`: `torch.load(weights_only=True)` only; arbitrary pickles
+  are refused.
 - `.ckpt`: a Lightning checkpoint, `{'state_dict': {'model.*', 'ema_model.*'}}`, also read with
   `weights_only=True`.
 - `.safetensors`.
@@ -24,7 +25,8 @@ from safetensors import numpy as safetensors_np
 # torch (and safetensors.torch, which needs it) is an optional extra (pip install s3jax[torch]):
 # it is imported inside the functions that read or write torch files.
 
-PT_SUFFIXES = (".pt", ".pth", ".bin")
+# .pth.tar: the published MobileNet landmark file (mobilenet_224_model_best_gdconv_external).
+PT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin")
 CKPT_SUFFIXES = (".ckpt",)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 NPZ_SUFFIXES = (".npz",)
@@ -36,7 +38,8 @@ class StateDictError(ValueError):
 
 
 def _suffix(path: pathlib.Path) -> str:
-  return path.suffix.lower()
+  name = path.name.lower()
+  return ".pth.tar" if name.endswith(".pth.tar") else path.suffix.lower()
 
 
 def to_numpy(v: Any) -> np.ndarray:

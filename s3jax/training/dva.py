@@ -23,6 +23,8 @@ def flatten_frames(batch):
 class DVATask:
 
   def __init__(self, config, mesh, workdir, data_iterator=None):
+    if data_iterator is None:  # fail before compiling when the records are the other path's
+      input_pipeline.check_face_features(config.data.data_dir, config.model.face_features)
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.mesh = mesh
