@@ -2,7 +2,7 @@ r"""Edit a face in a video with a trained DVA.
 
   python -m s3jax.edit --checkpoint runs/demo --input VIDEO.mp4|FRAMES_DIR \
       --attribute Mouth_Wide --strength 0.5 --out out/edited.mp4 \
-      [--steps 100] [--blend hard|feather|poisson] [--side-by-side] [--max-frames N] \
+      [--steps 100] [--blend hard|feather|poisson|residual] [--side-by-side] [--max-frames N] \
       [--classifier DIR] [--editor classifier|s3editor] [--s3editor DIR] [--png-dir DIR] \
       [--reference] [--[no]renormalize-identity] [--paste-space frame|crop] \
       [--align-border reflect|constant]
@@ -34,7 +34,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 import jax
 
-from s3jax import edit_job
+from s3jax import edit_job, editing
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "DVA workdir (config.json + checkpoints/), e.g. runs/demo."
@@ -51,8 +51,9 @@ _STEPS = flags.DEFINE_integer(
 _BLEND = flags.DEFINE_enum(
     "blend",
     None,
-    ["hard", "feather", "poisson"],
-    "Paste-back: hard (DVA, the default), feather (dilate + blur, STIT), poisson.",
+    list(editing.BLENDS),
+    "Paste-back: hard (DVA, the default), feather (dilate + blur, STIT), poisson, or residual "
+    "(frame + feathered (edit - reconstruction): keeps the frame's detail; one extra decode).",
 )
 _REFERENCE = flags.DEFINE_bool(
     "reference",

@@ -73,7 +73,8 @@ def run_edit(
   ``on_stage(message)`` is called at each stage (the CLI prints them).
   ``reference``: the reference's options (``editing.REFERENCE_OPTIONS``); ``steps``,
   ``blend``, ``renormalize_identity``, ``paste_space`` and ``align_border`` override
-  single options when not None (``editing.EditOptions``).
+  single options when not None (``editing.EditOptions``); ``blend`` is one of
+  ``editing.BLENDS`` ('residual' adds one decode, reported under ``residual``).
   """
   t_start = time.perf_counter()
   timings = {}

@@ -21,7 +21,10 @@ The procedure (DVA's classifier editing, ``editing_classifier.py``, with STIT's 
    ``w`` and D the z_id width (128 dlib, 512 ArcFace).
 5. Batched DDIM decoding from x_T with ``z_face(z̄'_id, z_lnd_i)``.
 6. ``video.paste_back`` with the video mask (hard / feather / poisson), composited in the
-   frame (default) or, as the reference, in the crop (``EditOptions.paste_space``).
+   frame (default) or, as the reference, in the crop (``EditOptions.paste_space``); or
+   ``residual_paste_back`` ('residual'): the frame plus the feathered, warped difference
+   between the edited decode and the DDIM reconstruction (one extra decode, cached), so the
+   frame's own detail survives inside the face.
 
 ``EditOptions`` holds every choice where the default deviates from the reference;
 ``REFERENCE_OPTIONS`` (``VideoEditor(reference=True)``, ``python -m s3jax.edit
@@ -36,8 +39,9 @@ Already aligned inputs (dataset records with their landmarks and z_id) skip
 step 1 and the features: ``VideoEditor.encode_aligned``.
 
 Public API: ``VideoCode``, ``DDIMRunner``, ``VideoEditor``, ``EditOptions``,
-``average_identity``. Weights are loaded by ``s3jax.loading`` (``load_dva``,
-``load_classifier``, ``load_editor``) and ``porting.dva_checkpoint.load_frozen_encoders``.
+``average_identity``, ``residual_paste_back``, ``BLENDS``. Weights are loaded by
+``s3jax.loading`` (``load_dva``, ``load_classifier``, ``load_editor``) and
+``porting.dva_checkpoint.load_frozen_encoders``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import pathlib
 import time
 from typing import Callable, Optional
 
+import cv2
 import flax
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -70,6 +75,10 @@ CACHE_VERSION = 1
 DEFAULT_CHUNK = 8
 PASTE_SPACES = ("frame", "crop")
 ALIGN_BORDERS = ("reflect", "constant")
+# video.paste_back's blends, plus 'residual' (residual_paste_back), which feathers like 'feather'.
+RESIDUAL = "residual"
+BLENDS = tuple(video.BLEND_DEFAULTS) + (RESIDUAL,)
+RECON_CACHE_ENTRIES = 2  # reconstructions an editor keeps in memory (one per recent video)
 
 EditFn = Callable[[np.ndarray, str, float], np.ndarray]
 
@@ -93,7 +102,8 @@ class EditOptions:
   align_border: how the alignment warp fills parts of the quad outside the frame:
     'reflect' (FFHQ's padded recipe) or 'constant' (black, the reference's
     ``enable_padding=False``).
-  blend: paste-back blend (``video.BLEND_DEFAULTS``); 'hard' is the reference's.
+  blend: paste-back blend (``BLENDS``): ``video.BLEND_DEFAULTS``' hard / feather / poisson,
+    or 'residual' (``residual_paste_back``, beyond the reference); 'hard' is the reference's.
   """
 
   steps: int = 100
@@ -108,8 +118,8 @@ class EditOptions:
       raise ValueError(f"paste_space must be one of {PASTE_SPACES}, got {self.paste_space!r}")
     if self.align_border not in ALIGN_BORDERS:
       raise ValueError(f"align_border must be one of {ALIGN_BORDERS}, got {self.align_border!r}")
-    if self.blend not in video.BLEND_DEFAULTS:
-      raise ValueError(f"blend must be one of {sorted(video.BLEND_DEFAULTS)}, got {self.blend!r}")
+    if self.blend not in BLENDS:
+      raise ValueError(f"blend must be one of {sorted(BLENDS)}, got {self.blend!r}")
 
 
 DEFAULT_OPTIONS = EditOptions()
@@ -141,6 +151,69 @@ def average_identity(z_frames, renormalize: bool = True) -> np.ndarray:
   """
   z = np.asarray(z_frames, np.float64).mean(0)
   return (l2_normalize(z) if renormalize else z).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Residual paste-back
+# ---------------------------------------------------------------------------
+def residual_paste_back(
+    frame,
+    edited_crop,
+    reconstruction_crop,
+    quad,
+    mask_crop,
+    dilate: Optional[float] = None,
+    blur: Optional[float] = None,
+    return_mask: bool = False,
+):
+  """Adds what the edit changed to ``frame``: ``frame + alpha * warp(edited - reconstruction)``.
+
+  ``edited_crop`` and ``reconstruction_crop`` are (S, S, 3) uint8 decodes of the same x_T
+  with the edited and the unedited z_id. Their difference (uint8 units, float32) is warped
+  into the frame like the crop in ``video.paste_back`` (inverse quad warp, bicubic) and added
+  with feather's alpha and support (``video.paste_back(blend='feather')``, the same
+  ``dilate``/``blur``, default ``video.BLEND_DEFAULTS['feather']``), then rounded and
+  clipped to [0, 255]. Where the edit changed nothing the frame keeps its own pixels, so a
+  blurry low-resolution decode does not blur the face.
+
+  Pixels outside the support are bit-identical to ``frame``, and so is every pixel when
+  ``edited_crop == reconstruction_crop``. Returns the new frame, or ``(frame, alpha,
+  support)`` as ``video.paste_back`` when ``return_mask``.
+  """
+  frame = np.asarray(frame)
+  edited = np.asarray(edited_crop)
+  recon = np.asarray(reconstruction_crop)
+  if edited.shape != recon.shape or edited.dtype != np.uint8 or recon.dtype != np.uint8:
+    raise ValueError(
+        "edited_crop and reconstruction_crop must be uint8 of one shape, got "
+        f"{edited.shape} {edited.dtype} and {recon.shape} {recon.dtype}"
+    )
+  feather = video.BLEND_DEFAULTS["feather"]
+  dilate = feather["dilate"] if dilate is None else float(dilate)
+  blur = feather["blur"] if blur is None else float(blur)
+  # paste_back validates the arguments and computes feather's alpha on the same warp.
+  _, alpha, support = video.paste_back(
+      frame, recon, quad, mask_crop, blend="feather", dilate=dilate, blur=blur, return_mask=True
+  )
+  out = frame.copy()
+  rows, cols = np.flatnonzero(support.any(1)), np.flatnonzero(support.any(0))
+  if len(rows):
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    inv = alignment.crop_matrix(quad, edited.shape[0])  # frame idx -> crop idx
+    inv[:, 2] += inv[:, :2] @ np.array([x0, y0], np.float64)  # roi idx -> crop idx
+    residual = edited.astype(np.float32) - recon.astype(np.float32)
+    warped = cv2.warpAffine(
+        residual,
+        inv,
+        (int(x1 - x0), int(y1 - y0)),
+        flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    a = alpha[y0:y1, x0:x1, None]
+    region = frame[y0:y1, x0:x1]
+    mixed = np.clip(np.rint(region.astype(np.float32) + a * warped), 0, 255).astype(np.uint8)
+    out[y0:y1, x0:x1] = np.where(a > 0, mixed, region)
+  return (out, alpha, support) if return_mask else out
 
 
 # ---------------------------------------------------------------------------
@@ -481,6 +554,7 @@ class VideoEditor:
     self.max_gap = int(max_gap)
     self.detector = detector
     self.progress = progress
+    self._reconstructions = {}  # fingerprint -> uint8 crops, the newest last
     self.load_seconds = time.perf_counter() - t0
 
   def chunk_size(self, num_frames: int) -> int:
@@ -669,9 +743,61 @@ class VideoEditor:
     x0 = self.runner.decode(code.x_T, z, code.z_lnd, timings)
     return images.to_uint8(x0)
 
-  def reconstruct(self, code: VideoCode) -> np.ndarray:
-    """The DDIM reconstruction (decode with the unedited averaged z_id)."""
-    return self.decode(code, code.z_id)
+  def reconstruct(self, code: VideoCode, timings: Optional[dict] = None) -> np.ndarray:
+    """The DDIM reconstruction (decode with the unedited averaged z_id) (M, S, S, 3) uint8.
+
+    Cached: in memory (the editor's last ``RECON_CACHE_ENTRIES`` codes) and, for a code from
+    the edit cache, in ``<key>.reconstruction.npz`` beside it, both keyed by a hash of x_T,
+    z_id and z_lnd. Adds ``decode_reconstruction`` seconds to ``timings`` when it decodes,
+    ``reconstruction_load`` when it reads the file.
+    """
+    return self.reconstruction(code, timings)[0]
+
+  def reconstruction(self, code: VideoCode, timings: Optional[dict] = None):
+    """``reconstruct`` -> (crops, where they came from: 'decoded', 'memory' or 'disk').
+
+    The crops are the caller's own copy (the cache keeps its own).
+    """
+    timings = {} if timings is None else timings
+    h = hashlib.sha256()
+    for a in (code.x_T, code.z_id, code.z_lnd):
+      a = np.ascontiguousarray(a, np.float32)
+      h.update(repr(a.shape).encode())
+      h.update(a.data)
+    fp = h.hexdigest()
+    if fp in self._reconstructions:
+      return self._reconstructions[fp].copy(), "memory"
+    path = None
+    if code.cache_path:
+      cp = pathlib.Path(code.cache_path)
+      path = cp.with_name(f"{cp.stem}.reconstruction.npz")
+    crops, source = None, "decoded"
+    if path is not None and path.exists():
+      t0 = time.perf_counter()
+      try:
+        with np.load(path, allow_pickle=False) as z:
+          if str(z["fingerprint"]) == fp:
+            crops, source = np.asarray(z["crops"]), "disk"
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("ignoring unreadable reconstruction cache %s: %s", path, e)
+      timings["reconstruction_load"] = time.perf_counter() - t0
+    if crops is None:
+      t = {}
+      crops = self.decode(code, code.z_id, t)
+      timings["decode_reconstruction"] = t.get("decode", 0.0)
+      if "compile" in t:
+        timings["compile"] = timings.get("compile", 0.0) + t["compile"]
+      if path is not None:
+        try:
+          tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+          np.savez(tmp, crops=crops, fingerprint=np.asarray(fp))
+          tmp.replace(path)
+        except OSError as e:
+          logging.warning("could not write the reconstruction cache %s: %s", path, e)
+    self._reconstructions[fp] = crops.copy()
+    while len(self._reconstructions) > RECON_CACHE_ENTRIES:
+      self._reconstructions.pop(next(iter(self._reconstructions)))
+    return crops, source
 
   # -- the whole edit --------------------------------------------------------
   def blend_params(self, blend: str) -> dict:
@@ -679,8 +805,11 @@ class VideoEditor:
 
     ``video.BLEND_DEFAULTS`` are in crop pixels of a 256 px crop; they are scaled to the
     model's crop size so the feather band covers the same part of the face at any size.
+    'residual' feathers like 'feather'.
     """
-    d = video.BLEND_DEFAULTS[blend]
+    if blend not in BLENDS:
+      raise ValueError(f"blend must be one of {sorted(BLENDS)}, got {blend!r}")
+    d = video.BLEND_DEFAULTS["feather" if blend == RESIDUAL else blend]
     return {"dilate": d["dilate"] * self.size / 256.0, "blur": d["blur"] * self.size / 256.0}
 
   def composite(self, code: VideoCode, crops) -> np.ndarray:
@@ -694,26 +823,40 @@ class VideoEditor:
       crops,
       blend: Optional[str] = None,
       paste_space: Optional[str] = None,
+      reconstruction=None,
   ) -> np.ndarray:
     """Pastes edited crops into copies of ``frames`` (frames not in the code pass through).
 
     ``paste_space`` 'frame': ``video.paste_back`` of the crop inside the warped video mask.
     'crop': the reference's; the crop-space ``composite`` replaces the whole quad.
     None: ``self.options``' (and likewise ``blend``).
+
+    ``blend='residual'``: ``residual_paste_back`` of ``crops`` against ``reconstruction``
+    ((M, S, S, 3) uint8; default ``self.reconstruct(code)``). With 'crop' the residual is
+    masked in the crop (hard, as the reference composites) and added over the whole quad.
     """
     blend = blend or self.options.blend
     space = paste_space or self.options.paste_space
     if space not in PASTE_SPACES:
       raise ValueError(f"paste_space must be one of {PASTE_SPACES}, got {space!r}")
+    bp = self.blend_params(blend)  # validates blend
+    if blend == RESIDUAL and reconstruction is None:
+      reconstruction = self.reconstruct(code)
     if space == "crop":
       crops = self.composite(code, crops)
+      if blend == RESIDUAL:  # the residual is then 0 outside the mask, as in the composite
+        reconstruction = self.composite(code, reconstruction)
       masks = np.ones_like(code.masks)
     else:
       masks = code.masks
     out = np.array(frames, copy=True)
-    bp = self.blend_params(blend)
     for j, i in enumerate(code.frame_indices):
-      out[i] = video.paste_back(frames[i], crops[j], code.quads[i], masks[j], blend=blend, **bp)
+      if blend == RESIDUAL:
+        out[i] = residual_paste_back(
+            frames[i], crops[j], reconstruction[j], code.quads[i], masks[j], **bp
+        )
+      else:
+        out[i] = video.paste_back(frames[i], crops[j], code.quads[i], masks[j], blend=blend, **bp)
     return out
 
   def identity_embeddings(self, crops_u8) -> np.ndarray:
@@ -775,6 +918,8 @@ class VideoEditor:
     gaps pass through unedited and are listed in the report. ``blend`` and
     ``paste_space`` default to ``self.options``'. Both renders share the inversion
     under the unedited z_id, as in the reference; ``crops`` are the decoded ones.
+    ``blend='residual'`` also decodes the reconstruction (``reconstruct``, cached) and the
+    report's ``residual`` says whether it took an extra decode and how long.
     """
     # Validates blend and paste_space before any work.
     options = dataclasses.replace(
@@ -798,8 +943,20 @@ class VideoEditor:
     ).reshape(-1)
     timings["edit_z"] = time.perf_counter() - t0
     crops = self.decode(code, z_new, timings)
+    recon, residual = None, None
+    if blend == RESIDUAL:
+      recon_t = {}
+      recon, source = self.reconstruction(code, recon_t)
+      residual = {
+          "extra_decode": source == "decoded",
+          "reconstruction_source": source,
+          "decode_reconstruction_s": round(float(recon_t.get("decode_reconstruction", 0.0)), 4),
+          "unet_calls_per_frame": self.steps if source == "decoded" else 0,
+      }
+      for k, v in recon_t.items():
+        timings[k] = timings.get(k, 0.0) + v
     t0 = time.perf_counter()
-    out = self.paste(frames, code, crops, blend, paste_space)
+    out = self.paste(frames, code, crops, blend, paste_space, reconstruction=recon)
     timings["paste"] = time.perf_counter() - t0
     ident = None
     if compute_metrics:
@@ -814,6 +971,8 @@ class VideoEditor:
         "attribute": attribute,
         "strength": float(strength),
         "blend": blend,
+        # 'residual' only: the reconstruction it subtracts (an extra decode unless cached).
+        "residual": residual,
         "steps": self.steps,
         "face_features": self.face_features,
         "options": dataclasses.asdict(options),
