@@ -12,6 +12,14 @@ Video path (DESIGN.md "Video path (STIT)"):
 5. ``crop_from_quad`` warps the quad to ``size x size``.  ``paste_matrix``
    gives the inverse (crop -> frame) affine used for paste-back.
 
+Reference-exact path (the DVA reference's editing script, checked bit for bit
+against its golden vectors by ``s3jax.parity.edit``): ``detect_landmarks`` with
+``**REFERENCE_DETECT`` on frames decoded by ``dlib.load_rgb_image``, ``ffhq_quad``,
+``smooth_quads`` over the clip, ``reference_crop`` (PIL QUAD warp at 1024 px,
+JPEG round trip, PIL bilinear resize) and ``reference_paste`` (PIL PERSPECTIVE
+with ``perspective_coeffs``, hard paste).  ``crop_from_quad`` and
+``video.paste_back`` are faster and pad/blend differently; they are not exact.
+
 Coordinate conventions
 ----------------------
 * Landmarks and quads are in *pixel-index* coordinates (pixel centres at
@@ -30,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import io
 import os
 import time
 from typing import Iterable, List, NamedTuple, Optional, Sequence
@@ -37,6 +46,7 @@ from typing import Iterable, List, NamedTuple, Optional, Sequence
 import cv2
 import dlib
 import numpy as np
+from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
@@ -57,6 +67,12 @@ __all__ = [
     "crop_matrix",
     "paste_matrix",
     "crop_from_quad",
+    "REFERENCE_DETECT",
+    "reference_crop",
+    "jpeg_round_trip",
+    "reference_resize",
+    "perspective_coeffs",
+    "reference_paste",
     "transform_points",
     "landmarks_in_crop",
     "predict_landmarks_in_crop",
@@ -80,6 +96,9 @@ DEFAULT_DETECT_MAX_SIDE = 640
 # crops of the office clip and the astronaut (see tests); used to run the
 # shape predictor on crops without detecting again.
 CANONICAL_FACE_RECT = (0.186, 0.319, 0.784, 0.916)
+# The DVA reference's detection: HOG at upsample 0 on the full-resolution frame, no
+# score threshold, its first detection (``detect_landmarks(frame, **REFERENCE_DETECT)``).
+REFERENCE_DETECT = dict(upsample=0, min_score=0.0, detect_max_side=None, pick="first")
 
 
 class NoFaceError(RuntimeError):
@@ -165,6 +184,7 @@ def detect_landmarks(
     min_score: Optional[float] = None,
     detect_max_side: Optional[int] = DEFAULT_DETECT_MAX_SIDE,
     return_score: bool = False,
+    pick: str = "largest",
 ):
   """68 landmarks (68, 2) float64 of the largest face in an RGB uint8 frame, or None.
 
@@ -173,10 +193,13 @@ def detect_landmarks(
   the full-resolution frame.  ``upsample=None`` tries 0 and, only if nothing
   is found, 1 (HOG) -- fast on large faces, still finds faces down to ~40 px.
   Detections below ``min_score`` (HOG score / mmod confidence) are dropped;
-  among the rest the largest box wins (ties: higher score).
+  among the rest the largest box wins (ties: higher score), or with
+  ``pick='first'`` dlib's first one, as the reference takes it.
   With ``return_score=True`` returns ``(landmarks, score)`` (``(None, None)``
   when nothing is found).
   """
+  if pick not in ("largest", "first"):
+    raise ValueError(f"pick must be 'largest' or 'first', got {pick!r}")
   img = _as_rgb_uint8(frame)
   if min_score is None:
     min_score = DEFAULT_HOG_MIN_SCORE if detector == "hog" else DEFAULT_CNN_MIN_SCORE
@@ -198,7 +221,10 @@ def detect_landmarks(
       break
   if not rects:
     return (None, None) if return_score else None
-  l, t, r, b, s = max(rects, key=lambda q: ((q[2] - q[0]) * (q[3] - q[1]), q[4]))
+  if pick == "first":
+    l, t, r, b, s = rects[0]
+  else:
+    l, t, r, b, s = max(rects, key=lambda q: ((q[2] - q[0]) * (q[3] - q[1]), q[4]))
   inv = 1.0 / scale
   rect = dlib.rectangle(
       int(round(l * inv)), int(round(t * inv)), int(round(r * inv)), int(round(b * inv))
@@ -418,6 +444,119 @@ def crop_from_quad(
   if inter != size:
     out = cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
   return out
+
+
+# --------------------------------------------------------------------------
+# The DVA reference's crop and paste-back (PIL, bit for bit)
+# --------------------------------------------------------------------------
+
+
+def reference_crop(
+    frame,
+    quad,
+    size: int = 256,
+    transform_size: int = 1024,
+    jpeg_quality: Optional[int] = 75,
+) -> np.ndarray:
+  """The reference's model input: ``size x size`` uint8 crop of ``quad``, bit for bit.
+
+  Its ``crop_image`` (FFHQ's recipe without padding) on a PIL-decoded frame: frames
+  whose quad diagonal is 4 * ``transform_size`` or more are first shrunk (LANCZOS),
+  the frame is cut to the quad's box plus a border, and PIL's QUAD transform (a bilinear
+  map of ``quad + 0.5`` that truncates to uint8, black outside the frame) warps it to
+  ``transform_size``. The reference then saves that crop as a JPEG (PIL defaults,
+  quality 75; ``jpeg_quality=None`` skips it) and its data set resizes it with PIL's
+  antialiased bilinear (``reference_resize``).
+  """
+  img = Image.fromarray(_as_rgb_uint8(frame))
+  q = np.array(quad, dtype=np.float64)
+  if q.shape != (4, 2):
+    raise ValueError(f"expected a (4, 2) quad, got {q.shape}")
+  # The reference's qsize is the quad's diagonal (2*sqrt(2)*|x|), not FFHQ's side 2*|x|.
+  qsize = np.hypot(*((q[3] - q[1]) / 2)) * 2
+  shrink = int(np.floor(qsize / transform_size * 0.5))
+  if shrink > 1:
+    rsize = (int(np.rint(img.size[0] / shrink)), int(np.rint(img.size[1] / shrink)))
+    img = img.resize(rsize, Image.Resampling.LANCZOS)
+    q /= shrink
+    qsize /= shrink
+  border = max(int(np.rint(qsize * 0.1)), 3)
+  box = (
+      max(int(np.floor(q[:, 0].min())) - border, 0),
+      max(int(np.floor(q[:, 1].min())) - border, 0),
+      min(int(np.ceil(q[:, 0].max())) + border, img.size[0]),
+      min(int(np.ceil(q[:, 1].max())) + border, img.size[1]),
+  )
+  if box[2] - box[0] < img.size[0] or box[3] - box[1] < img.size[1]:
+    img = img.crop(box)
+    q -= box[:2]
+  img = img.transform(
+      (transform_size, transform_size),
+      Image.Transform.QUAD,
+      tuple((q + 0.5).flatten()),
+      Image.Resampling.BILINEAR,
+  )
+  out = np.asarray(img)
+  if jpeg_quality is not None:
+    out = jpeg_round_trip(out, jpeg_quality)
+  return reference_resize(out, size)
+
+
+def jpeg_round_trip(image, quality: int = 75) -> np.ndarray:
+  """Encode ``image`` (H, W, 3) uint8 as a PIL JPEG (4:2:0) and decode it again."""
+  buf = io.BytesIO()
+  Image.fromarray(_as_rgb_uint8(image)).save(buf, format="JPEG", quality=int(quality))
+  buf.seek(0)
+  with Image.open(buf) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def reference_resize(image, size: int) -> np.ndarray:
+  """PIL's antialiased bilinear resize of a square uint8 image to ``size x size``.
+
+  The reference data set's ``Resize(size)`` + ``CenterCrop(size)`` on a square crop.
+  """
+  img = _as_rgb_uint8(image)
+  if img.shape[0] != img.shape[1]:
+    raise ValueError(f"expected a square image, got {img.shape[:2]}")
+  if img.shape[0] == size:
+    return img.copy()
+  return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def perspective_coeffs(quad, size: int) -> np.ndarray:
+  """PIL PERSPECTIVE coefficients (a..h), continuous frame coords -> continuous crop coords.
+
+  The projective map taking the quad's outer corners ``quad + 0.5`` to the crop's
+  corners (0, 0), (0, size), (size, size), (size, 0), as the reference's
+  ``calc_alignment_coefficients``: X' = (aX + bY + c) / (gX + hY + 1), Y' likewise.
+  """
+  src = np.asarray(quad, dtype=np.float64) + 0.5
+  dst = np.array([[0, 0], [0, size], [size, size], [size, 0]], np.float64)
+  a = np.zeros((8, 8), np.float64)
+  for i, ((x, y), (u, v)) in enumerate(zip(src, dst)):
+    a[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
+    a[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
+  return np.linalg.solve(a, dst.reshape(8))
+
+
+def reference_paste(frame, crop, quad) -> np.ndarray:
+  """The reference's paste-back: ``crop`` warped into ``frame`` over ``quad``, hard.
+
+  PIL PERSPECTIVE (``perspective_coeffs``) with bilinear sampling that truncates to
+  uint8; every frame pixel whose centre maps inside the crop is replaced, the rest
+  are kept bit for bit. Returns a new (H, W, 3) uint8 frame.
+  """
+  base = Image.fromarray(_as_rgb_uint8(frame))
+  c = _as_rgb_uint8(crop)
+  coeffs = perspective_coeffs(quad, c.shape[0])
+  warped = (
+      Image.fromarray(c)
+      .convert("RGBA")
+      .transform(base.size, Image.Transform.PERSPECTIVE, tuple(coeffs), Image.Resampling.BILINEAR)
+  )
+  base.paste(warped, (0, 0), mask=warped)
+  return np.asarray(base)
 
 
 def predict_landmarks_in_crop(crop) -> np.ndarray:

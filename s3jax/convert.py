@@ -8,7 +8,8 @@
 
 The subcommand is the first argument:
   parity  runs the golden checks whose files are in --golden (unet_tiny_*, ddim_tiny_io.npz,
-          encoders_*) and prints one JSON line per output.
+          encoders_*; golden/edit's edit_io.npz: the reference's classifier edit, jax only)
+          and prints one JSON line per output.
   export  writes the DVA of an s3jax workdir under the reference's key names: .pt, .pth or
           .safetensors (--ema: the EMA weights), or a Lightning .ckpt (--lightning: both sets).
           --step picks the checkpoint step (default: the newest). Prints one JSON line.
@@ -33,6 +34,7 @@ from ml_collections import config_flags
 
 from s3jax.checkpointing import CheckpointShapeError
 from s3jax.models.autoencoder import LND_DIM
+from s3jax.parity import edit as parity_edit
 from s3jax.parity import encoders as parity_encoders
 from s3jax.parity import unet as parity_unet
 from s3jax.porting import classifier as classifier_import
@@ -120,6 +122,7 @@ _WEIGHTS = flags.DEFINE_enum(
 PARITY_CHECKS = (
     (parity_unet, "unet_tiny_io.npz"),
     (parity_encoders, "encoders_io.npz"),
+    (parity_edit, "edit_io.npz"),
 )
 
 # Errors that mean "these files cannot be converted": one line on stderr, exit status 2.

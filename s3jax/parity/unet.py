@@ -37,7 +37,7 @@ def rel_err(out, ref) -> float:
   return float(num / den) if den > 0 else float(num)
 
 
-def _row(name, out, ref, tol=TOL) -> dict:
+def rel_row(name, out, ref, tol=TOL) -> dict:
   if np.shape(out) != np.shape(ref):
     return dict(
         name=name,
@@ -146,14 +146,14 @@ def check(golden_dir, backend: str = "jax") -> list[dict]:
   sd = load_state_dict(sd_path)
   eps, invert, sample = (_jax_runner if backend == "jax" else _torch_runner)(cfg_json, sd)
 
-  rows = [_row(f"{backend}/unet_tiny/eps", eps(io["x"], io["t"], io["cond"]), io["eps"])]
+  rows = [rel_row(f"{backend}/unet_tiny/eps", eps(io["x"], io["t"], io["cond"]), io["eps"])]
   ddim_path = d / "ddim_tiny_io.npz"
   if ddim_path.exists():
     dd = np.load(ddim_path)
     for n in _ddim_counts(dd.files):
       if f"timestep_map_{n}" in dd.files:
         rows.append(
-            _row(
+            rel_row(
                 f"{backend}/ddim_tiny/timestep_map_{n}",
                 diffusion.respaced_timesteps(n),
                 dd[f"timestep_map_{n}"],
@@ -161,11 +161,11 @@ def check(golden_dir, backend: str = "jax") -> list[dict]:
             )
         )
       rows.append(
-          _row(f"{backend}/ddim_tiny/xT_{n}", invert(dd["x0"], dd["cond"], n), dd[f"xT_{n}"])
+          rel_row(f"{backend}/ddim_tiny/xT_{n}", invert(dd["x0"], dd["cond"], n), dd[f"xT_{n}"])
       )
       if f"rec_{n}" in dd.files:
         rows.append(
-            _row(
+            rel_row(
                 f"{backend}/ddim_tiny/rec_{n}", sample(dd[f"xT_{n}"], dd["cond"], n), dd[f"rec_{n}"]
             )
         )
