@@ -5,7 +5,7 @@ r"""Edit a face in a video with a trained DVA.
       [--steps 100] [--blend hard|feather|poisson|residual] [--side-by-side] [--max-frames N] \
       [--classifier DIR] [--editor classifier|s3editor] [--s3editor DIR] [--png-dir DIR] \
       [--reference] [--[no]renormalize-identity] [--paste-space frame|crop] \
-      [--align-border reflect|constant]
+      [--align-border reflect|constant] [--alignment default|reference]
   python -m s3jax.edit --checkpoint runs/demo --list-attributes
 
 Steps: align (dlib, STIT-smoothed FFHQ quads) -> per-frame z_lnd and the averaged
@@ -16,8 +16,12 @@ optionally OUT.side_by_side.mp4 (input | edit) and one PNG per frame.
 
 --reference reproduces the reference's editing_classifier.py: 1000 DDIM steps, the
 identity average not renormalised, a hard paste composited in the crop, no alignment
-padding. Each of those is also a flag of its own, which wins over --reference
-(docs/editing.md lists the deviations of the default and why).
+padding, and its alignment (dlib detection at full resolution, PIL crop with a JPEG round
+trip, PIL paste-back). Each of those is also a flag of its own, which wins over --reference
+(docs/editing.md lists the deviations of the default and why). The landmarks are detected
+on the frames as they are read (OpenCV's decode, which equals PIL's on JPEG), not on
+dlib's own JPEG decode as the reference does; on JPEG frames that can move them by a few
+pixels (VideoEditor.encode(detect_frames=editing.dlib_decoded_frames(...)) removes it).
 
 Exit status 0 on success, 1 on a user error (unknown attribute, no face in the
 video, missing file, ...), with a one-line message and no traceback.
@@ -78,6 +82,14 @@ _ALIGN_BORDER = flags.DEFINE_enum(
     None,
     ["reflect", "constant"],
     "Alignment fill outside the frame: reflect (default) or constant black (the reference).",
+)
+_ALIGNMENT = flags.DEFINE_enum(
+    "alignment",
+    None,
+    list(editing.ALIGNMENTS),
+    "default: detect on a 640 px copy, OpenCV crop and paste-back; reference: the "
+    "reference's detection (full resolution, upsample 0, first face), PIL crop via a 1024 px "
+    "JPEG, PIL paste-back (the default with --reference).",
 )
 _SIDE_BY_SIDE = flags.DEFINE_bool(
     "side-by-side", False, "Also write OUT.side_by_side.mp4 (input | edit)."
@@ -173,6 +185,7 @@ def main(argv):
         renormalize_identity=_RENORMALIZE_IDENTITY.value,
         paste_space=_PASTE_SPACE.value,
         align_border=_ALIGN_BORDER.value,
+        alignment_mode=_ALIGNMENT.value,
     )
   except edit_job.EditError as e:
     print(f"s3jax.edit: error: {e}", file=sys.stderr)

@@ -65,6 +65,7 @@ def run_edit(
     renormalize_identity: Optional[bool] = None,
     paste_space: Optional[str] = None,
     align_border: Optional[str] = None,
+    alignment_mode: Optional[str] = None,
 ) -> dict:
   """The whole edit of a video file; returns the report. Raises EditError on user errors.
 
@@ -72,7 +73,8 @@ def run_edit(
   options then hold, except ``blend`` and ``paste_space`` when given.
   ``on_stage(message)`` is called at each stage (the CLI prints them).
   ``reference``: the reference's options (``editing.REFERENCE_OPTIONS``); ``steps``,
-  ``blend``, ``renormalize_identity``, ``paste_space`` and ``align_border`` override
+  ``blend``, ``renormalize_identity``, ``paste_space``, ``align_border`` and
+  ``alignment_mode`` (option ``alignment``) override
   single options when not None (``editing.EditOptions``); ``blend`` is one of
   ``editing.BLENDS`` ('residual' adds one decode, reported under ``residual``).
   """
@@ -96,6 +98,7 @@ def run_edit(
         renormalize_identity=renormalize_identity,
         paste_space=paste_space,
         align_border=align_border,
+        alignment=alignment_mode,
     )
   except ValueError as e:
     raise EditError(str(e)) from None
@@ -131,10 +134,15 @@ def run_edit(
           paste_space=paste_space,
           align_border=align_border,
           blend=blend,
+          alignment=alignment_mode,
       )
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
       raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
   timings["load_model"] = time.perf_counter() - t0
+  detect_frames = None
+  if video_editor.options.alignment == "reference" and pathlib.Path(input).is_dir():
+    # The reference detects on dlib's decode of the files and crops on PIL's (quirk 1).
+    detect_frames = editing.dlib_decoded_frames(video.frame_files(input, max_frames))
 
   stage(
       f"editing {len(frames)} frames: {attribute} x {strength} at {video_editor.steps} DDIM "
@@ -151,6 +159,7 @@ def run_edit(
         cache_dir=cache_dir,
         compute_metrics=metrics,
         paste_space=paste_space,
+        detect_frames=detect_frames,
     )
   except alignment.NoFaceError as e:
     raise EditError(f"{input}: {e}") from None

@@ -4,7 +4,11 @@ The procedure (DVA's classifier editing, ``editing_classifier.py``, with STIT's 
 
 1. ``align_video`` (dlib, smoothed FFHQ quads) at ``max(size, 256)`` px, the
    size the face features are defined on (as ``data_prep`` does);
-   crops, landmarks and masks are then resized to the model size.
+   crops, landmarks and masks are then resized to the model size. With
+   ``EditOptions.alignment='reference'`` the reference's: detection with
+   ``alignment.REFERENCE_DETECT`` (optionally on other decodes of the frames,
+   ``detect_frames``) and crops from ``alignment.reference_crop`` (PIL QUAD warp at
+   1024 px, JPEG round trip, PIL resize).
 2. Per-frame z_lnd and z_id, and the paste-back mask, on the checkpoint's feature path
    (``config.model.face_features``): ``dlib`` (descriptor, landmark geometry, landmark
    hull) or ``official`` (IR-SE50, MobileNet, BiSeNet video mask; ``face_encoding.
@@ -20,7 +24,8 @@ The procedure (DVA's classifier editing, ``editing_classifier.py``, with STIT's 
    ``l2norm(denorm(norm(z̄_id) + s·√D·w/‖w‖))`` with the classifier's weight column
    ``w`` and D the z_id width (128 dlib, 512 ArcFace).
 5. Batched DDIM decoding from x_T with ``z_face(z̄'_id, z_lnd_i)``.
-6. ``video.paste_back`` with the video mask (hard / feather / poisson), composited in the
+6. ``video.paste_back`` with the video mask (``alignment.reference_paste``, PIL
+   PERSPECTIVE with a hard alpha, for the reference's alignment, crop space and hard blend) (hard / feather / poisson), composited in the
    frame (default) or, as the reference, in the crop (``EditOptions.paste_space``); or
    ``residual_paste_back`` ('residual'): the frame plus the feathered, warped difference
    between the edited decode and the DDIM reconstruction (one extra decode, cached), so the
@@ -39,7 +44,7 @@ Already aligned inputs (dataset records with their landmarks and z_id) skip
 step 1 and the features: ``VideoEditor.encode_aligned``.
 
 Public API: ``VideoCode``, ``DDIMRunner``, ``VideoEditor``, ``EditOptions``,
-``average_identity``, ``residual_paste_back``, ``BLENDS``. Weights are loaded by
+``average_identity``, ``residual_paste_back``, ``dlib_decoded_frames``, ``BLENDS``. Weights are loaded by
 ``s3jax.loading`` (``load_dva``, ``load_classifier``, ``load_editor``) and
 ``porting.dva_checkpoint.load_frozen_encoders``.
 """
@@ -56,6 +61,7 @@ import time
 from typing import Callable, Optional
 
 import cv2
+import dlib
 import flax
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -75,6 +81,8 @@ CACHE_VERSION = 1
 DEFAULT_CHUNK = 8
 PASTE_SPACES = ("frame", "crop")
 ALIGN_BORDERS = ("reflect", "constant")
+# 'default': align_video's crop_from_quad; 'reference': the reference's detection, crop, paste.
+ALIGNMENTS = ("default", "reference")
 # video.paste_back's blends, plus 'residual' (residual_paste_back), which feathers like 'feather'.
 RESIDUAL = "residual"
 BLENDS = tuple(video.BLEND_DEFAULTS) + (RESIDUAL,)
@@ -104,6 +112,12 @@ class EditOptions:
     ``enable_padding=False``).
   blend: paste-back blend (``BLENDS``): ``video.BLEND_DEFAULTS``' hard / feather / poisson,
     or 'residual' (``residual_paste_back``, beyond the reference); 'hard' is the reference's.
+  alignment: 'default' (``alignment.align_video``: detection on a 640 px copy, the largest
+    face scoring >= 0.5; ``crop_from_quad``; ``video.paste_back``) or 'reference' (the
+    reference's, bit for bit: ``alignment.REFERENCE_DETECT``, ``alignment.reference_crop``
+    at ``max(size, 256)`` px, always black outside the frame (``align_border`` does not
+    apply), and, with ``paste_space='crop'`` and ``blend='hard'``,
+    ``alignment.reference_paste``).
   """
 
   steps: int = 100
@@ -111,6 +125,7 @@ class EditOptions:
   paste_space: str = "frame"
   align_border: str = "reflect"
   blend: str = "hard"
+  alignment: str = "default"
 
   def __post_init__(self):
     diffusion.respaced_timesteps(self.steps)  # validates the step count early
@@ -120,16 +135,20 @@ class EditOptions:
       raise ValueError(f"align_border must be one of {ALIGN_BORDERS}, got {self.align_border!r}")
     if self.blend not in BLENDS:
       raise ValueError(f"blend must be one of {sorted(BLENDS)}, got {self.blend!r}")
+    if self.alignment not in ALIGNMENTS:
+      raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
 
 
 DEFAULT_OPTIONS = EditOptions()
-# editing_classifier.py: --T 1000, the mean z_id as it is, paste in the crop, no padding.
+# editing_classifier.py: --T 1000, the mean z_id as it is, paste in the crop, no padding,
+# its detection, PIL crop and PIL paste-back.
 REFERENCE_OPTIONS = EditOptions(
     steps=1000,
     renormalize_identity=False,
     paste_space="crop",
     align_border="constant",
     blend="hard",
+    alignment="reference",
 )
 
 
@@ -151,6 +170,18 @@ def average_identity(z_frames, renormalize: bool = True) -> np.ndarray:
   """
   z = np.asarray(z_frames, np.float64).mean(0)
   return (l2_normalize(z) if renormalize else z).astype(np.float32)
+
+
+def dlib_decoded_frames(paths) -> np.ndarray:
+  """Image files decoded by ``dlib.load_rgb_image`` (N, H, W, 3) uint8.
+
+  The reference detects its landmarks on this decode but crops and pastes on PIL's
+  (quirk 1 of ``golden/edit``): on JPEG frames the two differ by up to 15 grey levels and
+  move the landmarks by 2-4 px. Pass the result as ``detect_frames`` to
+  ``VideoEditor.encode`` / ``edit_video`` (reference alignment) with the PIL- or
+  OpenCV-decoded frames (``video.read_frames``) as the frames.
+  """
+  return np.stack([dlib.load_rgb_image(str(p)) for p in paths])
 
 
 # ---------------------------------------------------------------------------
@@ -467,8 +498,8 @@ class VideoEditor:
       ``face_encoding.OfficialFeatures`` (whose compiled programs are then shared) instead
       of ``<checkpoint>/frozen_encoders``.
     reference: start from ``REFERENCE_OPTIONS`` instead of ``DEFAULT_OPTIONS``.
-    renormalize_identity / paste_space / align_border / blend: override that field of the
-      options (``EditOptions``); None keeps it.
+    renormalize_identity / paste_space / align_border / blend / alignment: override that
+      field of the options (``EditOptions``); None keeps it.
   """
 
   def __init__(
@@ -489,6 +520,7 @@ class VideoEditor:
       paste_space: Optional[str] = None,
       align_border: Optional[str] = None,
       blend: Optional[str] = None,
+      alignment: Optional[str] = None,
   ):
     self.checkpoint_dir = pathlib.Path(checkpoint_dir)
     # Validated before loading anything.
@@ -499,6 +531,7 @@ class VideoEditor:
         paste_space=paste_space,
         align_border=align_border,
         blend=blend,
+        alignment=alignment,
     )
     self.reference = bool(reference)
     self.steps = self.options.steps
@@ -562,13 +595,22 @@ class VideoEditor:
     return self.runner.chunk_size(num_frames)
 
   # -- encode / decode -------------------------------------------------------
-  def cache_key(self, frames: np.ndarray) -> str:
+  def cache_key(self, frames: np.ndarray, detect_frames: Optional[np.ndarray] = None) -> str:
+    """The edit cache's key: frames, model, steps, size and the encode-time options.
+
+    The reference alignment adds ``align=reference`` and the hash of ``detect_frames``
+    when given (default-mode keys are unchanged).
+    """
     o = self.options
     opts = (
         f"steps={self.steps};size={self.size};gap={self.max_gap};det={self.detector};"
         f"renorm={o.renormalize_identity};border={o.align_border};"
         f"features={self.face_features}"
     )
+    if o.alignment != "default":
+      opts += f";align={o.alignment}"
+      if detect_frames is not None:
+        opts += f";detect={video_hash(detect_frames)}"
     return (
         f"{video_hash(frames)[:20]}-{self.model_hash[:20]}-s{self.steps}-{self.size}-"
         + hashlib.sha256(opts.encode()).hexdigest()[:8]
@@ -577,17 +619,70 @@ class VideoEditor:
   def default_cache_dir(self) -> pathlib.Path:
     return self.checkpoint_dir / "edit_cache"
 
-  def encode(self, video_frames, cache_dir=None) -> VideoCode:
+  def align(self, frames, size: int, detect_frames=None) -> alignment.AlignResult:
+    """``alignment.align_video`` of ``frames`` with crops of ``size`` px, as the options say.
+
+    'default' alignment: ``align_video`` as it is (``align_border``). 'reference': the
+    landmarks come from ``alignment.REFERENCE_DETECT`` on ``detect_frames`` (default: the
+    frames; the reference's are ``dlib_decoded_frames``), the quads are smoothed as in the
+    default, and the crops are ``alignment.reference_crop`` of ``frames`` (PIL's QUAD warp
+    at 1024 px, JPEG at quality 75, PIL's resize to ``size``); the landmarks of frames
+    without a detection are predicted on those crops.
+    """
+    if self.options.alignment == "default":
+      return alignment.align_video(
+          frames,
+          size=size,
+          detector=self.detector,
+          max_gap=self.max_gap,
+          progress=self.progress,
+          border=self.options.align_border,
+      )
+    src = frames if detect_frames is None else detect_frames
+    res = alignment.align_video(
+        src,
+        size=size,
+        detector=self.detector,
+        max_gap=self.max_gap,
+        progress=self.progress,
+        border="constant",
+        **alignment.REFERENCE_DETECT,
+    )
+    t0 = time.perf_counter()
+    crops = np.stack([alignment.reference_crop(f, q, size) for f, q in zip(frames, res.quads)])
+    lmc = res.landmarks_crop.copy()
+    for i in np.flatnonzero(~res.has_face):
+      lmc[i] = alignment.predict_landmarks_in_crop(crops[i])
+    report = dict(
+        res.report,
+        alignment="reference",
+        detect_frames="given" if detect_frames is not None else "frames",
+        seconds_reference_crop=time.perf_counter() - t0,
+    )
+    return dataclasses.replace(res, crops=crops, landmarks_crop=lmc, report=report)
+
+  def encode(self, video_frames, cache_dir=None, detect_frames=None) -> VideoCode:
     """Align, compute features and invert ``video_frames`` (N, H, W, 3) uint8 -> VideoCode.
 
-    Raises ``alignment.NoFaceError`` when no frame has a face.
+    ``detect_frames``: the same frames decoded otherwise (N, H, W, 3), for the landmarks of
+    the reference alignment (``dlib_decoded_frames``, as the reference detects); ignored by
+    the default alignment. Raises ``alignment.NoFaceError`` when no frame has a face.
     """
     frames = np.asarray(video_frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
       raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    if self.options.alignment == "default":
+      detect_frames = None
+    elif detect_frames is not None:
+      detect_frames = np.asarray(detect_frames)
+      if detect_frames.shape != frames.shape or detect_frames.dtype != np.uint8:
+        raise ValueError(
+            f"detect_frames must be uint8 of the frames' shape {frames.shape}, got "
+            f"{detect_frames.shape} {detect_frames.dtype}"
+        )
     timings = {}
     t0 = time.perf_counter()
-    key = self.cache_key(frames)
+    key = self.cache_key(frames, detect_frames)
     timings["hash"] = time.perf_counter() - t0
     cache_path = None
     if self.cache:
@@ -602,14 +697,7 @@ class VideoEditor:
 
     t0 = time.perf_counter()
     fsize = max(self.size, FEATURE_SIZE)
-    res = alignment.align_video(
-        frames,
-        size=fsize,
-        detector=self.detector,
-        max_gap=self.max_gap,
-        progress=self.progress,
-        border=self.options.align_border,
-    )
+    res = self.align(frames, fsize, detect_frames)
     timings["align"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     usable = np.ones(len(frames), bool)
@@ -834,6 +922,10 @@ class VideoEditor:
     ``blend='residual'``: ``residual_paste_back`` of ``crops`` against ``reconstruction``
     ((M, S, S, 3) uint8; default ``self.reconstruct(code)``). With 'crop' the residual is
     masked in the crop (hard, as the reference composites) and added over the whole quad.
+
+    The reference alignment with 'crop' and 'hard' pastes as the reference does:
+    ``alignment.reference_paste`` (PIL PERSPECTIVE, bilinear, truncating, binary alpha) of
+    the composite over the quad.
     """
     blend = blend or self.options.blend
     space = paste_space or self.options.paste_space
@@ -850,8 +942,11 @@ class VideoEditor:
     else:
       masks = code.masks
     out = np.array(frames, copy=True)
+    pil_paste = self.options.alignment == "reference" and space == "crop" and blend == "hard"
     for j, i in enumerate(code.frame_indices):
-      if blend == RESIDUAL:
+      if pil_paste:
+        out[i] = alignment.reference_paste(frames[i], crops[j], code.quads[i])
+      elif blend == RESIDUAL:
         out[i] = residual_paste_back(
             frames[i], crops[j], reconstruction[j], code.quads[i], masks[j], **bp
         )
@@ -873,16 +968,13 @@ class VideoEditor:
     if len(idx) < 2:
       return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
 
+    def crop(frame, quad):
+      if self.options.alignment == "reference":
+        return alignment.reference_crop(frame, quad, FEATURE_SIZE)
+      return alignment.crop_from_quad(frame, quad, FEATURE_SIZE, border=self.options.align_border)
+
     def embs(frames):
-      crops = np.stack(
-          [
-              alignment.crop_from_quad(
-                  frames[i], code.quads[i], FEATURE_SIZE, border=self.options.align_border
-              )
-              for i in idx
-          ]
-      )
-      return self.identity_embeddings(crops)
+      return self.identity_embeddings(np.stack([crop(frames[i], code.quads[i]) for i in idx]))
 
     e_orig, e_edit = embs(original), embs(edited)
     name = "dlib descriptor (128-d)" if self.features is None else "ArcFace IR-SE50 (512-d)"
@@ -910,6 +1002,7 @@ class VideoEditor:
       compute_metrics: bool = True,
       return_crops: bool = False,
       paste_space: Optional[str] = None,
+      detect_frames=None,
   ):
     """Edits ``frames`` (N, H, W, 3) uint8 -> ``(frames_out, report)`` (+ crops if asked).
 
@@ -920,6 +1013,7 @@ class VideoEditor:
     under the unedited z_id, as in the reference; ``crops`` are the decoded ones.
     ``blend='residual'`` also decodes the reconstruction (``reconstruct``, cached) and the
     report's ``residual`` says whether it took an extra decode and how long.
+    ``detect_frames``: see ``encode`` (the reference alignment's landmark decode).
     """
     # Validates blend and paste_space before any work.
     options = dataclasses.replace(
@@ -935,7 +1029,7 @@ class VideoEditor:
       edit_fn = classifier.edit
     frames = np.asarray(frames)
     t_all = time.perf_counter()
-    code = self.encode(frames, cache_dir=cache_dir)
+    code = self.encode(frames, cache_dir=cache_dir, detect_frames=detect_frames)
     timings = dict(code.timings)
     t0 = time.perf_counter()
     z_new = np.asarray(
@@ -1004,6 +1098,7 @@ class VideoEditor:
                 "jitter_raw",
                 "jitter_smoothed",
                 "detector",
+                "detect_frames",
             )
         },
     }

@@ -75,15 +75,21 @@ def read_frames(
   return _read_video(p, max_frames, resize_width)
 
 
-def _read_folder(p: pathlib.Path, max_frames, resize_width) -> np.ndarray:
+def frame_files(path, max_frames: Optional[int] = None) -> list:
+  """The image files of a frame folder in natural sort order (the order ``read_frames``
+  reads them); ``VideoReadError`` when it holds none."""
+  p = pathlib.Path(path)
   names = sorted(
       (f for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS) and (p / f).is_file()),
       key=_natural_key,
   )
   if not names:
     raise VideoReadError(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-  if max_frames is not None:
-    names = names[:max_frames]
+  return [p / n for n in names[:max_frames]]
+
+
+def _read_folder(p: pathlib.Path, max_frames, resize_width) -> np.ndarray:
+  names = [f.name for f in frame_files(p, max_frames)]
   frames = []
   for name in names:
     bgr = cv2.imread(str(p / name), cv2.IMREAD_COLOR)

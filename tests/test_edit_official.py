@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from s3jax import alignment, edit_job, editing, face_encoding, images, loading, optim, video
+from s3jax import alignment, edit_job, editing, face_encoding, face_features, images, loading
+from s3jax import optim, video
 from s3jax.checkpointing import Checkpointer
 from s3jax.models import face_encoders as fe
 from s3jax.models.autoencoder import FaceFusion, make_dva
@@ -185,8 +186,12 @@ def test_options_default_and_reference():
       "constant",
       "hard",
   )
+  assert (ref.alignment, editing.DEFAULT_OPTIONS.alignment) == ("reference", "default")
   # Explicit values win over --reference.
   assert editing.resolve_options(reference=True, steps=20).steps == 20
+  assert editing.resolve_options(reference=True, alignment="default").alignment == "default"
+  with pytest.raises(ValueError, match="alignment"):
+    editing.resolve_options(alignment="pil")
   with pytest.raises(ValueError, match="paste_space"):
     editing.resolve_options(paste_space="quad")
   with pytest.raises(ValueError, match="respace"):
@@ -250,21 +255,21 @@ def test_reference_mode_pastes_in_the_crop(ref_editor, edit_reference, frames):
   assert report["reference"] and report["reference_options"] is False  # 10 steps, not 1000
   assert report["options"]["paste_space"] == "crop"
   assert report["options"]["renormalize_identity"] is False
+  assert report["options"]["alignment"] == "reference"
   composite = ref_editor.composite(code, crops)
   m = code.masks.astype(bool)
   np.testing.assert_array_equal(composite[m], crops[m])
   np.testing.assert_array_equal(composite[~m], code.crops[~m])
   for j, i in enumerate(code.frame_indices):
-    want, _, quad = video.paste_back(
-        frames[i],
-        composite[j],
-        code.quads[i],
-        np.ones(code.masks[j].shape, np.uint8),
-        blend="hard",
-        return_mask=True,
-    )
+    # The reference's PIL paste-back of the crop-space composite over the whole quad.
+    want = alignment.reference_paste(frames[i], composite[j], code.quads[i])
     np.testing.assert_array_equal(out[i], want)
-    np.testing.assert_array_equal(out[i][~quad], frames[i][~quad])  # outside the quad
+    changed = (out[i] != frames[i]).any(-1)
+    assert changed.any()
+    _, _, quad = video.paste_back(
+        frames[i], composite[j], code.quads[i], np.ones_like(code.masks[j]), return_mask=True
+    )
+    assert not (changed & ~_dilated(quad)).any()  # nothing changes outside the quad
 
 
 def test_bad_option_is_a_user_error(tmp_path):
@@ -292,6 +297,7 @@ def test_run_edit_reports_reference_options(ref_editor, edit_reference, frames, 
       "paste_space": "crop",
       "align_border": "constant",
       "blend": "hard",
+      "alignment": "reference",
   }
   assert rep["cache"]["hit"] and "ArcFace" in rep["identity"]["embedding"]
 
@@ -305,6 +311,28 @@ def test_reference_decode_shares_the_inversion(ref_editor, edit_reference, workd
   z_new = clf.edit(code.z_id[None], "Smiling", 1.0)[0]
   np.testing.assert_array_equal(ref_editor.decode(code, z_new), crops)
   assert np.abs(ref_editor.reconstruct(code).astype(int) - crops.astype(int)).max() > 0
+
+
+def _dilated(mask):
+  """``mask`` grown by one pixel (PIL's and OpenCV's quad edges differ by a pixel)."""
+  return cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+
+
+def test_alignment_option_default_path_unchanged(editor, ref_editor, frames):
+  """The default editor aligns with ``align_video`` (OpenCV crop, reflect border) as before;
+  the reference editor crops its quads with ``alignment.reference_crop``."""
+  res = editor.align(frames, editing.FEATURE_SIZE)
+  want = alignment.align_video(frames, size=editing.FEATURE_SIZE, border="reflect")
+  np.testing.assert_array_equal(res.crops, want.crops)
+  np.testing.assert_array_equal(res.quads, want.quads)
+  ref = ref_editor.align(frames, editing.FEATURE_SIZE)
+  assert ref.report["alignment"] == "reference" and ref.has_face.all()
+  for f, q, c in zip(frames, ref.quads, ref.crops):
+    np.testing.assert_array_equal(c, alignment.reference_crop(f, q, editing.FEATURE_SIZE))
+  # Here (384 px wide, one clear face) both detections find the same face; the crops differ.
+  assert (ref.crops != res.crops).any()
+  assert editor.cache_key(frames) != ref_editor.cache_key(frames)
+  assert ref_editor.cache_key(frames) != ref_editor.cache_key(frames, frames[::-1].copy())
 
 
 # ----------------------------------------------------------------------------------------
@@ -372,3 +400,98 @@ def test_reference_edit_math_matches_golden(golden_edit):
   for z, key in ((avg, "avg_latent"), (edited[0], "avg_latent2")):
     lat = FaceFusion(512).apply(fusion, np.repeat(z[None], n, 0), io["lnd_feats"])
     assert _rel(lat, io[key]) < 1e-6, key
+
+
+# ----------------------------------------------------------------------------------------
+# The reference alignment against golden/edit set A (procedure A, quirks 1-6, 13-14).
+@pytest.fixture(scope="module")
+def golden_align(golden_dir):
+  d = golden_dir.parent / "edit"
+  if not (d / "align_io.npz").exists():
+    pytest.skip(f"golden alignment vectors not found at {d}")
+  with np.load(d / "align_io.npz") as z:
+    return {k: z[k] for k in ("frames_paths", "quads", "crops_256")}
+
+
+@pytest.fixture(scope="module")
+def golden_frames(golden_align, office_clip_dir):
+  """The 4 golden frames at full size: as ``video.read_frames`` decodes them (OpenCV, equal
+  to PIL's decode, which the reference crops) and as dlib decodes them (its landmarks)."""
+  names = [str(n) for n in golden_align["frames_paths"]]
+  frames, _ = video.read_frames(office_clip_dir, max_frames=len(names))
+  return frames, editing.dlib_decoded_frames([office_clip_dir / n for n in names])
+
+
+@pytest.mark.slow
+def test_reference_alignment_matches_golden(ref_editor, golden_align, golden_frames, tmp_path):
+  """The reference editor's detection, quads and 256 px crops are the reference's: the
+  quads within 1e-9 (rel), the crops bit for bit (README bound: mean 0.25, max 2); encode
+  keeps those quads and the crops resized to the model size."""
+  frames, dlib_frames = golden_frames
+  res = ref_editor.align(frames, editing.FEATURE_SIZE, detect_frames=dlib_frames)
+  assert _rel(res.quads, golden_align["quads"]) <= 1e-9
+  diff = np.abs(res.crops.astype(int) - golden_align["crops_256"].astype(int))
+  assert diff.mean() <= 0.25 and diff.max() <= 2
+  np.testing.assert_array_equal(res.crops, golden_align["crops_256"])
+  code = ref_editor.encode(frames, cache_dir=tmp_path, detect_frames=dlib_frames)
+  assert _rel(code.quads, golden_align["quads"]) <= 1e-9
+  want = face_features.resize_crops(golden_align["crops_256"], ref_editor.size)
+  np.testing.assert_array_equal(code.crops, want)
+
+
+@pytest.mark.slow
+def test_run_edit_detects_on_dlib_decode(
+    ref_editor, golden_align, golden_frames, office_clip_dir, tmp_path
+):
+  """``run_edit`` in reference alignment detects on dlib's decode of the frame files: its
+  encoding is the one ``encode(..., detect_frames=dlib decode)`` makes (a cache hit)."""
+  frames, dlib_frames = golden_frames
+  cache = tmp_path / "cache"
+  edit_job.run_edit(
+      ref_editor.checkpoint_dir,
+      str(office_clip_dir),
+      "Smiling",
+      0.3,
+      str(tmp_path / "out.mp4"),
+      max_frames=len(frames),
+      cache_dir=str(cache),
+      metrics=False,
+      video_editor=ref_editor,
+  )
+  code = ref_editor.encode(frames, cache_dir=cache, detect_frames=dlib_frames)
+  assert code.cache_hit
+  assert _rel(code.quads, golden_align["quads"]) <= 1e-9
+
+
+def test_reference_paste_matches_golden(ref_editor, golden_align, golden_dir, office_clip_dir):
+  """``VideoEditor.paste`` in reference mode is the reference's final frame: the golden
+  crop-space composite (``paste_bg_T20[0]``) pasted over golden quad 0 is ``paste_final_T20``
+  in its box and the frame outside it."""
+  with np.load(golden_dir.parent / "edit" / "edit_io.npz") as z:
+    bg, final, box = z["paste_bg_T20"][:1], z["paste_final_T20"], z["paste_final_T20_box"]
+  frames, _ = video.read_frames(office_clip_dir, max_frames=1)
+  crop = images.to_uint8(np.transpose(bg, (0, 2, 3, 1)) * 2.0 - 1.0)
+  s = crop.shape[1]
+  code = editing.VideoCode(
+      num_frames=1,
+      frame_shape=frames.shape[1:],
+      frame_indices=np.arange(1),
+      quads=golden_align["quads"][:1],
+      crops=crop,
+      masks=np.ones((1, s, s), np.uint8),
+      landmarks=np.zeros((1, 68, 2), np.float32),
+      z_lnd=np.zeros((1, 102), np.float32),
+      z_id_frames=np.zeros((1, 512), np.float32),
+      z_id=np.zeros(512, np.float32),
+      x_T=np.zeros((1, s, s, 3), np.float32),
+      has_face=np.ones(1, bool),
+      interpolated=np.zeros(1, bool),
+      passthrough=[],
+      align_report={},
+  )
+  out = ref_editor.paste(frames, code, crop)[0]
+  x0, y0, x1, y1 = (int(v) for v in box)
+  np.testing.assert_array_equal(out[y0:y1, x0:x1], final[0])
+  keep = np.ones(out.shape[:2], bool)
+  keep[y0:y1, x0:x1] = False
+  np.testing.assert_array_equal(out[keep], frames[0][keep])
