@@ -10,6 +10,17 @@ import sys
 import time
 
 
+def set_cpu_threads(threads: int) -> None:
+  """Pins XLA's and OpenMP's CPU thread pools; call before jax or torch is imported."""
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
+      f" intra_op_parallelism_threads={threads}"
+  ).strip()
+  os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+  # Without this, libgomp threads spin-wait and torch runs up to 100x slower on a loaded CPU.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def timed_rounds(fn, repeats: int, min_time: float) -> list[float]:
   """Calls/s of `fn` (which blocks) for each of `repeats` rounds, after warm-up."""
   fn()

@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+import bench_util
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -80,12 +82,7 @@ if not (pathlib.Path(ARGS.checkpoint) / "checkpoints").is_dir() or not CLASSIFIE
       file=sys.stderr,
   )
   sys.exit(2)
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
-    f" intra_op_parallelism_threads={ARGS.threads}"
-).strip()
-os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+bench_util.set_cpu_threads(ARGS.threads)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

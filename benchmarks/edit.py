@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+import bench_util
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -70,13 +72,7 @@ def parse():
 
 
 ARGS = parse()
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
-    f" intra_op_parallelism_threads={ARGS.threads}"
-).strip()
-os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
-# Without this, libgomp threads spin-wait and torch runs up to 100x slower on a loaded CPU.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+bench_util.set_cpu_threads(ARGS.threads)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

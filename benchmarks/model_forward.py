@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+import bench_util
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -41,11 +43,7 @@ def parse():
 
 
 ARGS = parse()
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true"
-    f" intra_op_parallelism_threads={ARGS.threads}"
-).strip()
-os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+bench_util.set_cpu_threads(ARGS.threads)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

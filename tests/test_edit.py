@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import skimage.data
 
-import configs
 from s3jax import diffusion, edit_job, editing, loading, optim, video
 from s3jax.models import editor as E
 from s3jax.checkpointing import Checkpointer
 from s3jax.models.autoencoder import make_dva
+
+from train_helpers import tiny_edit_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -30,21 +31,9 @@ NUM_FRAMES = 5
 WIDTH = 384  # 384x216: even, as H.264 yuv420p needs (odd sizes are padded by 1 px)
 
 
-def _tiny_config():
-  cfg = configs.get("voxceleb:demo")
-  cfg.model.unet.image_size = 32
-  cfg.model.unet.model_channels = 32
-  cfg.model.unet.channel_mult = (1, 1)
-  cfg.model.unet.num_res_blocks = 1
-  cfg.model.unet.attention_resolutions = ()
-  cfg.model.unet.embed_channels = 64
-  cfg.data.image_size = 32
-  return cfg
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-  cfg = _tiny_config()
+  cfg = tiny_edit_config()
   workdir = tmp_path_factory.mktemp("tiny_dva")
   model = make_dva(cfg.model)
   state = loading.init_dva_state(model, optim.make_optimizer(cfg.optim), cfg, jax.random.key(0))

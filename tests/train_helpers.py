@@ -78,10 +78,10 @@ def run_convert(*args, timeout=900) -> subprocess.CompletedProcess:
   return run_module("s3jax.convert", *args, timeout=timeout)
 
 
-def tiny_official_config():
-  """A 32 px one-level DVA on the published encoders' features (614-d fusion input)."""
+def tiny_edit_config(face_features="dlib"):
+  """A 32 px one-level DVA for the editing tests (compiles in seconds)."""
   cfg = configs.get("voxceleb:demo")
-  cfg.model.face_features = "official"
+  cfg.model.face_features = face_features
   cfg.model.unet.image_size = 32
   cfg.model.unet.model_channels = 32
   cfg.model.unet.channel_mult = (1, 1)
@@ -90,6 +90,11 @@ def tiny_official_config():
   cfg.model.unet.embed_channels = 64
   cfg.data.image_size = 32
   return cfg
+
+
+def tiny_official_config():
+  """``tiny_edit_config`` on the published encoders' features (614-d fusion input)."""
+  return tiny_edit_config("official")
 
 
 def random_encoder_variables(seed=0):
