@@ -57,7 +57,12 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_integer("size", 256, "Crop size (px).")
   flags.DEFINE_integer("workers", 1, "Parallel worker processes.")
-  flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
+  flags.DEFINE_enum(
+      "detector",
+      "cascade",
+      ["hog", "cnn", "cascade"],
+      "dlib face detector (cascade: HOG, CNN on misses).",
+  )
   flags.DEFINE_integer("limit", None, "Only the first N annotated images (smoke tests).")
   flags.DEFINE_bool("retry_failed", False, "Re-run images that failed before.")
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
@@ -121,7 +126,7 @@ def prepare(
     mapping: str | None = None,
     size: int = 256,
     workers: int = 1,
-    detector: str = "hog",
+    detector: str = "cascade",
     limit: int | None = None,
     retry_failed: bool = False,
     progress: bool = True,

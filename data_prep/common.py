@@ -157,7 +157,7 @@ def align_frames(
     frames: Sequence[np.ndarray],
     *,
     size: int = 256,
-    detector: str = "hog",
+    detector: str = "cascade",
     max_gap: int = 5,
 ) -> Aligned:
   """Aligns frames at ``max(size, 256)`` px and keeps the usable ones.
@@ -314,7 +314,7 @@ def process_frames(
     video_id: str,
     identity: str,
     size: int = 256,
-    detector: str = "hog",
+    detector: str = "cascade",
     max_gap: int = 5,
     attributes: Optional[np.ndarray] = None,
     features=None,
@@ -473,7 +473,7 @@ def run_jobs(
     out_dir: str | os.PathLike,
     *,
     size: int = 256,
-    detector: str = "hog",
+    detector: str = "cascade",
     max_gap: int = 5,
     workers: int = 1,
     retry_failed: bool = False,

@@ -1,7 +1,7 @@
 r"""VoxCeleb (or any face videos) -> TFDS ArrayRecord shards for DVA training.
 
   python -m data_prep.voxceleb --videos PATH --out DIR [--size 256] [--workers N]
-      [--detector hog|cnn] [--test_fraction 0.1] [--max_frames N] [--retry_failed]
+      [--detector cascade|hog|cnn] [--test_fraction 0.1] [--max_frames N] [--retry_failed]
       [--encoders DIR | --checkpoint FILE] [--encoder_batch 16]
 
 PATH is one of
@@ -56,7 +56,12 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output directory (units, report.json, TFDS dataset).")
   flags.DEFINE_integer("size", 256, "Crop size of the stored frames (px).")
   flags.DEFINE_integer("workers", 1, "Parallel worker processes (videos in flight).")
-  flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector.")
+  flags.DEFINE_enum(
+      "detector",
+      "cascade",
+      ["hog", "cnn", "cascade"],
+      "dlib face detector (cascade: HOG, CNN on misses).",
+  )
   flags.DEFINE_float("test_fraction", 0.1, "Fraction of identities held out as the test split.")
   flags.DEFINE_integer("max_frames", None, "Read at most this many frames per video.")
   flags.DEFINE_integer("max_gap", 5, "Longest run of face-less frames that is interpolated.")
@@ -116,7 +121,7 @@ def prepare(
     *,
     size: int = 256,
     workers: int = 1,
-    detector: str = "hog",
+    detector: str = "cascade",
     test_fraction: float = 0.1,
     max_frames: int | None = None,
     max_gap: int = 5,

@@ -510,7 +510,7 @@ class VideoEditor:
       chunk: int = DEFAULT_CHUNK,
       cache: bool = True,
       max_gap: int = 5,
-      detector: str = "hog",
+      detector: str = "cascade",
       progress: bool = False,
       model=None,
       step: Optional[int] = None,
@@ -642,7 +642,7 @@ class VideoEditor:
     res = alignment.align_video(
         src,
         size=size,
-        detector=self.detector,
+        detector="hog",  # the reference's detector, whatever the default cascade finds
         max_gap=self.max_gap,
         progress=self.progress,
         border="constant",
@@ -680,6 +680,8 @@ class VideoEditor:
             f"detect_frames must be uint8 of the frames' shape {frames.shape}, got "
             f"{detect_frames.shape} {detect_frames.dtype}"
         )
+      if np.array_equal(detect_frames, frames):  # lossless frames decode alike: one cache entry
+        detect_frames = None
     timings = {}
     t0 = time.perf_counter()
     key = self.cache_key(frames, detect_frames)
@@ -1098,6 +1100,8 @@ class VideoEditor:
                 "jitter_raw",
                 "jitter_smoothed",
                 "detector",
+                "detector_counts",
+                "detector_per_frame",
                 "detect_frames",
             )
         },

@@ -2,6 +2,7 @@
 
 import time
 
+import cv2
 import numpy as np
 import pytest
 import skimage.data
@@ -128,6 +129,89 @@ def test_cnn_detector_option(astronaut):
   lm_hog = A.detect_landmarks(astronaut)
   assert lm_cnn is not None
   assert np.abs(lm_cnn - lm_hog).mean() < 5.0
+
+
+class _CountingHog:
+  """dlib's HOG detector, counting ``run`` calls."""
+
+  def __init__(self, det):
+    self.det, self.calls = det, 0
+
+  def run(self, img, upsample, threshold):
+    self.calls += 1
+    return self.det.run(img, upsample, threshold)
+
+
+class _CountingCnn:
+  """dlib's mmod detector, counting calls."""
+
+  def __init__(self, det):
+    self.det, self.calls = det, 0
+
+  def __call__(self, img, upsample):
+    self.calls += 1
+    return self.det(img, upsample)
+
+
+def _counting_cascade():
+  hog, cnn = _CountingHog(A.get_detector("hog")), _CountingCnn(A.get_detector("cnn"))
+  return [("hog", hog), ("cnn", cnn)], hog, cnn
+
+
+@pytest.fixture(scope="module")
+def hog_miss(astronaut):
+  """The astronaut rotated by 50 degrees: HOG (frontal, upright) misses, the CNN finds it."""
+  h, w = astronaut.shape[:2]
+  m = cv2.getRotationMatrix2D((w / 2, h / 2), 50, 1.0)
+  return cv2.warpAffine(astronaut, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+
+
+def test_cascade_easy_frame_uses_hog_only(astronaut):
+  stages, hog, cnn = _counting_cascade()
+  found = A.detect_face(astronaut, detector=stages)
+  assert found.source == "hog" and found.landmarks is not None
+  assert hog.calls == 1 and cnn.calls == 0  # found at upsample 0; the CNN never runs
+  np.testing.assert_allclose(found.landmarks, A.detect_landmarks(astronaut, detector="hog"))
+  assert A.detect_face(astronaut, detector="cascade").source == "hog"
+
+
+def test_cascade_finds_what_hog_misses(astronaut, hog_miss):
+  assert A.detect_face(hog_miss, detector="hog") == (None, None, None)
+  stages, hog, cnn = _counting_cascade()
+  found = A.detect_face(hog_miss, detector=stages)
+  assert hog.calls == 2 and cnn.calls == 1  # HOG at upsample 0 and 1, then the CNN at 0
+  assert found.source == "cnn" and found.score >= A.DEFAULT_CNN_MIN_SCORE
+  by_cnn = A.detect_face(hog_miss, detector="cnn")
+  assert by_cnn.source == "cnn"
+  np.testing.assert_allclose(found.landmarks, by_cnn.landmarks)
+  # The face lands where the rotation takes the upright one (the 68-point predictor,
+  # trained on upright faces, is only roughly right on a 50-degree roll).
+  h, w = astronaut.shape[:2]
+  m = cv2.getRotationMatrix2D((w / 2, h / 2), 50, 1.0)
+  centre = m @ np.append(A.detect_landmarks(astronaut).mean(0), 1.0)
+  assert np.linalg.norm(found.landmarks.mean(0) - centre) < 30.0
+
+
+def test_align_video_reports_detector_per_frame(astronaut, hog_miss):
+  stages, _, cnn = _counting_cascade()
+  res = A.align_video([astronaut, hog_miss, astronaut], size=64, detector=stages, max_gap=0)
+  assert res.detector_per_frame == ["hog", "cnn", "hog"]
+  assert res.has_face.all() and cnn.calls == 1
+  assert res.report["detector"] == "hog+cnn"
+  assert res.report["detector_per_frame"] == ["hog", "cnn", "hog"]
+  assert res.report["detector_counts"] == {"hog": 2, "cnn": 1}
+  hog_only = A.align_video([astronaut, hog_miss, astronaut], size=64, detector="hog", max_gap=1)
+  assert hog_only.detector_per_frame == ["hog", None, "hog"]
+  assert hog_only.report["detector_counts"] == {"hog": 2}
+
+
+def test_detector_names():
+  assert A.detector_name("cascade") == "cascade"
+  assert [k for k, _ in A.detector_stages("cascade")] == ["hog", "cnn"]
+  with pytest.raises(ValueError):
+    A.detector_stages("mtcnn")
+  with pytest.raises(ValueError):
+    A.detect_landmarks(np.zeros((8, 8, 3), np.uint8), detector=[("sift", None)])
 
 
 def test_no_face():
