@@ -60,7 +60,6 @@ import pathlib
 import time
 from typing import Callable, Optional
 
-import cv2
 import dlib
 import flax
 import jax
@@ -83,9 +82,9 @@ PASTE_SPACES = ("frame", "crop")
 ALIGN_BORDERS = ("reflect", "constant")
 # 'default': align_video's crop_from_quad; 'reference': the reference's detection, crop, paste.
 ALIGNMENTS = ("default", "reference")
-# video.paste_back's blends, plus 'residual' (residual_paste_back), which feathers like 'feather'.
+# video.paste_back's blends; 'residual' also needs the reconstruction (residual_paste_back).
 RESIDUAL = "residual"
-BLENDS = tuple(video.BLEND_DEFAULTS) + (RESIDUAL,)
+BLENDS = tuple(video.BLEND_DEFAULTS)
 RECON_CACHE_ENTRIES = 2  # reconstructions an editor keeps in memory (one per recent video)
 
 EditFn = Callable[[np.ndarray, str, float], np.ndarray]
@@ -200,51 +199,29 @@ def residual_paste_back(
   """Adds what the edit changed to ``frame``: ``frame + alpha * warp(edited - reconstruction)``.
 
   ``edited_crop`` and ``reconstruction_crop`` are (S, S, 3) uint8 decodes of the same x_T
-  with the edited and the unedited z_id. Their difference (uint8 units, float32) is warped
-  into the frame like the crop in ``video.paste_back`` (inverse quad warp, bicubic) and added
-  with feather's alpha and support (``video.paste_back(blend='feather')``, the same
-  ``dilate``/``blur``, default ``video.BLEND_DEFAULTS['feather']``), then rounded and
-  clipped to [0, 255]. Where the edit changed nothing the frame keeps its own pixels, so a
-  blurry low-resolution decode does not blur the face.
-
-  Pixels outside the support are bit-identical to ``frame``, and so is every pixel when
-  ``edited_crop == reconstruction_crop``. Returns the new frame, or ``(frame, alpha,
-  support)`` as ``video.paste_back`` when ``return_mask``.
+  with the edited and the unedited z_id: ``video.paste_back(blend='residual')``, with
+  feather's alpha and support. Where the edit changed nothing the frame keeps its own
+  pixels, so a blurry low-resolution decode does not blur the face; pixels outside the
+  support are bit-identical to ``frame``. Returns the new frame, or ``(frame, alpha,
+  support)`` when ``return_mask``.
   """
-  frame = np.asarray(frame)
   edited = np.asarray(edited_crop)
-  recon = np.asarray(reconstruction_crop)
-  if edited.shape != recon.shape or edited.dtype != np.uint8 or recon.dtype != np.uint8:
+  if np.shape(reconstruction_crop) != edited.shape or edited.dtype != np.uint8:
     raise ValueError(
         "edited_crop and reconstruction_crop must be uint8 of one shape, got "
-        f"{edited.shape} {edited.dtype} and {recon.shape} {recon.dtype}"
+        f"{edited.shape} {edited.dtype} and {np.shape(reconstruction_crop)}"
     )
-  feather = video.BLEND_DEFAULTS["feather"]
-  dilate = feather["dilate"] if dilate is None else float(dilate)
-  blur = feather["blur"] if blur is None else float(blur)
-  # paste_back validates the arguments and computes feather's alpha on the same warp.
-  _, alpha, support = video.paste_back(
-      frame, recon, quad, mask_crop, blend="feather", dilate=dilate, blur=blur, return_mask=True
+  return video.paste_back(
+      frame,
+      edited,
+      quad,
+      mask_crop,
+      blend=RESIDUAL,
+      dilate=dilate,
+      blur=blur,
+      return_mask=return_mask,
+      reconstruction_crop=reconstruction_crop,
   )
-  out = frame.copy()
-  rows, cols = np.flatnonzero(support.any(1)), np.flatnonzero(support.any(0))
-  if len(rows):
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    inv = alignment.crop_matrix(quad, edited.shape[0])  # frame idx -> crop idx
-    inv[:, 2] += inv[:, :2] @ np.array([x0, y0], np.float64)  # roi idx -> crop idx
-    residual = edited.astype(np.float32) - recon.astype(np.float32)
-    warped = cv2.warpAffine(
-        residual,
-        inv,
-        (int(x1 - x0), int(y1 - y0)),
-        flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    a = alpha[y0:y1, x0:x1, None]
-    region = frame[y0:y1, x0:x1]
-    mixed = np.clip(np.rint(region.astype(np.float32) + a * warped), 0, 255).astype(np.uint8)
-    out[y0:y1, x0:x1] = np.where(a > 0, mixed, region)
-  return (out, alpha, support) if return_mask else out
 
 
 # ---------------------------------------------------------------------------
@@ -895,11 +872,10 @@ class VideoEditor:
 
     ``video.BLEND_DEFAULTS`` are in crop pixels of a 256 px crop; they are scaled to the
     model's crop size so the feather band covers the same part of the face at any size.
-    'residual' feathers like 'feather'.
     """
     if blend not in BLENDS:
       raise ValueError(f"blend must be one of {sorted(BLENDS)}, got {blend!r}")
-    d = video.BLEND_DEFAULTS["feather" if blend == RESIDUAL else blend]
+    d = video.BLEND_DEFAULTS[blend]
     return {"dilate": d["dilate"] * self.size / 256.0, "blur": d["blur"] * self.size / 256.0}
 
   def composite(self, code: VideoCode, crops) -> np.ndarray:
@@ -921,7 +897,7 @@ class VideoEditor:
     'crop': the reference's; the crop-space ``composite`` replaces the whole quad.
     None: ``self.options``' (and likewise ``blend``).
 
-    ``blend='residual'``: ``residual_paste_back`` of ``crops`` against ``reconstruction``
+    ``blend='residual'``: ``video.paste_back``'s residual of ``crops`` against ``reconstruction``
     ((M, S, S, 3) uint8; default ``self.reconstruct(code)``). With 'crop' the residual is
     masked in the crop (hard, as the reference composites) and added over the whole quad.
 
@@ -948,12 +924,16 @@ class VideoEditor:
     for j, i in enumerate(code.frame_indices):
       if pil_paste:
         out[i] = alignment.reference_paste(frames[i], crops[j], code.quads[i])
-      elif blend == RESIDUAL:
-        out[i] = residual_paste_back(
-            frames[i], crops[j], reconstruction[j], code.quads[i], masks[j], **bp
-        )
       else:
-        out[i] = video.paste_back(frames[i], crops[j], code.quads[i], masks[j], blend=blend, **bp)
+        out[i] = video.paste_back(
+            frames[i],
+            crops[j],
+            code.quads[i],
+            masks[j],
+            blend=blend,
+            reconstruction_crop=None if reconstruction is None else reconstruction[j],
+            **bp,
+        )
     return out
 
   def identity_embeddings(self, crops_u8) -> np.ndarray:

@@ -193,6 +193,7 @@ BLEND_DEFAULTS = {
     "feather": {"dilate": 12.0, "blur": 3.0},
     "poisson": {"dilate": 6.0, "blur": 0.0},
 }
+BLEND_DEFAULTS["residual"] = BLEND_DEFAULTS["feather"]  # feather's band, over the edit's change
 
 
 def _disc(radius: int):
@@ -214,6 +215,7 @@ def paste_back(
     dilate: Optional[float] = None,
     blur: Optional[float] = None,
     return_mask: bool = False,
+    reconstruction_crop=None,
 ):
   """Warp ``edited_crop`` back into ``frame`` inside the (warped) face mask.
 
@@ -231,6 +233,10 @@ def paste_back(
     alpha is ~0.02 where it is cut to 0 at the edge of S.
   * ``poisson``: ``cv2.seamlessClone`` (NORMAL_CLONE) of the warped crop
     into the frame over S.
+  * ``residual``: feather's alpha, but what is added is the warped change
+    ``edited_crop - reconstruction_crop`` (both decodes of one x_T, uint8), so the
+    frame keeps its own detail: ``frame + alpha * warp(edited - reconstruction)``,
+    rounded and clipped. Equal crops leave the frame bit-identical.
 
   Guarantee (all modes): pixels outside S are bit-identical to ``frame``.
   Returns the new frame, or ``(frame, alpha, support)`` with full-size
@@ -250,6 +256,15 @@ def paste_back(
     raise ValueError(f"mask_crop must be ({size}, {size}), got {mask.shape}")
   if mask.max() > 1.0:
     mask = mask / 255.0
+  content = crop
+  if blend == "residual":
+    recon = np.asarray(reconstruction_crop) if reconstruction_crop is not None else None
+    if recon is None or recon.shape != crop.shape or recon.dtype != np.uint8:
+      raise ValueError(
+          "blend='residual' needs reconstruction_crop, uint8 of the edited crop's shape "
+          f"{crop.shape}, got {None if recon is None else (recon.shape, recon.dtype)}"
+      )
+    content = crop.astype(np.float32) - recon.astype(np.float32)
   dilate = BLEND_DEFAULTS[blend]["dilate"] if dilate is None else float(dilate)
   blur = BLEND_DEFAULTS[blend]["blur"] if blur is None else float(blur)
 
@@ -257,7 +272,7 @@ def paste_back(
   m = alignment.paste_matrix(quad, size)  # crop idx -> frame idx
   s = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # frame px per crop px
   d_px = int(round(dilate * s))
-  sigma = blur * s if blend == "feather" else 0.0
+  sigma = blur * s if blend in ("feather", "residual") else 0.0
   margin = d_px + 2
   corners = alignment.transform_points(
       np.array([[-0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, size - 0.5], [size - 0.5, -0.5]]), m
@@ -277,7 +292,7 @@ def paste_back(
   inv_roi[:, 2] += inv[:, :2] @ np.array([x0, y0], np.float64)  # roi idx -> crop idx
   flags = cv2.WARP_INVERSE_MAP
   warped = cv2.warpAffine(
-      crop, inv_roi, (rw, rh), flags=cv2.INTER_CUBIC | flags, borderMode=cv2.BORDER_REPLICATE
+      content, inv_roi, (rw, rh), flags=cv2.INTER_CUBIC | flags, borderMode=cv2.BORDER_REPLICATE
   )
   mw = cv2.warpAffine(
       mask,
@@ -292,7 +307,7 @@ def paste_back(
   region = frame[y0:y1, x0:x1]
   if blend == "hard":
     alpha = support.astype(np.float32)
-  elif blend == "feather":
+  elif blend in ("feather", "residual"):
     core = _dilate(binary, max(d_px - int(np.ceil(2 * sigma)), 0)).astype(np.float32)
     if sigma > 0:
       k = 2 * int(np.ceil(3 * sigma)) + 1
@@ -300,9 +315,12 @@ def paste_back(
     alpha = core * support
   else:
     alpha = support.astype(np.float32)
-  if blend in ("hard", "feather"):
+  if blend in ("hard", "feather", "residual"):
     a = alpha[..., None]
-    mixed = np.rint(a * warped.astype(np.float32) + (1.0 - a) * region.astype(np.float32))
+    if blend == "residual":
+      mixed = np.rint(region.astype(np.float32) + a * warped)
+    else:
+      mixed = np.rint(a * warped.astype(np.float32) + (1.0 - a) * region.astype(np.float32))
     res = np.where(a > 0, np.clip(mixed, 0, 255).astype(np.uint8), region)
   else:
     res = _poisson(region, warped, support)
