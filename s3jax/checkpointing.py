@@ -83,6 +83,16 @@ def check_tree_matches(expected: Any, found: Any, what: str = "checkpoint") -> N
       )
 
 
+def hash_named_arrays(h, named_arrays) -> None:
+  """Feeds ``(name, array)`` pairs, in the order given, into the hashlib object ``h``:
+  the name, the shape and dtype, then the bytes. Weights fingerprints are built on it."""
+  for name, v in named_arrays:
+    v = np.ascontiguousarray(np.asarray(jax.device_get(v)))
+    h.update(name.encode())
+    h.update(repr((v.shape, str(v.dtype))).encode())
+    h.update(v.data)
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) under `workdir/checkpoints`."""
 

@@ -68,8 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from s3jax import alignment, diffusion, face_encoding, face_features, images, loading
-from s3jax import metrics, video
+from s3jax import alignment, checkpointing, diffusion, face_encoding, face_features, images
+from s3jax import loading, metrics, video
 from s3jax.loading import Classifier
 from s3jax.models.editor import l2_normalize
 from s3jax.models import autoencoder
@@ -321,11 +321,7 @@ def params_hash(params, config=None) -> str:
         ).encode()
     )
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  for k in sorted(flat):
-    v = np.ascontiguousarray(np.asarray(jax.device_get(flat[k])))
-    h.update("/".join(map(str, k)).encode())
-    h.update(repr((v.shape, str(v.dtype))).encode())
-    h.update(v.data)
+  checkpointing.hash_named_arrays(h, (("/".join(map(str, k)), flat[k]) for k in sorted(flat)))
   return h.hexdigest()
 
 

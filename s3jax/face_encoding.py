@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from s3jax import face_features
+from s3jax import checkpointing, face_features
 from s3jax.models import face_encoders
 from s3jax.porting import dva_checkpoint, encoder_keys
 from s3jax.porting import state_dict as sdlib
@@ -162,11 +162,8 @@ def fingerprint(variables) -> str:
   dataset (``encoders_fingerprint``) or an edit-cache entry."""
   h = hashlib.sha256()
   flat = jax.tree_util.tree_flatten_with_path(variables)[0]
-  for path, v in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    v = np.ascontiguousarray(np.asarray(jax.device_get(v)))
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(repr((v.shape, str(v.dtype))).encode())
-    h.update(v.data)
+  named = sorted(((jax.tree_util.keystr(path), v) for path, v in flat), key=lambda kv: kv[0])
+  checkpointing.hash_named_arrays(h, named)
   return h.hexdigest()[:16]
 
 
