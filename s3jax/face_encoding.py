@@ -52,7 +52,6 @@ Z_ID_DIM = 512
 Z_LND_DIM = 102
 # net -> published file name (as the reference's download script names them).
 ENCODER_FILES = dict(encoder_keys.PUBLISHED_FILES)
-_NET_KIND = {"idnet": "ir_se50", "lndnet": "mobilenet_gdconv", "bgnet": "bisenet"}
 _NET_WHAT = {
     "idnet": "IR-SE50 ArcFace",
     "lndnet": "MobileNetV2-GDConv landmarks",
@@ -109,7 +108,7 @@ def load_published_encoders(encoders_dir) -> dict:
     path = encoder_file(d, net)
     sd = _read_encoder_file(path)
     try:
-      per_net[net] = encoder_keys.import_published_encoder(_NET_KIND[net], sd)
+      per_net[net] = encoder_keys.import_published_encoder(net, sd)
     except encoder_keys.EncoderKeyError as e:
       raise EncoderLoadError(
           f"{path} is not the published {_NET_WHAT[net]} file ({ENCODER_FILES[net]}): {e}"

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
-from safetensors import numpy as safetensors_np
 
 from s3jax import loading
 from s3jax.models.editor import CELEBA_ATTRIBUTES
@@ -52,50 +51,18 @@ class ImportResult:
   global_step: Optional[int]
 
 
-def _scalar(v) -> Optional[int]:
-  try:
-    return int(np.asarray(state_dict_lib.to_numpy(v)))
-  except (TypeError, ValueError):
-    return None
-
-
 def read_classifier_state(path) -> tuple[dict[str, np.ndarray], int, dict]:
   """(classifier arrays, number of ignored keys, {'epoch', 'global_step'}) of a checkpoint.
 
-  Reads .ckpt/.pt/.pth (``torch.load(weights_only=True)``), .safetensors and golden .npz.
-  Unlike ``state_dict.load_state_dict`` it keeps the top-level classifier keys of a file
-  that also holds ``model.*``/``ema_model.*`` (which it ignores).
+  Reads what ``state_dict.read_state_dict`` reads; unlike ``load_state_dict`` it keeps the
+  top-level classifier keys of a file that also holds ``model.*``/``ema_model.*`` (which
+  it ignores, like any other key).
   """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"classifier checkpoint not found: {path}")
-  suf = path.suffix.lower()
-  meta: dict = {}
-  if suf in state_dict_lib.PT_SUFFIXES + state_dict_lib.CKPT_SUFFIXES:
-    obj = state_dict_lib.torch_load(path)
-    if not isinstance(obj, Mapping):
-      raise ClassifierImportError(f"{path}: expected a dict, got {type(obj).__name__}")
-    meta = {k: _scalar(obj[k]) for k in ("epoch", "global_step") if k in obj}
-    sd: Mapping[str, Any] = obj.get("state_dict", obj)
-    if not isinstance(sd, Mapping):
-      raise ClassifierImportError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a dict")
-  elif suf in state_dict_lib.SAFETENSORS_SUFFIXES:
-    sd = safetensors_np.load_file(str(path))
-  elif suf in state_dict_lib.NPZ_SUFFIXES:
-    sd = state_dict_lib.read_golden_npz(path)
-  else:
-    raise ClassifierImportError(
-        f"unknown checkpoint format {suf!r} for {path}; expected .ckpt, .pt, .pth, "
-        ".safetensors or a golden .npz"
-    )
-  arrays = {}
-  for k in CLASSIFIER_KEYS:
-    if k not in sd:
-      continue
-    v = sd[k]
-    if not (hasattr(v, "detach") or isinstance(v, np.ndarray)):
-      raise ClassifierImportError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    arrays[k] = np.asarray(state_dict_lib.to_numpy(v), np.float32)
+  sd, meta = state_dict_lib.read_state_dict(path)
+  arrays = {k: np.asarray(sd[k], np.float32) for k in CLASSIFIER_KEYS if k in sd}
   return arrays, len(sd) - len(arrays), meta
 
 

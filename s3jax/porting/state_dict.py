@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 from safetensors import numpy as safetensors_np
@@ -116,19 +116,30 @@ def read_golden_npz(path) -> dict[str, np.ndarray]:
   return out
 
 
-def load_state_dict(path, which: str = "ema") -> dict[str, np.ndarray]:
-  """Load a state dict from .pt/.pth/.ckpt/.safetensors/golden .npz as numpy arrays.
+def _scalar(v) -> Optional[int]:
+  try:
+    return int(np.asarray(to_numpy(v)))
+  except (TypeError, ValueError):
+    return None
 
-  `which` picks `ema_model.*` ('ema') or `model.*` ('model') from Lightning layouts.
+
+def read_state_dict(path) -> tuple[dict[str, np.ndarray], dict]:
+  """(every tensor of the file as numpy, {'epoch', 'global_step'} where the file has them).
+
+  Reads .pt/.pth/.ckpt (``torch.load(weights_only=True)``), .safetensors and golden .npz.
+  Keys are as stored: a Lightning file keeps its ``model.*``/``ema_model.*`` prefixes
+  (``load_state_dict`` picks one set).
   """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"state dict not found: {path}")
   suf = _suffix(path)
+  meta: dict = {}
   if suf in PT_SUFFIXES or suf in CKPT_SUFFIXES:
     obj = torch_load(path)
     if not isinstance(obj, Mapping):
       raise StateDictError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    meta = {k: _scalar(obj[k]) for k in ("epoch", "global_step") if k in obj}
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
       obj = obj["state_dict"]
     elif suf in CKPT_SUFFIXES:
@@ -148,6 +159,15 @@ def load_state_dict(path, which: str = "ema") -> dict[str, np.ndarray]:
         f"unknown state-dict format {suf!r} for {path}; expected one of "
         f"{PT_SUFFIXES + CKPT_SUFFIXES + SAFETENSORS_SUFFIXES + NPZ_SUFFIXES}"
     )
+  return sd, meta
+
+
+def load_state_dict(path, which: str = "ema") -> dict[str, np.ndarray]:
+  """Load a state dict from .pt/.pth/.ckpt/.safetensors/golden .npz as numpy arrays.
+
+  `which` picks `ema_model.*` ('ema') or `model.*` ('model') from Lightning layouts.
+  """
+  sd, _ = read_state_dict(path)
   return _select(sd, which, path)
 
 
