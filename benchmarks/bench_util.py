@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import platform
 import shlex
 import statistics
@@ -112,3 +114,12 @@ def run_info(threads: int) -> dict:
 
 def contended(info: dict, threads: int) -> bool:
   return bool(max(info["loadavg_before"][0], os.getloadavg()[0]) > threads + 0.5)
+
+
+def write_result(path, result: dict) -> pathlib.Path:
+  """Writes one benchmark's JSON (which carries its command, see ``run_info``)."""
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2))
+  print(f"wrote {out}")
+  return out

@@ -226,10 +226,7 @@ def main():
       ],
   )
   print(json.dumps({"seconds_per_frame": per_frame, "quality": quality}, indent=2), flush=True)
-  out = pathlib.Path(ARGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {out}")
+  bench_util.write_result(ARGS.out, result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ and, for the cascade, how many faces each stage found.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -124,10 +123,7 @@ def main():
           "2-core CPU shared with other jobs: absolute times move with the load",
       ],
   )
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {out}")
+  bench_util.write_result(args.out, result)
 
 
 if __name__ == "__main__":
