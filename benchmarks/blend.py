@@ -69,6 +69,12 @@ def parse():
       "--erode", type=int, default=1, help="erode the untouched crop mask by this many px"
   )
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blend.json"))
+  p.add_argument(
+      "--figure",
+      default=None,
+      help="also write a PNG of the first frame's face: original | feather | residual | "
+      "16x |residual - original| (the edit's change)",
+  )
   return p.parse_args()
 
 
@@ -109,6 +115,23 @@ def psnr(a, b) -> float:
 
 def mean_abs(a, b) -> float:
   return float(np.mean(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def side_by_side(path, frame, outs, face) -> None:
+  """The face box of one frame: original | feather | residual | 16x |residual - original|."""
+  ys, xs = np.nonzero(face)
+  pad = (ys.max() - ys.min()) // 4
+  y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad, frame.shape[0])
+  x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad, frame.shape[1])
+  box = lambda im: np.asarray(im)[y0:y1, x0:x1]
+  diff = np.abs(box(outs["residual"]).astype(np.int16) - box(frame))
+  panels = [box(frame), box(outs["feather"]), box(outs["residual"]), np.clip(16 * diff, 0, 255)]
+  panels = [cv2.resize(p.astype(np.uint8), (256, 256 * p.shape[0] // p.shape[1])) for p in panels]
+  labels = ("original", "feather", "residual", "16x |residual - original|")
+  for p, label in zip(panels, labels):
+    cv2.putText(p, label, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+  cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(panels, 1), cv2.COLOR_RGB2BGR))
+  print(f"wrote {path}", flush=True)
 
 
 def measure(frames, code, edit, recon, outs, outs_at_zero, threshold) -> dict:
@@ -183,6 +206,10 @@ def main():
     outs = {b: ed.paste(frames, code, edit, b, reconstruction=recon) for b in BLENDS}
     outs_at_zero = {b: ed.paste(frames, code, recon, b, reconstruction=recon) for b in BLENDS}
     quality = measure(frames, code, edit, recon, outs, outs_at_zero, ARGS.threshold)
+    if ARGS.figure:
+      i = code.frame_indices[0]
+      face = frame_mask(frames[i], edit[0], code.quads[i], code.masks[0])
+      side_by_side(ARGS.figure, frames[i], {b: outs[b][i] for b in BLENDS}, face)
   per_frame = {b: statistics.median(times[b]) for b in BLENDS}
   result = dict(
       info,
