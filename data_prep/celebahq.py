@@ -3,7 +3,9 @@ r"""CelebA-HQ images + the 40 attributes -> TFDS ArrayRecord shards.
   python -m data_prep.celebahq --images DIR \
       --attributes CelebAMask-HQ-attribute-anno.txt --out DIR \
       [--mapping CelebA-HQ-to-CelebA-mapping.txt] [--size 256] [--workers N] \
-      [--encoders DIR | --checkpoint FILE] [--encoder_batch 16]
+      [--encoders DIR | --checkpoint FILE] [--encoder_batch 16] \
+      [--image_format png|jpeg] [--jpeg_quality 95] \
+      [--beam_pipeline_options "runner=DirectRunner,direct_num_workers=2"] [--shard_mb 512]
 
 ``--images`` holds ``<idx>.jpg`` (CelebAMask-HQ's ``CelebA-HQ-img/``, idx
 0..29999; any extension in IMAGE_EXTS). Each image is processed like a
@@ -14,6 +16,8 @@ with the record layout of ``data_prep/tfds_builder.py`` plus ``attributes``
 (40,) int32 in {-1, 1}, in the annotation file's column order. Dataset name:
 ``celebahq_faces`` (``DIR/celebahq_faces/1.0.0``). ``video_id`` is the image
 stem, ``frame_index`` 0. Images with no face are ``failed`` in report.json.
+``--image_format`` and ``--beam_pipeline_options`` work as in ``data_prep.voxceleb``
+(``docs/data_prep.md``).
 
 Annotation file format (CelebAMask-HQ-attribute-anno.txt)::
 
@@ -67,6 +71,7 @@ def define_flags():
   flags.DEFINE_bool("retry_failed", False, "Re-run images that failed before.")
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
   common.define_feature_flags()
+  common.define_output_flags()
 
 
 def parse_attributes(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -134,6 +139,10 @@ def prepare(
     checkpoint: str | None = None,
     encoder_batch: int = 16,
     features=None,
+    image_format: str = "png",
+    jpeg_quality: int = 95,
+    beam_pipeline_options: str | None = None,
+    shard_mb: float = tfds_builder.DEFAULT_SHARD_BYTES / 2**20,
 ) -> dict:
   """Library entry point of the CLI (``features``: an already loaded ``OfficialFeatures``)."""
   images_dir = pathlib.Path(images)
@@ -142,6 +151,8 @@ def prepare(
   _, table = parse_attributes(attributes)
   if features is None:
     features = common.load_official_features(encoders, checkpoint, encoder_batch)
+  feature_source = common.official_feature_source(encoders, checkpoint, encoder_batch)
+  record_format = tfds_builder.RecordFormat(image_format, jpeg_quality)
   if mapping is None:
     cand = pathlib.Path(attributes).parent / "CelebA-HQ-to-CelebA-mapping.txt"
     mapping = str(cand) if cand.exists() else None
@@ -182,9 +193,20 @@ def prepare(
       retry_failed=retry_failed,
       progress=progress,
       features=features,
+      record_format=record_format,
+      beam_pipeline_options=beam_pipeline_options,
+      feature_source=feature_source,
   )
   dataset_dir = common.build_from_statuses(
-      out, jobs, statuses, lambda j: is_test[j.key], tfds_builder.CelebahqFaces, features=features
+      out,
+      jobs,
+      statuses,
+      lambda j: is_test[j.key],
+      tfds_builder.CelebahqFaces,
+      features=features,
+      record_format=record_format,
+      beam_pipeline_options=beam_pipeline_options,
+      max_shard_bytes=int(shard_mb * 2**20),
   )
   extra = {
       "command": " ".join(sys.argv),
@@ -195,6 +217,7 @@ def prepare(
           "celeba_official_partition" if hq_to_celeba is not None else f"index<{INDEX_SPLIT}"
       ),
       **common.features_info(features),
+      **record_format.info(),
   }
   return common.write_report(out, statuses, extra)
 
@@ -218,6 +241,7 @@ def main(argv):
         retry_failed=FLAGS.retry_failed,
         progress=FLAGS.progress,
         **common.feature_flag_values(FLAGS),
+        **common.output_flag_values(FLAGS),
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

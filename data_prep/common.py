@@ -8,6 +8,10 @@ Output directory layout (``--out DIR``)::
     DIR/units/<key>.npz               finished video: its records (resume skips it)
     DIR/units/<key>.status.json       {"status": "ok"|"failed", "reason", ...}
     DIR/<dataset name>/1.0.0/         the TFDS ArrayRecord dataset
+
+With ``--beam_pipeline_options`` the same per-video work runs as an Apache Beam
+pipeline and workers write the shards (``data_prep.beam_pipeline``); the layout
+is the same.
 """
 
 from __future__ import annotations
@@ -90,6 +94,13 @@ def load_official_features(encoders=None, checkpoint=None, batch_size: int = 16)
   return face_encoding.OfficialFeatures.load(encoders, checkpoint, batch_size=batch_size)
 
 
+def official_feature_source(encoders=None, checkpoint=None, batch_size: int = 16):
+  """``load_official_features`` kwargs for Beam workers; None on the dlib path."""
+  if encoders is None and checkpoint is None:
+    return None
+  return {"encoders": encoders, "checkpoint": checkpoint, "batch_size": batch_size}
+
+
 def define_feature_flags() -> None:
   """The CLIs' --encoders / --checkpoint / --encoder_batch (call from ``define_flags``)."""
   # absl files a program's own flags under argv[0]; --helpshort then lists these too.
@@ -123,6 +134,45 @@ def feature_flag_values(flag_values) -> dict:
   }
 
 
+def define_output_flags() -> None:
+  """The CLIs' --image_format / --jpeg_quality / --beam_pipeline_options / --shard_mb."""
+  own = {"module_name": sys.argv[0]}
+  flags.DEFINE_enum(
+      "image_format",
+      "png",
+      list(tfds_builder.IMAGE_FORMATS),
+      "How the crops are stored: png (lossless) or jpeg (--jpeg_quality). Masks stay PNG.",
+      **own,
+  )
+  flags.DEFINE_integer(
+      "jpeg_quality", 95, "JPEG quality of the crops (--image_format jpeg).", **own
+  )
+  flags.DEFINE_string(
+      "beam_pipeline_options",
+      None,
+      "Run as an Apache Beam pipeline (needs the `beam` extra) with these comma-separated "
+      'options, e.g. "runner=DirectRunner,direct_num_workers=2" or "runner=DataflowRunner,'
+      'project=P,region=R,temp_location=gs://B/tmp" (docs/data_prep.md). Default: this process.',
+      **own,
+  )
+  flags.DEFINE_float(
+      "shard_mb",
+      tfds_builder.DEFAULT_SHARD_BYTES / 2**20,
+      "Beam path: a shard closes at the first video boundary past this many MB.",
+      **own,
+  )
+
+
+def output_flag_values(flag_values) -> dict:
+  """``prepare(**...)`` kwargs of the output flags."""
+  return {
+      "image_format": flag_values.image_format,
+      "jpeg_quality": flag_values.jpeg_quality,
+      "beam_pipeline_options": flag_values.beam_pipeline_options,
+      "shard_mb": flag_values.shard_mb,
+  }
+
+
 def features_info(features) -> dict:
   """Which face features a dataset holds (its metadata, the report and unit statuses)."""
   if features is None:
@@ -130,11 +180,18 @@ def features_info(features) -> dict:
   return features.info()
 
 
-def _same_features(status: dict, info: dict) -> bool:
-  # Statuses written before the official path existed are dlib units.
-  have = status.get("face_features", "dlib")
-  return have == info["face_features"] and status.get("encoders_fingerprint") == info.get(
-      "encoders_fingerprint"
+def unit_settings(features, record_format: tfds_builder.RecordFormat) -> dict:
+  """What a finished unit must match to be reused: its features and its image encoding."""
+  return {**features_info(features), **record_format.info()}
+
+
+def _same_settings(status: dict, settings: dict) -> bool:
+  # Statuses written before the official path / JPEG existed are dlib / PNG units.
+  return (
+      status.get("face_features", "dlib") == settings["face_features"]
+      and status.get("encoders_fingerprint") == settings.get("encoders_fingerprint")
+      and status.get("image_format", "png") == settings["image_format"]
+      and status.get("jpeg_quality") == settings.get("jpeg_quality")
   )
 
 
@@ -238,6 +295,7 @@ def build_unit(
     size: int = 256,
     attributes: Optional[np.ndarray] = None,
     features=None,
+    record_format: Optional[tfds_builder.RecordFormat] = None,
 ) -> tuple[dict, dict]:
   """Computes the cached features of aligned frames -> ``(unit, stats)``.
 
@@ -245,9 +303,12 @@ def build_unit(
   masks, all from the landmarks). Otherwise an ``OfficialFeatures`` extractor:
   IR-SE50 z_id, MobileNet z_lnd and BiSeNet masks of the 256 px crop and of its
   mirror (``mask_flip``). Crops, landmarks and masks are then resized to ``size``.
+  The features are computed on the raw crops; ``record_format`` (default PNG) only
+  decides how the stored crops are encoded.
   """
   from s3jax import face_features  # pylint: disable=g-import-not-at-top
 
+  record_format = record_format or tfds_builder.RecordFormat()
   idx, crops, lnd = aligned.idx, aligned.crops, aligned.landmarks
   quads, interpolated = aligned.quads, aligned.interpolated
   fsize = crops.shape[1]
@@ -266,7 +327,7 @@ def build_unit(
   if size != fsize:
     crops = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in crops])
     lnd = (lnd + 0.5) * (size / fsize) - 0.5  # pixel-centre convention
-  images = [tfds_builder.encode_png(c) for c in crops]
+  images = [record_format.encode_image(c) for c in crops]
   if features is None:
     masks = [_mask_png(face_features.hull_mask(l, size) > 0, size) for l in lnd]
     masks_video = [
@@ -303,7 +364,7 @@ def build_unit(
       aligned.stats,
       frames_written=int(len(idx)),
       interpolated=int(np.sum(unit["interpolated"])),
-      **features_info(features),
+      **unit_settings(features, record_format),
   )
   return unit, stats
 
@@ -318,6 +379,7 @@ def process_frames(
     max_gap: int = 5,
     attributes: Optional[np.ndarray] = None,
     features=None,
+    record_format: Optional[tfds_builder.RecordFormat] = None,
 ) -> tuple[dict, dict]:
   """Align frames and compute the cached features of every usable frame.
 
@@ -337,6 +399,7 @@ def process_frames(
       size=size,
       attributes=attributes,
       features=features,
+      record_format=record_format,
   )
 
 
@@ -394,7 +457,15 @@ def _record_failure(status: dict, e: Exception) -> None:
     status["traceback"] = traceback.format_exc(limit=5)
 
 
-def run_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int, features=None) -> dict:
+def run_job(
+    job: Job,
+    out_dir: str,
+    size: int,
+    detector: str,
+    max_gap: int,
+    features=None,
+    record_format: Optional[tfds_builder.RecordFormat] = None,
+) -> dict:
   """Processes one job; never raises (except KeyboardInterrupt). Returns its status."""
   t0 = time.perf_counter()
   status = _new_status(job)
@@ -409,6 +480,7 @@ def run_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int, feat
         detector=detector,
         max_gap=max_gap,
         features=features,
+        record_format=record_format,
         **extra,
     )
     tfds_builder.save_unit(_unit_path(out_dir, job.key), unit)
@@ -438,7 +510,16 @@ def align_job(job: Job, out_dir: str, size: int, detector: str, max_gap: int):
   return job, status, aligned, extra
 
 
-def finish_job(job: Job, out_dir, size: int, status: dict, aligned, extra: dict, features) -> dict:
+def finish_job(
+    job: Job,
+    out_dir,
+    size: int,
+    status: dict,
+    aligned,
+    extra: dict,
+    features,
+    record_format: Optional[tfds_builder.RecordFormat] = None,
+) -> dict:
   """Features + unit + status file of an ``align_job`` result; never raises."""
   t0 = time.perf_counter()
   if aligned is not None:
@@ -449,6 +530,7 @@ def finish_job(job: Job, out_dir, size: int, status: dict, aligned, extra: dict,
           identity=job.identity,
           size=size,
           features=features,
+          record_format=record_format,
           **extra,
       )
       tfds_builder.save_unit(_unit_path(out_dir, job.key), unit)
@@ -460,12 +542,62 @@ def finish_job(job: Job, out_dir, size: int, status: dict, aligned, extra: dict,
   return status
 
 
-def _run_job_star(args):
-  return run_job(*args)
+class JobRunner:
+  """``run_job`` with fixed settings, for pools and Beam workers (picklable).
+
+  On the official path a Beam worker loads the encoders once, from
+  ``feature_source`` (``load_official_features`` kwargs); in this process
+  ``features`` is the extractor already loaded.
+  """
+
+  def __init__(
+      self,
+      out_dir,
+      size: int,
+      detector: str,
+      max_gap: int,
+      record_format: tfds_builder.RecordFormat,
+      features=None,
+      feature_source: Optional[dict] = None,
+  ):
+    self.settings = (os.fspath(out_dir), size, detector, max_gap)
+    self.record_format = record_format
+    self.feature_source = feature_source
+    self._features = features
+
+  def __getstate__(self):
+    if self._features is not None and self.feature_source is None:
+      raise ValueError(
+          "official features in other processes need their source: give encoders= or checkpoint="
+      )
+    return dict(self.__dict__, _features=None)
+
+  def __call__(self, job: Job) -> dict:
+    if self._features is None and self.feature_source is not None:
+      self._features = load_official_features(**self.feature_source)
+    return run_job(job, *self.settings, features=self._features, record_format=self.record_format)
 
 
 def _align_job_star(args):
   return align_job(*args)
+
+
+def pending_jobs(jobs: Sequence[Job], out_dir, settings: dict, retry_failed: bool) -> list[Job]:
+  """The jobs a run must do: no status yet, failed (with ``retry_failed``), or a
+  finished unit made with other ``settings`` (``unit_settings``)."""
+  todo = []
+  for j in jobs:
+    st = _read_status(out_dir, j.key)
+    done = st is not None and (
+        st["status"] == "failed"
+        and not retry_failed
+        or st["status"] == "ok"
+        and _unit_path(out_dir, j.key).exists()
+        and _same_settings(st, settings)
+    )
+    if not done:
+      todo.append(j)
+  return todo
 
 
 def run_jobs(
@@ -479,55 +611,62 @@ def run_jobs(
     retry_failed: bool = False,
     progress: bool = True,
     features=None,
+    record_format: Optional[tfds_builder.RecordFormat] = None,
+    beam_pipeline_options: Optional[str] = None,
+    feature_source: Optional[dict] = None,
 ) -> list[dict]:
   """Runs every job that has no status yet (or failed, with ``retry_failed``).
 
   A finished video keeps its unit + status file, so a killed run resumes
   where it stopped; a finished video whose features are not the requested
   ones (``features``: None for dlib, else an ``OfficialFeatures``; for the
-  official path also the encoder weights) is processed again. With
+  official path also the encoder weights) or whose images are encoded
+  otherwise (``record_format``, default PNG) is processed again. With
   ``workers > 1`` on the official path the workers read and align, and this
-  process runs the encoders. Returns the statuses of all ``jobs`` (in order).
+  process runs the encoders. With ``beam_pipeline_options`` the jobs run as an
+  Apache Beam pipeline (``data_prep.beam_pipeline``; on the official path each
+  worker loads the encoders from ``feature_source``). Returns the statuses of
+  all ``jobs`` (in order).
   """
   from tqdm import tqdm
 
   out_dir = os.fspath(out_dir)
-  info = features_info(features)
+  record_format = record_format or tfds_builder.RecordFormat()
   keys = [j.key for j in jobs]
   if len(set(keys)) != len(keys):
     dup = sorted({k for k in keys if keys.count(k) > 1})
     raise ValueError(f"duplicate video keys: {dup[:5]}")
-  todo = []
-  for j in jobs:
-    st = _read_status(out_dir, j.key)
-    done = st is not None and (
-        st["status"] == "failed"
-        and not retry_failed
-        or st["status"] == "ok"
-        and _unit_path(out_dir, j.key).exists()
-        and _same_features(st, info)
-    )
-    if not done:
-      todo.append(j)
-  args = [(j, out_dir, size, detector, max_gap) for j in todo]
+  todo = pending_jobs(jobs, out_dir, unit_settings(features, record_format), retry_failed)
+  runner = JobRunner(out_dir, size, detector, max_gap, record_format, features, feature_source)
+  if beam_pipeline_options is not None:
+    if workers > 1:
+      raise ValueError("--workers is for the single-process path; Beam's options set its workers")
+    if features is not None and feature_source is None:
+      raise ValueError("Beam workers load the official encoders: give encoders= or checkpoint=")
+    # Lazy: Apache Beam is an optional extra.
+    from data_prep import beam_pipeline  # pylint: disable=g-import-not-at-top
+
+    beam_pipeline.run_map(runner, todo, beam_pipeline_options, workdir=out_dir)
+    return [_read_status(out_dir, j.key) for j in jobs]
   bar = tqdm(total=len(todo), desc="videos", unit="video", disable=not progress, dynamic_ncols=True)
   bar.set_postfix(skipped=len(jobs) - len(todo))
   if workers > 1 and len(todo) > 1:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) as pool:
       if features is None:
-        results = pool.imap_unordered(_run_job_star, args)
+        results = pool.imap_unordered(runner, todo)
       else:  # one process owns the accelerator: workers only align
+        args = [(j, out_dir, size, detector, max_gap) for j in todo]
         results = (
-            finish_job(job, out_dir, size, st, aligned, extra, features)
+            finish_job(job, out_dir, size, st, aligned, extra, features, record_format)
             for job, st, aligned, extra in pool.imap_unordered(_align_job_star, args)
         )
       for st in results:
         bar.update(1)
         bar.set_postfix(last=st["status"])
   else:
-    for a in args:
-      st = run_job(*a, features=features)
+    for j in todo:
+      st = runner(j)
       bar.update(1)
       bar.set_postfix(last=st["status"])
   bar.close()
@@ -590,22 +729,40 @@ def build_from_statuses(
     is_test: Callable[[Job], bool],
     builder_cls,
     features=None,
+    record_format: Optional[tfds_builder.RecordFormat] = None,
+    beam_pipeline_options: Optional[str] = None,
+    max_shard_bytes: int = tfds_builder.DEFAULT_SHARD_BYTES,
 ) -> Optional[pathlib.Path]:
   """Packs the ok units into train/test splits; None when nothing succeeded.
 
-  The dataset's metadata (``face_features.json``) records ``features_info(features)``.
+  The dataset's metadata (``face_features.json``) records ``features_info(features)``,
+  TFDS's ``metadata.json`` the image format. With ``beam_pipeline_options`` Beam
+  workers write the shards (of about ``max_shard_bytes``) in parallel.
   """
+  record_format = record_format or tfds_builder.RecordFormat()
   info = features_info(features)
+  settings = unit_settings(features, record_format)
   units = {"train": [], "test": []}
   for j, st in zip(jobs, statuses):
     if st and st["status"] == "ok":
-      if not _same_features(st, info):  # run_jobs redoes these; never pack a mix
-        raise ValueError(
-            f"unit {j.key} holds {st.get('face_features', 'dlib')} features, the run asked for "
-            f"{info['face_features']}"
-        )
+      if not _same_settings(st, settings):  # run_jobs redoes these; never pack a mix
+        have = {k: st.get(k) for k in settings}
+        raise ValueError(f"unit {j.key} was made with {have}, the run asked for {settings}")
       split = "test" if is_test(j) else "train"
       units[split].append(str(_unit_path(out_dir, j.key)))
   if not units["train"] and not units["test"]:
     return None
-  return tfds_builder.build_dataset(out_dir, units, builder_cls, metadata=info)
+  parallel_map = None
+  if beam_pipeline_options is not None:
+    from data_prep import beam_pipeline  # pylint: disable=g-import-not-at-top
+
+    parallel_map = beam_pipeline.parallel_map(beam_pipeline_options, workdir=out_dir)
+  return tfds_builder.build_dataset(
+      out_dir,
+      units,
+      builder_cls,
+      metadata=info,
+      record_format=record_format,
+      parallel_map=parallel_map,
+      max_shard_bytes=max_shard_bytes,
+  )

@@ -14,7 +14,8 @@ key             type / shape           meaning
 ``identity``    str (TFDS ``Text``)    speaker / person id used for the
                                        train/test split (``id10001``)
 ``frame_index`` int32 scalar           index of the frame in the source video
-``image``       bytes                  PNG, ``size x size`` RGB uint8, the
+``image``       bytes                  PNG (default) or JPEG (``--image_format
+                                       jpeg``), ``size x size`` RGB uint8, the
                                        aligned crop (FFHQ quad, STIT smoothing)
 ``landmarks``   float32 (68, 2)        dlib 68 points (x, y) in crop pixels
 ``quad``        float32 (4, 2)         crop quad in source-frame pixels
@@ -57,9 +58,15 @@ plus ``video_index.json`` (record ranges per video, used by the input pipeline
 to group frames without decoding records) and ``face_features.json`` (which
 feature path made the records: ``{"face_features": "dlib"|"official",
 "z_id_dim", ...}``, plus the encoder weights' source and fingerprint; the DVA
-trainer checks it against ``config.model.face_features``). Records are written
-in generation order (``disable_shuffling=True``): video by video, frames in
-order.
+trainer checks it against ``config.model.face_features``), and TFDS's
+``metadata.json`` (``builder.info.metadata``): ``{"image_format": "png"|"jpeg",
+"jpeg_quality", "mask_format": "png"}``. Records are written in generation
+order (``disable_shuffling=True``): video by video, frames in order.
+
+The single-process build (TFDS's own writer) cuts shards by size anywhere;
+:func:`write_sharded` (the Beam path, ``data_prep.beam_pipeline``) cuts them at
+video boundaries and writes each shard in a worker. Either way the records,
+their order and ``video_index.json`` are the same.
 
 Open it without TensorFlow with any of::
 
@@ -69,8 +76,11 @@ Open it without TensorFlow with any of::
     s3jax.input_pipeline.open_split(DATA_DIR_OR_VERSION_DIR, 'train')
 
 ``features.Image`` needs TensorFlow to *encode*, so images and masks are
-stored as PNG bytes (``Tensor(shape=(), dtype=object)``) and decoded by the
-input pipeline.
+stored as encoded bytes (``Tensor(shape=(), dtype=object)``) and decoded by the
+input pipeline (OpenCV reads PNG and JPEG alike). Masks stay PNG with
+``--image_format jpeg``: they are {0, 255} maps whose edges JPEG would smear
+into grey levels (the training loss and paste-back threshold them), and as
+flat maps they cost ~1 KB as PNG anyway.
 
 Per-video intermediate results ("units") are ``.npz`` files written by
 :func:`save_unit`; builders only pack units into shards, so a rebuild is cheap
@@ -79,13 +89,15 @@ and a killed run loses no alignment/feature work.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Iterable, Sequence
+import uuid
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -96,8 +108,12 @@ NUM_ATTRIBUTES = 40
 Z_LND_DIM = 102
 VIDEO_INDEX_FILE = "video_index.json"
 FACE_FEATURES_FILE = "face_features.json"
+FILE_FORMAT = "array_record"
+IMAGE_FORMATS = ("png", "jpeg")
+# Beam path: a shard closes at the first video boundary past this many bytes of units.
+DEFAULT_SHARD_BYTES = 512 << 20
 
-# Keys of a unit (.npz) that hold one PNG per frame (stored as blob + offsets).
+# Keys of a unit (.npz) that hold one encoded image per frame (stored as blob + offsets).
 _PNG_KEYS = ("image", "mask", "mask_video")
 _OPTIONAL_PNG_KEYS = ("mask_flip",)  # official path only
 _ARRAY_KEYS = (
@@ -126,6 +142,60 @@ def encode_png(array: np.ndarray) -> bytes:
   if not ok:
     raise ValueError("PNG encoding failed")
   return buf.tobytes()
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+  """uint8 (H,W,3) RGB -> JPEG bytes, full-resolution chroma (4:4:4).
+
+  4:4:4 because the crops are small: at 256 px and quality 95 OpenCV's default
+  4:2:0 saves 19% of the bytes but costs 2.4 dB PSNR (benchmarks/records.py).
+  """
+  array = np.ascontiguousarray(array)
+  if array.dtype != np.uint8 or array.ndim != 3:
+    raise ValueError(f"encode_jpeg wants uint8 (H, W, 3), got {array.dtype} {array.shape}")
+  bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+  params = [
+      cv2.IMWRITE_JPEG_QUALITY,
+      int(quality),
+      cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+      cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+  ]
+  ok, buf = cv2.imencode(".jpg", bgr, params)
+  if not ok:
+    raise ValueError("JPEG encoding failed")
+  return buf.tobytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordFormat:
+  """How the ``image`` crops are stored: PNG (lossless, default) or JPEG at ``jpeg_quality``.
+
+  Masks are PNG either way (see the module docstring).
+  """
+
+  image_format: str = "png"
+  jpeg_quality: int = 95
+
+  def __post_init__(self):
+    if self.image_format not in IMAGE_FORMATS:
+      raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+    if not 1 <= self.jpeg_quality <= 100:
+      raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+
+  def encode_image(self, rgb: np.ndarray) -> bytes:
+    if self.image_format == "jpeg":
+      return encode_jpeg(rgb, self.jpeg_quality)
+    return encode_png(rgb)
+
+  def info(self) -> dict:
+    """What a unit status records (resume compares it); the quality only matters for JPEG."""
+    if self.image_format == "jpeg":
+      return {"image_format": "jpeg", "jpeg_quality": self.jpeg_quality}
+    return {"image_format": "png"}
+
+  def metadata(self) -> dict:
+    """The dataset's ``metadata.json`` (``builder.info.metadata``)."""
+    return {**self.info(), "mask_format": "png"}
 
 
 def decode_png(data: bytes, channels: int = 3) -> np.ndarray:
@@ -203,6 +273,72 @@ def unit_has_mask_flip(path: str | os.PathLike) -> bool:
     return "mask_flip_blob" in z.files
 
 
+def unit_summary(path: str | os.PathLike) -> dict:
+  """``{"video_id", "identity", "count"}`` of a unit, without reading its images."""
+  with np.load(path, allow_pickle=False) as z:
+    return {
+        "video_id": str(z["video_id"]),
+        "identity": str(z["identity"]),
+        "count": int(z["frame_index"].shape[0]),
+    }
+
+
+def unit_records(
+    unit: dict, *, with_attributes: bool, with_mask_flip: bool, source: str = "unit"
+) -> Iterator[dict]:
+  """The records of one loaded unit, frame by frame (the record layout above)."""
+  for i in range(len(unit["frame_index"])):
+    rec = {
+        "video_id": unit["video_id"],
+        "identity": unit["identity"],
+        "frame_index": int(unit["frame_index"][i]),
+        "image": unit["image"][i],
+        "landmarks": unit["landmarks"][i].astype(np.float32),
+        "quad": unit["quad"][i].astype(np.float32),
+        "mask": unit["mask"][i],
+        "mask_video": unit["mask_video"][i],
+        "z_id": unit["z_id"][i].astype(np.float32),
+        "z_id_flip": unit["z_id_flip"][i].astype(np.float32),
+        "z_lnd": unit["z_lnd"][i].astype(np.float32),
+        "z_lnd_flip": unit["z_lnd_flip"][i].astype(np.float32),
+        "interpolated": int(unit["interpolated"][i]),
+    }
+    if with_attributes:
+      rec["attributes"] = np.asarray(unit["attributes"][i], np.int32)
+    if with_mask_flip:
+      if unit["mask_flip"] is None:
+        raise ValueError(f"{source} has no mask_flip; rebuild it with the other units' flags")
+      rec["mask_flip"] = unit["mask_flip"][i]
+    yield rec
+
+
+def record_features(
+    z_id_dim: int, with_attributes: bool, with_mask_flip: bool
+) -> tfds.features.FeaturesDict:
+  """The TFDS features of the record layout above."""
+  d = int(z_id_dim)
+  features = {
+      "video_id": tfds.features.Text(),
+      "identity": tfds.features.Text(),
+      "frame_index": tfds.features.Scalar(np.int32),
+      "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+      "landmarks": tfds.features.Tensor(shape=(68, 2), dtype=np.float32),
+      "quad": tfds.features.Tensor(shape=(4, 2), dtype=np.float32),
+      "mask": tfds.features.Tensor(shape=(), dtype=np.object_),
+      "mask_video": tfds.features.Tensor(shape=(), dtype=np.object_),
+      "z_id": tfds.features.Tensor(shape=(d,), dtype=np.float32),
+      "z_id_flip": tfds.features.Tensor(shape=(d,), dtype=np.float32),
+      "z_lnd": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
+      "z_lnd_flip": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
+      "interpolated": tfds.features.Scalar(np.int32),
+  }
+  if with_attributes:
+    features["attributes"] = tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.int32)
+  if with_mask_flip:
+    features["mask_flip"] = tfds.features.Tensor(shape=(), dtype=np.object_)
+  return tfds.features.FeaturesDict(features)
+
+
 # ----------------------------------------------------------------------------
 # Splits
 # ----------------------------------------------------------------------------
@@ -230,8 +366,9 @@ class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   Args (besides the usual TFDS ones, e.g. ``data_dir``):
     units: ``{split_name: [unit .npz paths]}``; empty splits are dropped.
     z_id_dim: width D of ``z_id`` / ``z_id_flip``.
-    with_attributes: adds the ``attributes`` (40,) feature.
     with_mask_flip: adds the ``mask_flip`` feature (official path).
+    record_format: how the units' images are encoded (``metadata.json``).
+  ``WITH_ATTRIBUTES`` (class attribute) adds the ``attributes`` (40,) feature.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -247,41 +384,28 @@ class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       units: dict[str, Sequence[str]] | None = None,
       z_id_dim: int = 128,
       with_mask_flip: bool = False,
+      record_format: RecordFormat | None = None,
       **kwargs,
   ):
     self._units = {k: list(v) for k, v in (units or {}).items() if v}
     self._z_id_dim = int(z_id_dim)
     self._with_mask_flip = bool(with_mask_flip)
-    kwargs.setdefault("file_format", "array_record")
+    self._record_format = record_format or RecordFormat()
+    kwargs.setdefault("file_format", FILE_FORMAT)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    d = self._z_id_dim
-    features = {
-        "video_id": tfds.features.Text(),
-        "identity": tfds.features.Text(),
-        "frame_index": tfds.features.Scalar(np.int32),
-        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-        "landmarks": tfds.features.Tensor(shape=(68, 2), dtype=np.float32),
-        "quad": tfds.features.Tensor(shape=(4, 2), dtype=np.float32),
-        "mask": tfds.features.Tensor(shape=(), dtype=np.object_),
-        "mask_video": tfds.features.Tensor(shape=(), dtype=np.object_),
-        "z_id": tfds.features.Tensor(shape=(d,), dtype=np.float32),
-        "z_id_flip": tfds.features.Tensor(shape=(d,), dtype=np.float32),
-        "z_lnd": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
-        "z_lnd_flip": tfds.features.Tensor(shape=(Z_LND_DIM,), dtype=np.float32),
-        "interpolated": tfds.features.Scalar(np.int32),
-    }
-    if self.WITH_ATTRIBUTES:
-      features["attributes"] = tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.int32)
-    if self._with_mask_flip:
-      features["mask_flip"] = tfds.features.Tensor(shape=(), dtype=np.object_)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split("\n")[0],
-        features=tfds.features.FeaturesDict(features),
+        features=record_features(self._z_id_dim, self.WITH_ATTRIBUTES, self._with_mask_flip),
         disable_shuffling=True,  # keep video/frame order (video_index.json)
+        metadata=tfds.core.MetadataDict(self._record_format.metadata()),
     )
+
+  def shard_writer(self) -> "ShardWriter":
+    """Writes this dataset's records shard by shard (:func:`write_sharded`)."""
+    return ShardWriter(self._z_id_dim, self.WITH_ATTRIBUTES, self._with_mask_flip)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -291,30 +415,13 @@ class FaceRecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _generate_examples(self, paths):
     for vi, path in enumerate(paths):
-      unit = load_unit(path)
-      n = len(unit["frame_index"])
-      for i in range(n):
-        rec = {
-            "video_id": unit["video_id"],
-            "identity": unit["identity"],
-            "frame_index": int(unit["frame_index"][i]),
-            "image": unit["image"][i],
-            "landmarks": unit["landmarks"][i].astype(np.float32),
-            "quad": unit["quad"][i].astype(np.float32),
-            "mask": unit["mask"][i],
-            "mask_video": unit["mask_video"][i],
-            "z_id": unit["z_id"][i].astype(np.float32),
-            "z_id_flip": unit["z_id_flip"][i].astype(np.float32),
-            "z_lnd": unit["z_lnd"][i].astype(np.float32),
-            "z_lnd_flip": unit["z_lnd_flip"][i].astype(np.float32),
-            "interpolated": int(unit["interpolated"][i]),
-        }
-        if self.WITH_ATTRIBUTES:
-          rec["attributes"] = np.asarray(unit["attributes"][i], np.int32)
-        if self._with_mask_flip:
-          if unit["mask_flip"] is None:
-            raise ValueError(f"{path} has no mask_flip; rebuild it with the other units' flags")
-          rec["mask_flip"] = unit["mask_flip"][i]
+      records = unit_records(
+          load_unit(path),
+          with_attributes=self.WITH_ATTRIBUTES,
+          with_mask_flip=self._with_mask_flip,
+          source=path,
+      )
+      for i, rec in enumerate(records):
         # Keys sort in generation order (video, then frame).
         yield f"{vi:08d}_{i:06d}", rec
 
@@ -329,20 +436,143 @@ class CelebahqFaces(FaceRecordsBuilder):
   WITH_ATTRIBUTES = True
 
 
+# ----------------------------------------------------------------------------
+# Sharded writing (one shard per task, tasks in parallel: the Beam path)
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+  """One ArrayRecord shard: consecutive units of a split, written into ``directory``."""
+
+  split: str
+  index: int
+  file_name: str
+  directory: str
+  units: tuple[str, ...]
+
+
+def plan_shards(
+    dataset_name: str,
+    units: dict[str, Sequence[str]],
+    directory: str | os.PathLike,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[ShardTask]:
+  """Cuts each split's units (in order) into shards of about ``max_shard_bytes``.
+
+  A shard closes at the first video boundary past the limit, so no video spans
+  two shards; a unit's file size stands for its records' size.
+  """
+  tasks = []
+  for split, paths in units.items():
+    groups, size = [[]], 0
+    for p in paths:
+      if groups[-1] and size >= max_shard_bytes:
+        groups.append([])
+        size = 0
+      groups[-1].append(str(p))
+      size += os.path.getsize(p)
+    n = len(groups)
+    for i, group in enumerate(groups):
+      name = f"{dataset_name}-{split}.{FILE_FORMAT}-{i:05d}-of-{n:05d}"
+      tasks.append(ShardTask(split, i, name, os.fspath(directory), tuple(group)))
+  return tasks
+
+
+class ShardWriter:
+  """Writes one :class:`ShardTask` (picklable: the features are rebuilt in each worker)."""
+
+  def __init__(self, z_id_dim: int, with_attributes: bool, with_mask_flip: bool):
+    self.spec = (int(z_id_dim), bool(with_attributes), bool(with_mask_flip))
+    self._features = None
+
+  def __getstate__(self):
+    return {"spec": self.spec, "_features": None}
+
+  def __call__(self, task: ShardTask) -> dict:
+    """-> ``{"split", "index", "num_examples", "num_bytes"}`` (bytes as TFDS counts them:
+    the serialized records)."""
+    from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
+
+    if self._features is None:
+      self._features = record_features(*self.spec)
+    _, with_attributes, with_mask_flip = self.spec
+    counts = {"num_examples": 0, "num_bytes": 0}
+
+    def serialized():
+      for path in task.units:
+        records = unit_records(
+            load_unit(path),
+            with_attributes=with_attributes,
+            with_mask_flip=with_mask_flip,
+            source=path,
+        )
+        for rec in records:
+          data = self._features.serialize_example(rec)
+          counts["num_examples"] += 1
+          counts["num_bytes"] += len(data)
+          yield None, data
+
+    final = pathlib.Path(task.directory) / task.file_name
+    tmp = final.with_name(final.name + ".tmp")  # a retried task overwrites its own partial file
+    file_adapters.ArrayRecordFileAdapter.write_examples(tmp, serialized())
+    os.replace(tmp, final)
+    return {"split": task.split, "index": task.index, **counts}
+
+
+def write_sharded(
+    builder: FaceRecordsBuilder,
+    units: dict[str, Sequence[str]],
+    parallel_map: Callable[[Callable, list], list],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> pathlib.Path:
+  """Writes ``builder``'s dataset into ``builder.data_dir``, shard by shard, through
+  ``parallel_map(fn, tasks) -> results``, then TFDS's metadata (dataset_info.json,
+  features.json, metadata.json) from the shards' counts. Returns ``builder.data_dir``."""
+  version_dir = pathlib.Path(builder.data_dir)
+  version_dir.mkdir(parents=True, exist_ok=True)
+  tasks = plan_shards(builder.name, units, version_dir, max_shard_bytes)
+  results = parallel_map(builder.shard_writer(), tasks)
+  split_infos = []
+  for split in units:
+    done = sorted((r for r in results if r["split"] == split), key=lambda r: r["index"])
+    split_infos.append(
+        tfds.core.SplitInfo(
+            name=split,
+            shard_lengths=[r["num_examples"] for r in done],
+            num_bytes=sum(r["num_bytes"] for r in done),
+            filename_template=tfds.core.ShardedFileTemplate(
+                data_dir=epath.Path(version_dir),
+                dataset_name=builder.name,
+                split=split,
+                filetype_suffix=FILE_FORMAT,
+            ),
+        )
+    )
+  builder.info.set_splits(tfds.core.SplitDict(split_infos))
+  builder.info.write_to_directory(version_dir)
+  return version_dir
+
+
 def build_dataset(
     data_dir: str | os.PathLike,
     units: dict[str, Sequence[str]],
     builder_cls: type[FaceRecordsBuilder] = VoxcelebFaces,
     z_id_dim: int | None = None,
     metadata: dict | None = None,
+    record_format: RecordFormat | None = None,
+    parallel_map: Callable[[Callable, list], list] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> pathlib.Path:
   """Writes the shards for ``units`` and returns the version directory.
 
-  Rewrites the dataset when the set of units (or ``metadata``) changed since
-  the last build (tracked in ``<version dir>/units.json``); otherwise returns
-  it unchanged. ``metadata`` (which face features the units hold, see
-  ``common.features_info``) is written to ``face_features.json``.
+  Rewrites the dataset when the set of units (or ``metadata``, or the record
+  format) changed since the last build (tracked in ``<version dir>/units.json``);
+  otherwise returns it unchanged. ``metadata`` (which face features the units
+  hold, see ``common.features_info``) is written to ``face_features.json``.
+  ``parallel_map(fn, items) -> results`` (the Beam path) writes shards of about
+  ``max_shard_bytes`` in parallel (:func:`write_sharded`); without it TFDS's own
+  writer packs them in this process.
   """
+  record_format = record_format or RecordFormat()
   units = {k: sorted(map(str, v)) for k, v in units.items() if v}
   all_paths = [p for v in units.values() for p in v]
   if not all_paths:
@@ -357,8 +587,14 @@ def build_dataset(
   }
   if metadata is not None:
     manifest["metadata"] = metadata
+  if record_format != RecordFormat():  # PNG manifests stay as they were
+    manifest["record_format"] = record_format.info()
   kwargs = dict(
-      units=units, z_id_dim=z_id_dim, with_mask_flip=with_mask_flip, data_dir=os.fspath(data_dir)
+      units=units,
+      z_id_dim=z_id_dim,
+      with_mask_flip=with_mask_flip,
+      record_format=record_format,
+      data_dir=os.fspath(data_dir),
   )
   builder = builder_cls(**kwargs)
   version_dir = pathlib.Path(builder.data_dir)
@@ -369,23 +605,45 @@ def build_dataset(
         return version_dir
     except (OSError, ValueError):
       pass
-  if version_dir.exists():
-    shutil.rmtree(version_dir)
-    builder = builder_cls(**kwargs)
-  tfds.disable_progress_bar()  # data_prep shows its own tqdm bar
-  with tempfile.TemporaryDirectory() as dl_dir:
-    builder.download_and_prepare(download_dir=dl_dir)
+  if parallel_map is not None:
+    # Built in a fresh data_dir (a builder over an existing one reads its old info), then
+    # swapped in: the old dataset stays readable until the new one is complete.
+    tmp_root = pathlib.Path(data_dir) / f"incomplete.{uuid.uuid4().hex}"
+    try:
+      built = write_sharded(
+          builder_cls(**dict(kwargs, data_dir=os.fspath(tmp_root))),
+          units,
+          parallel_map,
+          max_shard_bytes,
+      )
+      if version_dir.exists():
+        shutil.rmtree(version_dir)
+      version_dir.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(built, version_dir)
+    finally:
+      shutil.rmtree(tmp_root, ignore_errors=True)
+  else:
+    if version_dir.exists():
+      shutil.rmtree(version_dir)
+      builder = builder_cls(**kwargs)
+    tfds.disable_progress_bar()  # data_prep shows its own tqdm bar
+    with tempfile.TemporaryDirectory() as dl_dir:
+      builder.download_and_prepare(download_dir=dl_dir)
   # Record ranges per video, in record order, for the input pipeline.
   index = {}
   for split, paths in units.items():
     start, videos = 0, []
     for p in paths:
-      unit = load_unit(p)
-      n = len(unit["frame_index"])
+      summary = unit_summary(p)
       videos.append(
-          {"video_id": unit["video_id"], "identity": unit["identity"], "start": start, "count": n}
+          {
+              "video_id": summary["video_id"],
+              "identity": summary["identity"],
+              "start": start,
+              "count": summary["count"],
+          }
       )
-      start += n
+      start += summary["count"]
     index[split] = videos
   (version_dir / VIDEO_INDEX_FILE).write_text(json.dumps(index, indent=1))
   if metadata is not None:

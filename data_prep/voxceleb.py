@@ -3,6 +3,8 @@ r"""VoxCeleb (or any face videos) -> TFDS ArrayRecord shards for DVA training.
   python -m data_prep.voxceleb --videos PATH --out DIR [--size 256] [--workers N]
       [--detector cascade|hog|cnn] [--test_fraction 0.1] [--max_frames N] [--retry_failed]
       [--encoders DIR | --checkpoint FILE] [--encoder_batch 16]
+      [--image_format png|jpeg] [--jpeg_quality 95]
+      [--beam_pipeline_options "runner=DirectRunner,direct_num_workers=2"] [--shard_mb 512]
 
 PATH is one of
   * a video file (``clip.mp4``): one video, identity = its stem;
@@ -31,6 +33,12 @@ marked ``failed`` with a reason in ``DIR/report.json`` and never stops the run.
 Finally the ok videos are written as the ``voxceleb_faces`` TFDS dataset
 (``DIR/voxceleb_faces/1.0.0``), split train/test by identity (see
 ``tfds_builder.split_identities``). Record layout: ``data_prep/tfds_builder.py``.
+
+``--image_format jpeg`` stores the crops as JPEG (``--jpeg_quality``; masks stay
+PNG; the dataset's TFDS ``metadata.json`` says which). With
+``--beam_pipeline_options`` the per-video work and the shard writing run as
+Apache Beam pipelines (``data_prep.beam_pipeline``, ``pip install .[beam]``);
+runners, resume and shard names: ``docs/data_prep.md``.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ def define_flags():
   flags.DEFINE_bool("retry_failed", False, "Re-run videos that failed in an earlier run.")
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
   common.define_feature_flags()
+  common.define_output_flags()
   flags.DEFINE_alias("test-fraction", "test_fraction")
   flags.DEFINE_alias("max-frames", "max_frames")
   flags.DEFINE_alias("retry-failed", "retry_failed")
@@ -131,6 +140,10 @@ def prepare(
     checkpoint: str | None = None,
     encoder_batch: int = 16,
     features=None,
+    image_format: str = "png",
+    jpeg_quality: int = 95,
+    beam_pipeline_options: str | None = None,
+    shard_mb: float = tfds_builder.DEFAULT_SHARD_BYTES / 2**20,
 ) -> dict:
   """Library entry point of the CLI. Returns the report dict (also in out/report.json).
 
@@ -140,6 +153,8 @@ def prepare(
   found = discover_videos(videos)
   if features is None:
     features = common.load_official_features(encoders, checkpoint, encoder_batch)
+  feature_source = common.official_feature_source(encoders, checkpoint, encoder_batch)
+  record_format = tfds_builder.RecordFormat(image_format, jpeg_quality)
   jobs = [
       common.Job(
           key=common.safe_key(vid),
@@ -162,6 +177,9 @@ def prepare(
       retry_failed=retry_failed,
       progress=progress,
       features=features,
+      record_format=record_format,
+      beam_pipeline_options=beam_pipeline_options,
+      feature_source=feature_source,
   )
   # Split over the identities that have at least one usable video, so a
   # failed identity cannot take a test slot (train always keeps one).
@@ -174,6 +192,9 @@ def prepare(
       lambda j: j.identity in test_ids,
       tfds_builder.VoxcelebFaces,
       features=features,
+      record_format=record_format,
+      beam_pipeline_options=beam_pipeline_options,
+      max_shard_bytes=int(shard_mb * 2**20),
   )
   extra = {
       "command": " ".join(sys.argv),
@@ -182,6 +203,7 @@ def prepare(
       "dataset_dir": str(dataset_dir) if dataset_dir else None,
       "test_identities": sorted(test_ids),
       **common.features_info(features),
+      **record_format.info(),
   }
   return common.write_report(out, statuses, extra)
 
@@ -204,6 +226,7 @@ def main(argv):
         retry_failed=FLAGS.retry_failed,
         progress=FLAGS.progress,
         **common.feature_flag_values(FLAGS),
+        **common.output_flag_values(FLAGS),
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

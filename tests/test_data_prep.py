@@ -170,13 +170,71 @@ def test_voxceleb_missing_path(tmp_path):
 
 def test_voxceleb_help():
   r = subprocess.run(
-      [sys.executable, "-m", "data_prep.voxceleb", "--helpshort"],
+      [sys.executable, "-X", "importtime", "-m", "data_prep.voxceleb", "--helpshort"],
       cwd=REPO,
       capture_output=True,
       text=True,
       timeout=120,
   )
   assert "--videos" in r.stdout and "--test_fraction" in r.stdout
+  assert "--image_format" in r.stdout and "--beam_pipeline_options" in r.stdout
+  # Apache Beam is an optional extra: the CLI imports it only on the Beam path.
+  assert "data_prep.common" in r.stderr and "apache_beam" not in r.stderr
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+def test_voxceleb_jpeg_records(vox_tree, vox_out, tmp_path):
+  """--image_format jpeg: the PNG run's records with JPEG crops; masks stay PNG."""
+  import tensorflow_datasets as tfds
+
+  png_out, _ = vox_out
+  report = voxceleb.prepare(
+      str(vox_tree),
+      str(tmp_path),
+      size=SIZE,
+      test_fraction=0.5,
+      progress=False,
+      image_format="jpeg",
+      jpeg_quality=95,
+  )
+  assert report["image_format"] == "jpeg" and report["jpeg_quality"] == 95
+  meta = tfds.builder_from_directory(str(ip.find_version_dir(tmp_path))).info.metadata
+  assert dict(meta) == {"image_format": "jpeg", "jpeg_quality": 95, "mask_format": "png"}
+  assert ip.available_splits(tmp_path) == ip.available_splits(png_out)
+  for split in ip.available_splits(png_out):
+    png, jpeg = ip.open_split(png_out, split), ip.open_split(tmp_path, split)
+    assert len(png) == len(jpeg)
+    for i in range(len(png)):
+      a, b = png[i], jpeg[i]
+      assert b["image"][:3] == b"\xff\xd8\xff" and a["image"][:4] == b"\x89PNG"
+      assert len(b["image"]) < len(a["image"]) / 2
+      # Features come from the raw crops, so only the stored image changes.
+      assert _psnr(tfds_builder.decode_png(a["image"]), tfds_builder.decode_png(b["image"])) > 35
+      for key in ("mask", "mask_video", "z_id", "z_lnd", "landmarks", "quad", "frame_index"):
+        assert np.array_equal(a[key], b[key]), key
+  # The PNG dataset says so too.
+  png_meta = tfds.builder_from_directory(str(ip.find_version_dir(png_out))).info.metadata
+  assert png_meta["image_format"] == "png"
+
+
+def test_units_of_another_image_format_are_redone(vox_tree, vox_out):
+  out, _ = vox_out
+  # Only the status files are read: the jobs need no loader.
+  jobs = [
+      common.Job(common.safe_key(vid), p, vid, ident, load=None)
+      for p, vid, ident in voxceleb.discover_videos(vox_tree)
+  ]
+  png = common.unit_settings(None, tfds_builder.RecordFormat())
+  jpeg = common.unit_settings(None, tfds_builder.RecordFormat("jpeg", 95))
+  assert common.pending_jobs(jobs, out, png, retry_failed=False) == []
+  redo = common.pending_jobs(jobs, out, jpeg, retry_failed=False)
+  assert [j.video_id for j in redo] == ["id00001/vidA", "id00002/vidB/00001"]  # the ok ones
+  with pytest.raises(ValueError, match="image_format"):
+    tfds_builder.RecordFormat("webp")
 
 
 def test_celebahq_attributes_and_failures(tmp_path):
