@@ -13,6 +13,11 @@ Video path (DESIGN.md "Video path (STIT)"):
 5. ``crop_from_quad`` warps the quad to ``size x size``.  ``paste_matrix``
    gives the inverse (crop -> frame) affine used for paste-back.
 
+``align_video`` runs them all on frames in memory. Steps 2-4 need only the
+detections: ``plan_alignment`` returns them as an ``AlignPlan`` (a few arrays per
+frame), so a long video can be detected, planned and then cropped frame by frame
+(``s3jax.edit_stream``).
+
 Reference-exact path (the DVA reference's editing script, checked bit for bit
 against its golden vectors by ``s3jax.parity.edit``): ``detect_landmarks`` with
 ``**REFERENCE_DETECT`` on frames decoded by ``dlib.load_rgb_image``, ``ffhq_quad``,
@@ -703,6 +708,85 @@ def _segments(mask: np.ndarray):
   return runs
 
 
+@dataclasses.dataclass
+class AlignPlan:
+  """What ``align_video`` decides from the detections alone, before any crop: the small
+  per-frame arrays a long video keeps while its frames stream (``plan_alignment``)."""
+
+  quads: np.ndarray  # (N, 4, 2) smoothed quads (frame pixel coords)
+  raw_quads: np.ndarray  # (N, 4, 2) after gap filling, before smoothing
+  landmarks: List[Optional[np.ndarray]]  # (68, 2) detected landmarks (frame px) or None
+  has_face: np.ndarray  # (N,) bool: detected in this frame
+  interpolated: np.ndarray  # (N,) bool: short gap, quad interpolated
+  passthrough: List[int]  # frames to leave unedited (long gaps)
+  report: dict
+  detector_per_frame: List[Optional[str]]
+
+  def crop_landmarks(self, i: int, crop) -> np.ndarray:
+    """Frame ``i``'s landmarks in pixels of ``crop`` (its crop from the smoothed quad): the
+    detected ones mapped through the quad, or for a frame without a detection the shape
+    predictor's on the crop."""
+    if self.landmarks[i] is not None:
+      return landmarks_in_crop(self.landmarks[i], self.quads[i], np.shape(crop)[0])
+    return predict_landmarks_in_crop(crop)
+
+
+def plan_alignment(
+    found: Sequence[FaceDetection],
+    detector="hog",
+    max_gap: int = 5,
+    sigma_center: float = 1.0,
+    sigma_xy: float = 3.0,
+    scale: float = 1.0,
+) -> AlignPlan:
+  """FFHQ quads from per-frame detections, gaps filled, smoothed over time (STIT).
+
+  Smoothing runs separately over each run of usable frames (detected or
+  interpolated); long gaps split runs.  ``scale`` enlarges the FFHQ quad (STIT's
+  ``scale``).  ``detector`` only names the detector in the report.  Raises
+  ``NoFaceError`` if no frame has a face.
+  """
+  n = len(found)
+  lms = [f.landmarks for f in found]
+  sources = [f.source for f in found]
+  has_face = np.array([lm is not None for lm in lms], bool)
+  name = detector_name(detector)
+  if not has_face.any():
+    raise NoFaceError(f"no face found in any of the {n} frames (detector={name!r})")
+  per_frame = [ffhq_quad(lm, scale=scale) if lm is not None else None for lm in lms]
+  filled = fill_face_gaps(per_frame, max_gap=max_gap)
+  raw = filled.quads
+  usable = np.ones(n, bool)
+  usable[filled.passthrough] = False
+  smoothed = raw.copy()
+  for s, e in _segments(usable):
+    smoothed[s:e] = smooth_quads(raw[s:e], sigma_center, sigma_xy)
+  report = {
+      "num_frames": n,
+      "detected": int(has_face.sum()),
+      "face_found_fraction": float(has_face.mean()),
+      "interpolated": [int(i) for i in np.flatnonzero(filled.interpolated)],
+      "passthrough": [int(i) for i in filled.passthrough],
+      "long_gaps": [tuple(map(int, g)) for g in filled.long_gaps],
+      "jitter_raw": quad_jitter(raw),
+      "jitter_smoothed": quad_jitter(smoothed),
+      "detector": name,
+      # Which stage found each frame's face ('hog' | 'cnn' | None), and how often.
+      "detector_per_frame": sources,
+      "detector_counts": {k: sources.count(k) for k, _ in detector_stages(detector)},
+  }
+  return AlignPlan(
+      quads=smoothed,
+      raw_quads=raw,
+      landmarks=lms,
+      has_face=has_face,
+      interpolated=filled.interpolated,
+      passthrough=list(filled.passthrough),
+      report=report,
+      detector_per_frame=sources,
+  )
+
+
 def align_video(
     frames,
     size: int = 256,
@@ -718,12 +802,12 @@ def align_video(
 ) -> AlignResult:
   """Detect, build quads, fill gaps, smooth (STIT) and crop every frame.
 
-  Smoothing runs separately over each run of usable frames (detected or
-  interpolated); long gaps split runs.  ``landmarks_crop`` is the detected
-  landmarks mapped through the *smoothed* quad; for frames without a
+  ``detect_faces_batch``, then ``plan_alignment`` (smoothing per run of usable frames;
+  ``scale`` enlarges the FFHQ quad), then one crop per frame.  ``landmarks_crop`` is the
+  detected landmarks mapped through the *smoothed* quad; for frames without a
   detection it comes from the shape predictor run on the crop inside
-  ``CANONICAL_FACE_RECT``.  ``scale`` enlarges the FFHQ quad (STIT's
-  ``scale``).  Raises ``NoFaceError`` if no frame has a face.
+  ``CANONICAL_FACE_RECT`` (``AlignPlan.crop_landmarks``).  Raises ``NoFaceError`` if no
+  frame has a face.
   """
   frames = list(frames) if not isinstance(frames, np.ndarray) else frames
   n = len(frames)
@@ -732,54 +816,22 @@ def align_video(
       frames, detector=detector, upsample=upsample, progress=progress, **detect_kwargs
   )
   t_detect = time.perf_counter() - t0
-  lms = [f.landmarks for f in found]
-  sources = [f.source for f in found]
-  has_face = np.array([lm is not None for lm in lms], bool)
-  name = detector_name(detector)
-  if not has_face.any():
-    raise NoFaceError(f"no face found in any of the {n} frames (detector={name!r})")
-  per_frame = [ffhq_quad(lm, scale=scale) if lm is not None else None for lm in lms]
-  filled = fill_face_gaps(per_frame, max_gap=max_gap)
-  raw = filled.quads
-  usable = np.ones(n, bool)
-  usable[filled.passthrough] = False
-  smoothed = raw.copy()
-  for s, e in _segments(usable):
-    smoothed[s:e] = smooth_quads(raw[s:e], sigma_center, sigma_xy)
+  plan = plan_alignment(found, detector, max_gap, sigma_center, sigma_xy, scale)
   t1 = time.perf_counter()
-  crops = np.stack([crop_from_quad(f, q, size, border=border) for f, q in zip(frames, smoothed)])
+  crops = np.stack([crop_from_quad(f, q, size, border=border) for f, q in zip(frames, plan.quads)])
   t_crop = time.perf_counter() - t1
   lmc = np.zeros((n, 68, 2), np.float64)
   for i in range(n):
-    if lms[i] is not None:
-      lmc[i] = landmarks_in_crop(lms[i], smoothed[i], size)
-    else:
-      lmc[i] = predict_landmarks_in_crop(crops[i])
-  report = {
-      "num_frames": n,
-      "detected": int(has_face.sum()),
-      "face_found_fraction": float(has_face.mean()),
-      "interpolated": [int(i) for i in np.flatnonzero(filled.interpolated)],
-      "passthrough": [int(i) for i in filled.passthrough],
-      "long_gaps": [tuple(map(int, g)) for g in filled.long_gaps],
-      "jitter_raw": quad_jitter(raw),
-      "jitter_smoothed": quad_jitter(smoothed),
-      "detector": name,
-      # Which stage found each frame's face ('hog' | 'cnn' | None), and how often.
-      "detector_per_frame": sources,
-      "detector_counts": {k: sources.count(k) for k, _ in detector_stages(detector)},
-      "seconds_detect": t_detect,
-      "seconds_crop": t_crop,
-  }
+    lmc[i] = plan.crop_landmarks(i, crops[i])
   return AlignResult(
       crops=crops,
-      quads=smoothed,
-      raw_quads=raw,
+      quads=plan.quads,
+      raw_quads=plan.raw_quads,
       landmarks_crop=lmc,
-      has_face=has_face,
-      interpolated=filled.interpolated,
-      passthrough=list(filled.passthrough),
-      report=report,
+      has_face=plan.has_face,
+      interpolated=plan.interpolated,
+      passthrough=plan.passthrough,
+      report=dict(plan.report, seconds_detect=t_detect, seconds_crop=t_crop),
       size=size,
-      detector_per_frame=sources,
+      detector_per_frame=plan.detector_per_frame,
   )

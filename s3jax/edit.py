@@ -10,9 +10,14 @@ r"""Edit a face in a video with a trained DVA.
 
 Steps: align (dlib, STIT-smoothed FFHQ quads) -> per-frame z_lnd and the averaged
 z_id (dlib or the official encoders, as the checkpoint was trained) -> batched DDIM
-inversion (cached per video and model in <checkpoint>/edit_cache) -> edit z_id ->
+inversion (cached per video, model and chunk in <checkpoint>/edit_cache) -> edit z_id ->
 batched DDIM decoding -> paste back -> OUT (the input's fps and size), OUT.report.json,
 optionally OUT.side_by_side.mp4 (input | edit) and one PNG per frame.
+
+The video streams through in chunks of --chunk edited frames (s3jax.edit_stream): memory
+does not grow with its length. Only small per-frame arrays (quads, landmarks, z_id, z_lnd)
+are kept for the whole video, from a first pass that detects every face and averages z_id;
+a stopped run resumes from the chunks already inverted. --reference streams too.
 
 --reference reproduces the reference's editing_classifier.py: 1000 DDIM steps, the
 identity average not renormalised, a hard paste composited in the crop, no alignment
@@ -114,7 +119,10 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 _CACHE = flags.DEFINE_bool("cache", True, "Use the inversion cache.")
 _CHUNK = flags.DEFINE_integer(
-    "chunk", 8, "Frames per jitted DDIM (and encoder) call (rounded to the device count)."
+    "chunk",
+    8,
+    "Frames per jitted DDIM (and encoder) call (rounded to the device count), and per "
+    "streamed chunk: memory grows with it, not with the video's length.",
 )
 _METRICS = flags.DEFINE_bool(
     "metrics", True, "Compute TL-ID/TG-ID of the result (dlib or ArcFace, as the checkpoint)."

@@ -1,5 +1,6 @@
 """Editing a video file end to end: read, align and encode, edit z_id, decode, paste back,
-write the video, the side-by-side, PNGs and the report. `python -m s3jax.edit` is its CLI."""
+write the video, the side-by-side, PNGs and the report, streamed in chunks so that memory
+does not grow with the video's length (``edit_stream``). `python -m s3jax.edit` is its CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pathlib
 import time
 from typing import Callable, Optional
 
-from s3jax import alignment, editing, images, loading, video
+from s3jax import alignment, edit_stream, editing, loading, video
 
 
 class EditError(Exception):
@@ -111,13 +112,10 @@ def run_edit(
     if on_stage is not None:
       on_stage(msg)
 
-  stage(f"reading {input}")
-  t0 = time.perf_counter()
   try:
-    frames, fps = video.read_frames(input, max_frames=max_frames)
+    frames = edit_stream.FrameSource(input, max_frames=max_frames)
   except (video.VideoReadError, ValueError) as e:
     raise EditError(str(e)) from None
-  timings["read"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   if video_editor is None:
@@ -139,19 +137,25 @@ def run_edit(
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
       raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
   timings["load_model"] = time.perf_counter() - t0
-  detect_frames = None
-  if video_editor.options.alignment == "reference" and pathlib.Path(input).is_dir():
-    # The reference detects on dlib's decode of the files and crops on PIL's (quirk 1).
-    detect_frames = editing.dlib_decoded_frames(video.frame_files(input, max_frames))
 
   stage(
-      f"editing {len(frames)} frames: {attribute} x {strength} at {video_editor.steps} DDIM "
-      f"steps ({'reference' if video_editor.reference else 'default'} options, "
-      f"{video_editor.face_features} features)"
+      f"editing {input}: {attribute} x {strength} at {video_editor.steps} DDIM steps "
+      f"({'reference' if video_editor.reference else 'default'} options, "
+      f"{video_editor.face_features} features), streamed in chunks"
   )
+  out = pathlib.Path(out)
+  extra = {}
+  sbs = None
+  if side_by_side:
+    sbs = out.with_name(out.stem + ".side_by_side.mp4")
+    extra["side_by_side"] = str(sbs)
+  if png_dir:
+    extra["png_dir"] = str(pathlib.Path(png_dir))
   try:
-    frames_out, report = video_editor.edit_video(
+    report = edit_stream.edit_stream(
+        video_editor,
         frames,
+        out,
         attribute,
         strength,
         blend=blend,
@@ -159,32 +163,18 @@ def run_edit(
         cache_dir=cache_dir,
         compute_metrics=metrics,
         paste_space=paste_space,
-        detect_frames=detect_frames,
+        side_by_side=sbs,
+        png_dir=png_dir,
+        on_stage=stage,
     )
   except alignment.NoFaceError as e:
     raise EditError(f"{input}: {e}") from None
-  except loading.UnknownAttributeError as e:
+  except (video.VideoReadError, loading.UnknownAttributeError) as e:
     raise EditError(str(e)) from None
   except KeyError as e:  # e.g. S3Editor's edit_fn on an attribute outside its pool
     if "attribute" not in str(e):
       raise
     raise EditError(str(e.args[0]) if e.args else str(e)) from None
-
-  stage(f"writing {out}")
-  t0 = time.perf_counter()
-  out = pathlib.Path(out)
-  video.write_video(out, frames_out, fps)
-  extra = {}
-  if side_by_side:
-    sbs = out.with_name(out.stem + ".side_by_side.mp4")
-    video.write_side_by_side(sbs, frames, frames_out, fps)
-    extra["side_by_side"] = str(sbs)
-  if png_dir:
-    p = pathlib.Path(png_dir)
-    for i, f in enumerate(frames_out):
-      images.save_png(p / f"{i:05d}.png", f)
-    extra["png_dir"] = str(p)
-  timings["write"] = time.perf_counter() - t0
   timings["total"] = time.perf_counter() - t_start
 
   report = dict(report)
@@ -195,7 +185,7 @@ def run_edit(
           "command": command,
           "input": str(input),
           "output": str(out),
-          "fps": float(fps),
+          "fps": float(frames.fps),
           "editor": editor,
           "editor_source": source,
           **extra,

@@ -43,8 +43,15 @@ edits of the same clip skip alignment, features and inversion.
 Already aligned inputs (dataset records with their landmarks and z_id) skip
 step 1 and the features: ``VideoEditor.encode_aligned``.
 
+``VideoEditor.edit_video`` holds the whole video in memory; ``s3jax.edit_stream`` (what
+``python -m s3jax.edit`` runs) streams a video file through the same per-frame and
+per-chunk steps (``detect_settings``, ``plan_alignment``, ``crop_frame``,
+``frame_features``, ``model_crops``, ``invert_crops``, ``decode_crops``, ``paste_frame``,
+``identity_scores``, ``edit_report``) in bounded memory, with the same result.
+
 Public API: ``VideoCode``, ``DDIMRunner``, ``VideoEditor``, ``EditOptions``,
-``average_identity``, ``residual_paste_back``, ``dlib_decoded_frames``, ``BLENDS``. Weights are loaded by
+``average_identity``, ``residual_paste_back``, ``crop_composite``, ``dlib_decoded_frames``,
+``VideoDigest``, ``video_hash``, ``jsonable``, ``BLENDS``. Weights are loaded by
 ``s3jax.loading`` (``load_dva``, ``load_classifier``, ``load_editor``) and
 ``porting.dva_checkpoint.load_frozen_encoders``.
 """
@@ -183,6 +190,12 @@ def dlib_decoded_frames(paths) -> np.ndarray:
   return np.stack([dlib.load_rgb_image(str(p)) for p in paths])
 
 
+def crop_composite(masks, crops, original_crops) -> np.ndarray:
+  """``where(mask, crop, original crop)`` for one crop (S, S, 3) or a stack (M, S, S, 3): the
+  reference's crop-space composite."""
+  return np.where(np.asarray(masks)[..., None].astype(bool), crops, original_crops)
+
+
 # ---------------------------------------------------------------------------
 # Residual paste-back
 # ---------------------------------------------------------------------------
@@ -235,14 +248,16 @@ class VideoCode:
   frame_shape: tuple  # (H, W, 3)
   frame_indices: np.ndarray  # (M,) frames that are edited (not passthrough)
   quads: np.ndarray  # (N, 4, 2) smoothed quads
-  crops: np.ndarray  # (M, S, S, 3) uint8 aligned crops at the model size
-  masks: np.ndarray  # (M, S, S) uint8 {0,1} video face masks
+  # crops, masks and x_T are None in the streaming editor's code (edit_stream), which
+  # holds them one chunk at a time.
+  crops: Optional[np.ndarray]  # (M, S, S, 3) uint8 aligned crops at the model size
+  masks: Optional[np.ndarray]  # (M, S, S) uint8 {0,1} video face masks
   landmarks: np.ndarray  # (M, 68, 2) landmarks in the pixels of the aligned crops encoded
   # (FEATURE_SIZE px for ``encode``; the given crops' for ``encode_aligned``)
   z_lnd: np.ndarray  # (M, 102)
   z_id_frames: np.ndarray  # (M, D) per-frame z_id
   z_id: np.ndarray  # (D,) averaged, L2-normalised
-  x_T: np.ndarray  # (M, S, S, 3) float32 inverted noise maps
+  x_T: Optional[np.ndarray]  # (M, S, S, 3) float32 inverted noise maps
   has_face: np.ndarray  # (N,) bool detected
   interpolated: np.ndarray  # (N,) bool short gap
   passthrough: list  # frames left unedited (long gaps)
@@ -281,7 +296,7 @@ class VideoCode:
     np.savez(
         tmp,
         meta=np.asarray(json.dumps(meta)),
-        **{k: np.asarray(getattr(self, k)) for k in self._ARRAYS},
+        **{k: np.asarray(getattr(self, k)) for k in self._ARRAYS if getattr(self, k) is not None},
     )
     tmp.replace(path)
 
@@ -291,7 +306,7 @@ class VideoCode:
       meta = json.loads(str(z["meta"]))
       if meta.get("version") != CACHE_VERSION:
         raise ValueError(f"cache {path} has version {meta.get('version')}")
-      arrays = {k: np.asarray(z[k]) for k in cls._ARRAYS}
+      arrays = {k: np.asarray(z[k]) if k in z else None for k in cls._ARRAYS}
     return cls(
         num_frames=int(meta["num_frames"]),
         frame_shape=tuple(meta["frame_shape"]),
@@ -304,11 +319,40 @@ class VideoCode:
     )
 
 
-def video_hash(frames: np.ndarray) -> str:
-  h = hashlib.sha256()
-  h.update(repr((frames.shape, str(frames.dtype))).encode())
-  h.update(np.ascontiguousarray(frames).data)
-  return h.hexdigest()
+class VideoDigest:
+  """sha256 of a video's decoded frames, fed one frame at a time, then their count, shape
+  and dtype: a long video is hashed without holding it (``video_hash``)."""
+
+  def __init__(self):
+    self._hash = hashlib.sha256()
+    self.count = 0
+    self.frame_shape = None  # the first frame's (H, W, 3)
+    self._dtype = None
+
+  def update(self, frame) -> None:
+    frame = np.ascontiguousarray(frame)
+    if self.frame_shape is None:
+      self.frame_shape, self._dtype = frame.shape, str(frame.dtype)
+    elif (frame.shape, str(frame.dtype)) != (self.frame_shape, self._dtype):
+      raise ValueError(
+          f"frame {self.count} is {frame.shape} {frame.dtype}, the first was "
+          f"{self.frame_shape} {self._dtype}"
+      )
+    self._hash.update(frame.data)
+    self.count += 1
+
+  def hexdigest(self) -> str:
+    h = self._hash.copy()
+    h.update(repr((self.count, self.frame_shape, self._dtype)).encode())
+    return h.hexdigest()
+
+
+def video_hash(frames) -> str:
+  """``VideoDigest`` of frames (N, H, W, 3) or any iterable of frames."""
+  digest = VideoDigest()
+  for frame in frames:
+    digest.update(frame)
+  return digest.hexdigest()
 
 
 def params_hash(params, config=None) -> str:
@@ -413,19 +457,24 @@ class DDIMRunner:
     self._compiled[chunk] = self._jit.lower(*args).compile()
     return self._compiled[chunk], time.perf_counter() - t0
 
-  def invert(self, x0, z_id, z_lnd, timings: Optional[dict] = None) -> np.ndarray:
+  def invert(
+      self, x0, z_id, z_lnd, timings: Optional[dict] = None, chunk: Optional[int] = None
+  ) -> np.ndarray:
     """DDIM inversion x0 (M, S, S, 3) in [-1, 1] -> x_T, conditioned per frame on
     ``z_id`` (M, D) and ``z_lnd`` (M, 102). Adds ``invert`` (and ``compile``) seconds to
-    ``timings``."""
-    return self._run("invert", x0, z_id, z_lnd, {} if timings is None else timings)
+    ``timings``. ``chunk``: frames per call (default ``chunk_size(M)``); a video streamed in
+    pieces passes its whole length's, so every piece runs the program the whole video would."""
+    return self._run("invert", x0, z_id, z_lnd, {} if timings is None else timings, chunk)
 
-  def decode(self, x_T, z_id, z_lnd, timings: Optional[dict] = None) -> np.ndarray:
+  def decode(
+      self, x_T, z_id, z_lnd, timings: Optional[dict] = None, chunk: Optional[int] = None
+  ) -> np.ndarray:
     """DDIM decoding x_T (M, S, S, 3) -> x0 in [-1, 1] (float32), as ``invert``."""
-    return self._run("decode", x_T, z_id, z_lnd, {} if timings is None else timings)
+    return self._run("decode", x_T, z_id, z_lnd, {} if timings is None else timings, chunk)
 
-  def _run(self, kind: str, x, z_id, z_lnd, timings: dict) -> np.ndarray:
+  def _run(self, kind: str, x, z_id, z_lnd, timings: dict, chunk: Optional[int]) -> np.ndarray:
     m = len(x)
-    chunk = self.chunk_size(m)
+    chunk = chunk or self.chunk_size(m)
     fn, compile_s = self.compiled(chunk)
     if compile_s:
       timings["compile"] = timings.get("compile", 0.0) + compile_s
@@ -433,7 +482,7 @@ class DDIMRunner:
     t0 = time.perf_counter()
     outs = []
     n_chunks = -(-m // chunk)
-    for c in _progress(range(n_chunks), kind, n_chunks, self.progress):
+    for c in _progress(range(n_chunks), kind, n_chunks, self.progress and n_chunks > 1):
       sl = slice(c * chunk, min((c + 1) * chunk, m))
       pad = chunk - (sl.stop - sl.start)
 
@@ -574,6 +623,11 @@ class VideoEditor:
     The reference alignment adds ``align=reference`` and the hash of ``detect_frames``
     when given (default-mode keys are unchanged).
     """
+    detect = None if detect_frames is None else video_hash(detect_frames)
+    return self.cache_key_of(video_hash(frames), detect)
+
+  def cache_key_of(self, video_digest: str, detect_digest: Optional[str] = None) -> str:
+    """``cache_key`` from the ``video_hash`` of the frames (and of ``detect_frames``)."""
     o = self.options
     opts = (
         f"steps={self.steps};size={self.size};gap={self.max_gap};det={self.detector};"
@@ -582,57 +636,97 @@ class VideoEditor:
     )
     if o.alignment != "default":
       opts += f";align={o.alignment}"
-      if detect_frames is not None:
-        opts += f";detect={video_hash(detect_frames)}"
+      if detect_digest is not None:
+        opts += f";detect={detect_digest}"
     return (
-        f"{video_hash(frames)[:20]}-{self.model_hash[:20]}-s{self.steps}-{self.size}-"
+        f"{video_digest[:20]}-{self.model_hash[:20]}-s{self.steps}-{self.size}-"
         + hashlib.sha256(opts.encode()).hexdigest()[:8]
     )
 
   def default_cache_dir(self) -> pathlib.Path:
     return self.checkpoint_dir / "edit_cache"
 
+  # -- alignment, one frame at a time ----------------------------------------
+  def detect_settings(self) -> dict:
+    """``alignment.detect_face``'s arguments for this editor's alignment: the default's
+    detector, or the reference's (``alignment.REFERENCE_DETECT`` with HOG)."""
+    if self.options.alignment == "default":
+      return {"detector": self.detector}
+    return dict(detector="hog", **alignment.REFERENCE_DETECT)
+
+  def plan_alignment(self, found) -> alignment.AlignPlan:
+    """Smoothed quads from the per-frame ``alignment.FaceDetection``s (``found``)."""
+    return alignment.plan_alignment(found, self.detect_settings()["detector"], self.max_gap)
+
+  def crop_frame(self, frame, quad, size: int) -> np.ndarray:
+    """The aligned crop of ``frame`` (size px): ``alignment.crop_from_quad`` with
+    ``align_border``, or the reference's ``alignment.reference_crop``."""
+    if self.options.alignment == "reference":
+      return alignment.reference_crop(frame, quad, size)
+    return alignment.crop_from_quad(frame, quad, size, border=self.options.align_border)
+
   def align(self, frames, size: int, detect_frames=None) -> alignment.AlignResult:
-    """``alignment.align_video`` of ``frames`` with crops of ``size`` px, as the options say.
+    """``alignment.align_video``'s result for ``frames`` with crops of ``size`` px, as the
+    options say.
 
     'default' alignment: ``align_video`` as it is (``align_border``). 'reference': the
     landmarks come from ``alignment.REFERENCE_DETECT`` on ``detect_frames`` (default: the
     frames; the reference's are ``dlib_decoded_frames``), the quads are smoothed as in the
     default, and the crops are ``alignment.reference_crop`` of ``frames`` (PIL's QUAD warp
     at 1024 px, JPEG at quality 75, PIL's resize to ``size``); the landmarks of frames
-    without a detection are predicted on those crops.
+    without a detection are predicted on those crops. Built from ``detect_settings``,
+    ``plan_alignment`` and ``crop_frame``, as the streaming editor aligns.
     """
-    if self.options.alignment == "default":
-      return alignment.align_video(
-          frames,
-          size=size,
-          detector=self.detector,
-          max_gap=self.max_gap,
-          progress=self.progress,
-          border=self.options.align_border,
-      )
-    src = frames if detect_frames is None else detect_frames
-    res = alignment.align_video(
-        src,
-        size=size,
-        detector="hog",  # the reference's detector, whatever the default cascade finds
-        max_gap=self.max_gap,
-        progress=self.progress,
-        border="constant",
-        **alignment.REFERENCE_DETECT,
-    )
+    reference = self.options.alignment == "reference"
+    src = frames if detect_frames is None or not reference else detect_frames
     t0 = time.perf_counter()
-    crops = np.stack([alignment.reference_crop(f, q, size) for f, q in zip(frames, res.quads)])
-    lmc = res.landmarks_crop.copy()
-    for i in np.flatnonzero(~res.has_face):
-      lmc[i] = alignment.predict_landmarks_in_crop(crops[i])
-    report = dict(
-        res.report,
-        alignment="reference",
-        detect_frames="given" if detect_frames is not None else "frames",
-        seconds_reference_crop=time.perf_counter() - t0,
+    found = alignment.detect_faces_batch(src, progress=self.progress, **self.detect_settings())
+    t_detect = time.perf_counter() - t0
+    plan = self.plan_alignment(found)
+    t0 = time.perf_counter()
+    crops = np.stack([self.crop_frame(f, q, size) for f, q in zip(frames, plan.quads)])
+    t_crop = time.perf_counter() - t0
+    lmc = np.stack([plan.crop_landmarks(i, c) for i, c in enumerate(crops)])
+    report = dict(plan.report, seconds_detect=t_detect, seconds_crop=t_crop)
+    if reference:
+      report.update(
+          alignment="reference", detect_frames="given" if detect_frames is not None else "frames"
+      )
+    return alignment.AlignResult(
+        crops=crops,
+        quads=plan.quads,
+        raw_quads=plan.raw_quads,
+        landmarks_crop=lmc,
+        has_face=plan.has_face,
+        interpolated=plan.interpolated,
+        passthrough=plan.passthrough,
+        report=report,
+        size=size,
+        detector_per_frame=plan.detector_per_frame,
     )
-    return dataclasses.replace(res, crops=crops, landmarks_crop=lmc, report=report)
+
+  def frame_features(self, crops, landmarks, timings: Optional[dict] = None):
+    """(z_id (M, D), z_lnd (M, 102)) of aligned crops (M, C, C, 3) uint8 with their
+    landmarks (M, 68, 2) in crop pixels: dlib descriptor and landmark geometry, or the
+    official encoders."""
+    if self.features is None:
+      z_frames = face_features.dlib_descriptor(crops, landmarks_crop=landmarks)
+      return z_frames, face_features.z_lnd_from_landmarks(landmarks, np.shape(crops)[1])
+    return self.features.id_feats(crops, timings), self.features.lnd_feats(crops, timings)
+
+  def model_crops(self, crops, landmarks, timings: Optional[dict] = None):
+    """(crops, masks) at the model size from aligned crops (M, C, C, 3) uint8 and their
+    landmarks (M, 68, 2) in crop pixels: the crops resized, the video masks (M, S, S)
+    uint8 from the landmark hull (dlib path) or BiSeNet on the crops (official path)."""
+    s, c = self.size, np.shape(crops)[1]
+    crops_s = face_features.resize_crops(crops, s)
+    if self.features is not None:
+      masks = self.features.video_masks(crops, s, timings)
+    else:
+      lnd = np.asarray(landmarks, np.float64)
+      lnd_s = (lnd + 0.5) * (s / c) - 0.5 if c != s else lnd
+      masks = np.stack([face_features.hull_mask(l, s, for_video=True) for l in lnd_s])
+    return crops_s, np.asarray(masks).astype(np.uint8)
 
   def encode(self, video_frames, cache_dir=None, detect_frames=None) -> VideoCode:
     """Align, compute features and invert ``video_frames`` (N, H, W, 3) uint8 -> VideoCode.
@@ -679,21 +773,15 @@ class VideoEditor:
     usable[list(res.passthrough)] = False
     idx = np.flatnonzero(usable)
     lnd = np.asarray(res.landmarks_crop[idx], np.float64)
-    masks = None
-    if self.features is None:
-      z_frames = face_features.dlib_descriptor(res.crops[idx], landmarks_crop=lnd)
-      z_lnd = face_features.z_lnd_from_landmarks(lnd, fsize)
-    else:
-      z_frames = self.features.id_feats(res.crops[idx], timings)
-      z_lnd = self.features.lnd_feats(res.crops[idx], timings)
-      masks = self.features.video_masks(res.crops[idx], self.size, timings)
+    z_frames, z_lnd = self.frame_features(res.crops[idx], lnd, timings)
+    crops_s, masks = self.model_crops(res.crops[idx], lnd, timings)
     timings["features"] = time.perf_counter() - t0 - timings.get("compile", 0.0)
     code = self._encode_crops(
-        res.crops[idx],
+        crops_s,
+        masks,
         lnd,
         z_frames,
         z_lnd,
-        masks=masks,
         detected=np.asarray(res.has_face, bool)[idx],
         timings=timings,
         num_frames=len(frames),
@@ -703,7 +791,7 @@ class VideoEditor:
         has_face=np.asarray(res.has_face, bool),
         interpolated=np.asarray(res.interpolated, bool),
         passthrough=list(res.passthrough),
-        align_report=_jsonable(res.report),
+        align_report=jsonable(res.report),
         key=key,
         cache_path=str(cache_path) if cache_path else None,
     )
@@ -743,15 +831,16 @@ class VideoEditor:
       if np.shape(a) != shape:
         raise ValueError(f"{what} must be {shape} for {m} crops, got {np.shape(a)}")
     timings = {}
-    masks = None
-    if self.features is not None:
-      masks = self.features.video_masks(crops, self.size, timings)
+    lnd = np.asarray(landmarks, np.float64)
+    t0 = time.perf_counter()
+    crops_s, masks = self.model_crops(crops, lnd, timings)
+    timings["features"] = time.perf_counter() - t0
     return self._encode_crops(
-        crops,
-        np.asarray(landmarks, np.float64),
+        crops_s,
+        masks,
+        lnd,
         np.asarray(z_id_frames),
         np.asarray(z_lnd),
-        masks=masks,
         detected=np.ones(m, bool),
         timings=timings,
         num_frames=m,
@@ -767,44 +856,46 @@ class VideoEditor:
     )
 
   def _encode_crops(
-      self, crops, lnd, z_frames, z_lnd, masks, detected, timings: dict, **video_fields
+      self, crops_s, masks, lnd, z_frames, z_lnd, detected, timings: dict, **video_fields
   ) -> VideoCode:
-    """The shared tail of ``encode``/``encode_aligned``: crops and landmarks at the model
-    size, video masks (the landmark hull unless ``masks`` are given at the model size), the
-    averaged z_id, DDIM inversion -> VideoCode."""
-    t0 = time.perf_counter()
-    s, c = self.size, crops.shape[1]
-    crops_s = face_features.resize_crops(crops, s)
-    lnd_s = (lnd + 0.5) * (s / c) - 0.5 if c != s else lnd
-    if masks is None:
-      masks = np.stack([face_features.hull_mask(l, s, for_video=True) for l in lnd_s])
+    """The shared tail of ``encode``/``encode_aligned``: the averaged z_id, DDIM inversion
+    of the model-size crops -> VideoCode."""
     z_mean = average_identity(z_frames[detected], self.options.renormalize_identity)
-    timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t0
-    z_rep = np.repeat(z_mean[None], len(crops_s), 0)
-    x_T = self.runner.invert(images.to_model(crops_s), z_rep, z_lnd, timings)
+    x_T = self.invert_crops(crops_s, z_mean, z_lnd, timings)
     return VideoCode(
         crops=crops_s,
-        masks=masks.astype(np.uint8),
+        masks=masks,
         landmarks=np.asarray(lnd, np.float32),
         z_lnd=np.asarray(z_lnd, np.float32),
         z_id_frames=np.asarray(z_frames, np.float32),
         z_id=z_mean,
-        x_T=x_T.astype(np.float32),
+        x_T=x_T,
         cache_hit=False,
         timings=timings,
         **video_fields,
     )
 
-  def decode(self, code: VideoCode, z_id, timings: Optional[dict] = None) -> np.ndarray:
-    """Decode ``code.x_T`` with ``z_id`` ((D,) or (M, D)) -> aligned crops (M, S, S, 3) uint8."""
+  def invert_crops(self, crops_s, z_mean, z_lnd, timings: dict, chunk: Optional[int] = None):
+    """x_T (M, S, S, 3) float32 of model-size crops, conditioned on the averaged z_id (D,)
+    and each frame's z_lnd (``DDIMRunner.invert``)."""
+    z_rep = np.repeat(np.asarray(z_mean, np.float32)[None], len(crops_s), 0)
+    x_T = self.runner.invert(images.to_model(crops_s), z_rep, z_lnd, timings, chunk)
+    return x_T.astype(np.float32)
+
+  def decode_crops(self, x_T, z_id, z_lnd, timings: Optional[dict] = None, chunk=None):
+    """Decodes x_T (M, S, S, 3) with ``z_id`` ((D,) or (M, D)) and z_lnd (M, 102) ->
+    crops (M, S, S, 3) uint8."""
     z = np.asarray(z_id, np.float32)
-    m = len(code.frame_indices)
+    m = len(x_T)
     if z.ndim == 1:
       z = np.repeat(z[None], m, 0)
     if z.shape != (m, self.id_dim):
       raise ValueError(f"z_id must be ({self.id_dim},) or ({m}, {self.id_dim}), got {z.shape}")
-    x0 = self.runner.decode(code.x_T, z, code.z_lnd, timings)
-    return images.to_uint8(x0)
+    return images.to_uint8(self.runner.decode(x_T, z, z_lnd, timings, chunk))
+
+  def decode(self, code: VideoCode, z_id, timings: Optional[dict] = None) -> np.ndarray:
+    """Decode ``code.x_T`` with ``z_id`` ((D,) or (M, D)) -> aligned crops (M, S, S, 3) uint8."""
+    return self.decode_crops(code.x_T, z_id, code.z_lnd, timings)
 
   def reconstruct(self, code: VideoCode, timings: Optional[dict] = None) -> np.ndarray:
     """The DDIM reconstruction (decode with the unedited averaged z_id) (M, S, S, 3) uint8.
@@ -876,7 +967,7 @@ class VideoEditor:
 
   def composite(self, code: VideoCode, crops) -> np.ndarray:
     """The reference's crop-space paste: ``where(mask, decoded, original crop)`` (M, S, S, 3)."""
-    return np.where(code.masks[..., None].astype(bool), crops, code.crops)
+    return crop_composite(code.masks, crops, code.crops)
 
   def paste(
       self,
@@ -899,38 +990,57 @@ class VideoEditor:
 
     The reference alignment with 'crop' and 'hard' pastes as the reference does:
     ``alignment.reference_paste`` (PIL PERSPECTIVE, bilinear, truncating, binary alpha) of
-    the composite over the quad.
+    the composite over the quad. One frame: ``paste_frame``.
     """
+    blend, space = self.paste_choices(blend, paste_space)
+    if blend == RESIDUAL and reconstruction is None:
+      reconstruction = self.reconstruct(code)
+    out = np.array(frames, copy=True)
+    for j, i in enumerate(code.frame_indices):
+      out[i] = self.paste_frame(
+          frames[i],
+          crops[j],
+          code.quads[i],
+          code.masks[j],
+          code.crops[j],
+          blend,
+          space,
+          None if reconstruction is None else reconstruction[j],
+      )
+    return out
+
+  def paste_choices(self, blend: Optional[str] = None, paste_space: Optional[str] = None):
+    """(blend, paste_space): the given ones or the options', validated."""
     blend = blend or self.options.blend
     space = paste_space or self.options.paste_space
     if space not in PASTE_SPACES:
       raise ValueError(f"paste_space must be one of {PASTE_SPACES}, got {space!r}")
-    bp = self.blend_params(blend)  # validates blend
-    if blend == RESIDUAL and reconstruction is None:
-      reconstruction = self.reconstruct(code)
+    self.blend_params(blend)  # validates blend
+    return blend, space
+
+  def paste_frame(
+      self, frame, crop, quad, mask, original_crop, blend: str, space: str, reconstruction=None
+  ) -> np.ndarray:
+    """One frame of ``paste``: the decoded ``crop`` (S, S, 3) uint8 pasted into a copy of
+    ``frame`` over ``quad`` with the video ``mask`` (S, S); ``original_crop`` is the frame's
+    aligned crop at the model size (the crop-space composite), ``reconstruction`` the
+    residual blend's (S, S, 3) decode with the unedited z_id."""
     if space == "crop":
-      crops = self.composite(code, crops)
+      crop = crop_composite(mask, crop, original_crop)
       if blend == RESIDUAL:  # the residual is then 0 outside the mask, as in the composite
-        reconstruction = self.composite(code, reconstruction)
-      masks = np.ones_like(code.masks)
-    else:
-      masks = code.masks
-    out = np.array(frames, copy=True)
-    pil_paste = self.options.alignment == "reference" and space == "crop" and blend == "hard"
-    for j, i in enumerate(code.frame_indices):
-      if pil_paste:
-        out[i] = alignment.reference_paste(frames[i], crops[j], code.quads[i])
-      else:
-        out[i] = video.paste_back(
-            frames[i],
-            crops[j],
-            code.quads[i],
-            masks[j],
-            blend=blend,
-            reconstruction_crop=None if reconstruction is None else reconstruction[j],
-            **bp,
-        )
-    return out
+        reconstruction = crop_composite(mask, reconstruction, original_crop)
+      mask = np.ones_like(mask)
+      if self.options.alignment == "reference" and blend == "hard":
+        return alignment.reference_paste(frame, crop, quad)
+    return video.paste_back(
+        frame,
+        crop,
+        quad,
+        mask,
+        blend=blend,
+        reconstruction_crop=reconstruction,
+        **self.blend_params(blend),
+    )
 
   def identity_embeddings(self, crops_u8) -> np.ndarray:
     """L2-normalised identity embeddings of aligned crops on the checkpoint's path: dlib
@@ -944,17 +1054,19 @@ class VideoEditor:
     original's."""
     idx = [int(i) for i in code.frame_indices if code.has_face[i]]
     if len(idx) < 2:
-      return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
-
-    def crop(frame, quad):
-      if self.options.alignment == "reference":
-        return alignment.reference_crop(frame, quad, FEATURE_SIZE)
-      return alignment.crop_from_quad(frame, quad, FEATURE_SIZE, border=self.options.align_border)
+      return self.identity_scores(idx, idx)
 
     def embs(frames):
-      return self.identity_embeddings(np.stack([crop(frames[i], code.quads[i]) for i in idx]))
+      crops = [self.crop_frame(frames[i], code.quads[i], FEATURE_SIZE) for i in idx]
+      return self.identity_embeddings(np.stack(crops))
 
-    e_orig, e_edit = embs(original), embs(edited)
+    return self.identity_scores(embs(original), embs(edited))
+
+  def identity_scores(self, e_orig, e_edit) -> dict:
+    """``identity_metrics`` from the identity embeddings (K, D) of the original and the
+    edited frames with a detected face (crops of ``crop_frame`` at ``FEATURE_SIZE``)."""
+    if len(e_orig) < 2:
+      return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
     name = "dlib descriptor (128-d)" if self.features is None else "ArcFace IR-SE50 (512-d)"
     return {
         "tl_id": float(metrics.tl_id_normalised(e_edit, e_orig)),
@@ -965,7 +1077,44 @@ class VideoEditor:
         "tg_id_original": float(metrics.tg_id(e_orig)),
         "identity_preservation": float(metrics.identity_preservation(e_edit, e_orig)),
         "embedding": f"{name}, frames re-cropped with the smoothed quads",
-        "num_frames": len(idx),
+        "num_frames": len(e_orig),
+    }
+
+  def edit_choices(
+      self,
+      attribute: str,
+      blend: Optional[str] = None,
+      paste_space: Optional[str] = None,
+      classifier: Optional[Classifier] = None,
+      edit_fn: Optional[EditFn] = None,
+  ):
+    """(options with this edit's blend and paste space, edit_fn), checked before any work:
+    the blend, the paste space, and the attribute when a ``classifier`` gives the edit."""
+    options = dataclasses.replace(
+        self.options,
+        blend=blend or self.options.blend,
+        paste_space=paste_space or self.options.paste_space,
+    )
+    if edit_fn is None:
+      if classifier is None:
+        raise ValueError("edit_video needs a classifier or an edit_fn")
+      classifier.index(attribute)  # unknown attribute: fail before any work
+      edit_fn = classifier.edit
+    return options, edit_fn
+
+  def edited_identity(self, edit_fn: EditFn, z_id, attribute: str, strength: float):
+    """The edited video identity (D,) float32: ``edit_fn`` of the averaged ``z_id``."""
+    z = np.asarray(z_id, np.float32)[None]
+    return np.asarray(edit_fn(z, attribute, float(strength)), np.float32).reshape(-1)
+
+  def residual_report(self, source: str, decode_seconds: float) -> dict:
+    """The report's ``residual`` entry: where the reconstruction came from ('decoded',
+    'memory' or 'disk') and what decoding it cost."""
+    return {
+        "extra_decode": source == "decoded",
+        "reconstruction_source": source,
+        "decode_reconstruction_s": round(float(decode_seconds), 4),
+        "unet_calls_per_frame": self.steps if source == "decoded" else 0,
     }
 
   def edit_video(
@@ -992,39 +1141,24 @@ class VideoEditor:
     ``blend='residual'`` also decodes the reconstruction (``reconstruct``, cached) and the
     report's ``residual`` says whether it took an extra decode and how long.
     ``detect_frames``: see ``encode`` (the reference alignment's landmark decode).
+    The whole video is held in memory; ``edit_stream.edit_stream`` edits a video file in
+    chunks, with the same result.
     """
-    # Validates blend and paste_space before any work.
-    options = dataclasses.replace(
-        self.options,
-        blend=blend or self.options.blend,
-        paste_space=paste_space or self.options.paste_space,
-    )
+    options, edit_fn = self.edit_choices(attribute, blend, paste_space, classifier, edit_fn)
     blend, paste_space = options.blend, options.paste_space
-    if edit_fn is None:
-      if classifier is None:
-        raise ValueError("edit_video needs a classifier or an edit_fn")
-      classifier.index(attribute)  # unknown attribute: fail before any work
-      edit_fn = classifier.edit
     frames = np.asarray(frames)
     t_all = time.perf_counter()
     code = self.encode(frames, cache_dir=cache_dir, detect_frames=detect_frames)
     timings = dict(code.timings)
     t0 = time.perf_counter()
-    z_new = np.asarray(
-        edit_fn(code.z_id[None].astype(np.float32), attribute, float(strength)), np.float32
-    ).reshape(-1)
+    z_new = self.edited_identity(edit_fn, code.z_id, attribute, strength)
     timings["edit_z"] = time.perf_counter() - t0
     crops = self.decode(code, z_new, timings)
     recon, residual = None, None
     if blend == RESIDUAL:
       recon_t = {}
       recon, source = self.reconstruction(code, recon_t)
-      residual = {
-          "extra_decode": source == "decoded",
-          "reconstruction_source": source,
-          "decode_reconstruction_s": round(float(recon_t.get("decode_reconstruction", 0.0)), 4),
-          "unet_calls_per_frame": self.steps if source == "decoded" else 0,
-      }
+      residual = self.residual_report(source, recon_t.get("decode_reconstruction", 0.0))
       for k, v in recon_t.items():
         timings[k] = timings.get(k, 0.0) + v
     t0 = time.perf_counter()
@@ -1036,13 +1170,29 @@ class VideoEditor:
       ident = self.identity_metrics(frames, out, code)
       timings["metrics"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
-    n = len(frames)
-    report = {
-        "num_frames": n,
-        "frame_size": [int(frames.shape[2]), int(frames.shape[1])],
+    report = self.edit_report(code, options, attribute, strength, z_new, timings, ident, residual)
+    if return_crops:
+      return out, report, crops
+    return out, report
+
+  def edit_report(
+      self,
+      code: VideoCode,
+      options: EditOptions,
+      attribute: str,
+      strength: float,
+      z_new,
+      timings: dict,
+      identity: Optional[dict],
+      residual: Optional[dict],
+  ) -> dict:
+    """The edit's report (docs/editing.md, "The report"), in memory or streamed."""
+    return {
+        "num_frames": int(code.num_frames),
+        "frame_size": [int(code.frame_shape[1]), int(code.frame_shape[0])],
         "attribute": attribute,
         "strength": float(strength),
-        "blend": blend,
+        "blend": options.blend,
         # 'residual' only: the reconstruction it subtracts (an extra decode unless cached).
         "residual": residual,
         "steps": self.steps,
@@ -1062,7 +1212,7 @@ class VideoEditor:
         "edited_frames": int(len(code.frame_indices)),
         "cache": {"hit": bool(code.cache_hit), "path": code.cache_path, "key": code.key},
         "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
-        "identity": ident,
+        "identity": identity,
         "z_id_cosine_to_original": float(
             np.dot(l2_normalize(np.float64(z_new)), l2_normalize(np.float64(code.z_id)))
         ),
@@ -1082,17 +1232,14 @@ class VideoEditor:
             )
         },
     }
-    if return_crops:
-      return out, report, crops
-    return out, report
 
 
-def _jsonable(obj):
+def jsonable(obj):
   """Tuples -> lists, numpy scalars -> Python (for the cache metadata and reports)."""
   if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
+    return {str(k): jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
+    return [jsonable(v) for v in obj]
   if isinstance(obj, np.generic):
     return obj.item()
   if isinstance(obj, np.ndarray):

@@ -9,7 +9,7 @@ import os
 import pathlib
 import re
 from fractions import Fraction
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import av
@@ -22,7 +22,12 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DEFAULT_FOLDER_FPS",
     "read_frames",
+    "iter_frames",
+    "frame_rate",
+    "frame_files",
     "write_video",
+    "VideoWriter",
+    "side_by_side",
     "write_side_by_side",
     "paste_back",
     "BLEND_DEFAULTS",
@@ -63,16 +68,49 @@ def read_frames(
   ``resize_width`` downscales each frame on the fly (aspect kept), to save
   memory on 1080p input.  Raises ``FileNotFoundError`` for a missing path
   and ``VideoReadError`` for an empty folder, an unreadable image or a video
-  that cannot be decoded.
+  that cannot be decoded. ``iter_frames`` reads one frame at a time.
   """
-  p = pathlib.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"no such video file or frame folder: {p}")
+  fps = frame_rate(path, folder_fps)
+  return np.stack(list(iter_frames(path, max_frames, resize_width))), fps
+
+
+def frame_rate(path, folder_fps: float = DEFAULT_FOLDER_FPS) -> float:
+  """The frame rate ``read_frames`` returns for ``path``, without decoding any frame."""
+  p = _existing(path)
+  if p.is_dir():
+    return float(folder_fps)
+  try:
+    with av.open(str(p)) as container:
+      if not container.streams.video:
+        raise VideoReadError(f"{p} has no video stream")
+      stream = container.streams.video[0]
+      rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+  except VideoReadError:
+    raise
+  except (av.error.FFmpegError, UnicodeDecodeError, OSError) as e:
+    raise VideoReadError(f"cannot decode video {p}: {e}") from e
+  return float(rate) if rate else DEFAULT_FOLDER_FPS
+
+
+def iter_frames(
+    path, max_frames: Optional[int] = None, resize_width: Optional[int] = None
+) -> Iterator[np.ndarray]:
+  """The frames of ``read_frames`` one at a time, (H, W, 3) uint8 RGB each: only the frame
+  being decoded is held, so a long video streams in constant memory. The checks and errors
+  are ``read_frames``' (an error about a later frame comes when it is reached)."""
+  p = _existing(path)
   if max_frames is not None and max_frames <= 0:
     raise ValueError(f"max_frames must be positive, got {max_frames}")
   if p.is_dir():
-    return _read_folder(p, max_frames, resize_width), float(folder_fps)
-  return _read_video(p, max_frames, resize_width)
+    return _iter_folder(p, max_frames, resize_width)
+  return _iter_video(p, max_frames, resize_width)
+
+
+def _existing(path) -> pathlib.Path:
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"no such video file or frame folder: {p}")
+  return p
 
 
 def frame_files(path, max_frames: Optional[int] = None) -> list:
@@ -88,97 +126,141 @@ def frame_files(path, max_frames: Optional[int] = None) -> list:
   return [p / n for n in names[:max_frames]]
 
 
-def _read_folder(p: pathlib.Path, max_frames, resize_width) -> np.ndarray:
-  names = [f.name for f in frame_files(p, max_frames)]
-  frames = []
-  for name in names:
-    bgr = cv2.imread(str(p / name), cv2.IMREAD_COLOR)
+def _iter_folder(p: pathlib.Path, max_frames, resize_width) -> Iterator[np.ndarray]:
+  files = frame_files(p, max_frames)
+  first_shape = None
+  for f in files:
+    bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
     if bgr is None:
-      raise VideoReadError(f"cannot read image {p / name}")
+      raise VideoReadError(f"cannot read image {f}")
     img = _resize_width(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), resize_width)
-    if frames and img.shape != frames[0].shape:
+    if first_shape is None:
+      first_shape = img.shape
+    elif img.shape != first_shape:
       raise VideoReadError(
-          f"{p / name} is {img.shape[1]}x{img.shape[0]} but {p / names[0]} is "
-          f"{frames[0].shape[1]}x{frames[0].shape[0]}; frames must share one size"
+          f"{f} is {img.shape[1]}x{img.shape[0]} but {files[0]} is "
+          f"{first_shape[1]}x{first_shape[0]}; frames must share one size"
       )
-    frames.append(img)
-  return np.stack(frames)
+    yield img
 
 
-def _read_video(p: pathlib.Path, max_frames, resize_width) -> Tuple[np.ndarray, float]:
-  frames = []
+def _iter_video(p: pathlib.Path, max_frames, resize_width) -> Iterator[np.ndarray]:
+  count = 0
   try:
     with av.open(str(p)) as container:
       if not container.streams.video:
         raise VideoReadError(f"{p} has no video stream")
-      stream = container.streams.video[0]
-      rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-      fps = float(rate) if rate else DEFAULT_FOLDER_FPS
-      for frame in container.decode(stream):
-        frames.append(_resize_width(frame.to_ndarray(format="rgb24"), resize_width))
-        if max_frames is not None and len(frames) >= max_frames:
+      for frame in container.decode(container.streams.video[0]):
+        img = _resize_width(frame.to_ndarray(format="rgb24"), resize_width)
+        count += 1
+        yield img
+        if max_frames is not None and count >= max_frames:
           break
   except VideoReadError:
     raise
   except (av.error.FFmpegError, UnicodeDecodeError, OSError) as e:
     raise VideoReadError(f"cannot decode video {p}: {e}") from e
-  if not frames:
+  if not count:
     raise VideoReadError(f"video {p} decoded to no frames")
-  return np.stack(frames), fps
+
+
+class VideoWriter:
+  """An H.264 (yuv420p) mp4 written one frame at a time with PyAV (a context manager).
+
+  The first frame fixes the size; yuv420p needs even dimensions, so odd widths/heights are
+  padded by one replicated pixel column/row. ``write_video`` writes a whole sequence.
+  """
+
+  def __init__(self, path, fps: float, crf: int = 18, codec: str = "libx264"):
+    self.path = pathlib.Path(path)
+    self.fps, self.crf, self.codec = fps, crf, codec
+    self.count = 0
+    self._container = self._stream = self._shape = None
+
+  def write(self, img) -> None:
+    img = np.asarray(img)
+    if self._container is None:
+      self._open(img.shape[:2])
+    h, w = self._shape
+    if img.shape[:2] != (h, w) or img.dtype != np.uint8 or img.shape[-1] != 3:
+      raise ValueError(
+          f"frame {self.count} is {img.shape} {img.dtype}; expected ({h}, {w}, 3) uint8"
+      )
+    he, we = self._stream.height, self._stream.width
+    if (he, we) != (h, w):
+      img = np.pad(img, ((0, he - h), (0, we - w), (0, 0)), mode="edge")
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+    for packet in self._stream.encode(frame):
+      self._container.mux(packet)
+    self.count += 1
+
+  def _open(self, shape) -> None:
+    h, w = shape
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._container = av.open(str(self.path), mode="w")
+    self._stream = self._container.add_stream(
+        self.codec, rate=Fraction(self.fps).limit_denominator(1001)
+    )
+    self._stream.width, self._stream.height = w + (w % 2), h + (h % 2)
+    self._stream.pix_fmt = "yuv420p"
+    if self.codec == "libx264":
+      self._stream.options = {"crf": str(self.crf)}
+    self._shape = (h, w)
+
+  def close(self) -> None:
+    """Flushes the encoder and closes the file; ``ValueError`` if no frame was written."""
+    if self._container is None:
+      raise ValueError("no frames to write")
+    for packet in self._stream.encode():
+      self._container.mux(packet)
+    self._container.close()
+    self._container = None
+
+  def abort(self) -> None:
+    """Closes the file without flushing the encoder (after an error; the file is partial)."""
+    if self._container is not None:
+      self._container.close()
+      self._container = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
 
 
 def write_video(
-    path, frames: Sequence[np.ndarray], fps: float, crf: int = 18, codec: str = "libx264"
+    path, frames: Iterable[np.ndarray], fps: float, crf: int = 18, codec: str = "libx264"
 ) -> None:
-  """Write RGB uint8 frames as an H.264 (yuv420p) mp4 with PyAV.
+  """Write RGB uint8 frames (an array or any iterable) as an H.264 (yuv420p) mp4 with PyAV.
 
   yuv420p needs even dimensions: odd widths/heights are padded by one
-  replicated pixel column/row.
+  replicated pixel column/row (``VideoWriter``).
   """
-  frames = list(frames) if not isinstance(frames, np.ndarray) else frames
-  if len(frames) == 0:
-    raise ValueError("no frames to write")
-  h, w = np.asarray(frames[0]).shape[:2]
-  he, we = h + (h % 2), w + (w % 2)
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  rate = Fraction(fps).limit_denominator(1001)
-  with av.open(str(path), mode="w") as container:
-    stream = container.add_stream(codec, rate=rate)
-    stream.width, stream.height = we, he
-    stream.pix_fmt = "yuv420p"
-    if codec == "libx264":
-      stream.options = {"crf": str(crf)}
-    for i, img in enumerate(frames):
-      img = np.asarray(img)
-      if img.shape[:2] != (h, w) or img.dtype != np.uint8 or img.shape[-1] != 3:
-        raise ValueError(f"frame {i} is {img.shape} {img.dtype}; expected ({h}, {w}, 3) uint8")
-      if (he, we) != (h, w):
-        img = np.pad(img, ((0, he - h), (0, we - w), (0, 0)), mode="edge")
-      for packet in stream.encode(
-          av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-      ):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
+  with VideoWriter(path, fps, crf=crf, codec=codec) as writer:
+    for img in frames:
+      writer.write(img)
+
+
+def side_by_side(left, right) -> np.ndarray:
+  """``left | right`` as one frame; ``right`` is resized to ``left``'s height."""
+  a, b = np.asarray(left), np.asarray(right)
+  if b.shape[0] != a.shape[0]:
+    nw = max(1, int(round(b.shape[1] * a.shape[0] / b.shape[0])))
+    b = cv2.resize(b, (nw, a.shape[0]), interpolation=cv2.INTER_AREA)
+  return np.concatenate([a, b], axis=1)
 
 
 def write_side_by_side(
     path, left: Sequence[np.ndarray], right: Sequence[np.ndarray], fps: float, **kwargs
 ) -> None:
-  """Write ``left | right`` per frame; ``right`` is resized to ``left``'s height."""
+  """Write ``side_by_side(left[i], right[i])`` per frame."""
   if len(left) != len(right):
     raise ValueError(f"left has {len(left)} frames, right {len(right)}")
-
-  def gen():
-    for a, b in zip(left, right):
-      a, b = np.asarray(a), np.asarray(b)
-      if b.shape[0] != a.shape[0]:
-        nw = max(1, int(round(b.shape[1] * a.shape[0] / b.shape[0])))
-        b = cv2.resize(b, (nw, a.shape[0]), interpolation=cv2.INTER_AREA)
-      yield np.concatenate([a, b], axis=1)
-
-  write_video(path, list(gen()), fps, **kwargs)
+  write_video(path, (side_by_side(a, b) for a, b in zip(left, right)), fps, **kwargs)
 
 
 # ---------------------------------------------------------------------------

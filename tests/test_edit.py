@@ -188,7 +188,8 @@ def test_cli_run_writes_video_and_complete_report(editor, office_frames, tiny_ch
         or rep["cache"]["hit"]
         and stage in ("align", "features", "invert")
     ), stage
-  assert rep["cache"]["hit"] is True  # encoded by the earlier tests
+  # The streamed edit caches under the in-memory encoding's key (<key>.stream/).
+  assert rep["cache"]["key"] == editor.encode(frames).key
   assert rep["identity"]["tl_id"] > 0 and rep["identity"]["tg_id"] > 0
   assert rep["frames_without_face"] == [] and rep["passthrough"] == []
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from s3jax import alignment, edit_job, editing, face_encoding, face_features, images, loading
-from s3jax import optim, video
+from s3jax import edit_stream, optim, video
 from s3jax.checkpointing import Checkpointer
 from s3jax.models import face_encoders as fe
 from s3jax.models.autoencoder import FaceFusion, make_dva
@@ -299,7 +299,9 @@ def test_run_edit_reports_reference_options(ref_editor, edit_reference, frames, 
       "blend": "hard",
       "alignment": "reference",
   }
-  assert rep["cache"]["hit"] and "ArcFace" in rep["identity"]["embedding"]
+  # Streamed: cached under the in-memory encoding's key, in <key>.stream/.
+  assert rep["cache"]["key"] == ref_editor.cache_key(frames)
+  assert "ArcFace" in rep["identity"]["embedding"]
 
 
 @pytest.mark.slow
@@ -444,7 +446,8 @@ def test_run_edit_detects_on_dlib_decode(
     ref_editor, golden_align, golden_frames, office_clip_dir, tmp_path
 ):
   """``run_edit`` in reference alignment detects on dlib's decode of the frame files: its
-  encoding is the one ``encode(..., detect_frames=dlib decode)`` makes (a cache hit)."""
+  streamed encoding is keyed as ``encode(..., detect_frames=dlib decode)`` keys it, with the
+  golden quads."""
   frames, dlib_frames = golden_frames
   cache = tmp_path / "cache"
   edit_job.run_edit(
@@ -458,8 +461,9 @@ def test_run_edit_detects_on_dlib_decode(
       metrics=False,
       video_editor=ref_editor,
   )
-  code = ref_editor.encode(frames, cache_dir=cache, detect_frames=dlib_frames)
-  assert code.cache_hit
+  key = ref_editor.cache_key(frames, dlib_frames)
+  code = edit_stream.StreamCache(cache / f"{key}.stream").load_code()
+  assert code is not None and code.align_report["detect_frames"] == "given"
   assert _rel(code.quads, golden_align["quads"]) <= 1e-9
 
 
