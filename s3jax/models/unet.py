@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import lift
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -217,7 +218,7 @@ def _upsample2(x):
 
 
 class ResBlock(nn.Module):
-  """Two-condition ResBlock. `train` is an attribute so `nn.remat` needs no static args."""
+  """Two-condition ResBlock. `train` is an attribute so `remat` needs no static args."""
 
   cin: int
   cout: int
@@ -253,6 +254,80 @@ class ResBlock(nn.Module):
     if self.cin != self.cout:
       x = _conv(self.cout, "skip_connection", dt, k=1)(x)
     return x + h
+
+
+def _after_cotangent(tree, cotangent):
+  """`tree` with its values unchanged but data-dependent on `cotangent`.
+
+  `0 * c` is not folded for floats (NaN), so XLA must wait for the cotangent. A non-finite
+  cotangent changes the values, but then the step's gradients are non-finite anyway.
+  """
+  zero = jax.tree.leaves(cotangent)[0].reshape(-1)[0].astype(jnp.float32) * 0
+  nonfinite = zero != 0
+
+  def tie(a):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      data = jax.random.key_data(a)
+      return jax.random.wrap_key_data(
+          data + nonfinite.astype(data.dtype), impl=jax.random.key_impl(a)
+      )
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+      return a + zero.astype(a.dtype)
+    if jnp.issubdtype(a.dtype, jnp.integer):
+      return a + nonfinite.astype(a.dtype)
+    return a
+
+  return jax.tree.map(tie, tree)
+
+
+def _recompute_after_cotangent(fn):
+  """`fn(variables, *inputs)` that saves only its arguments and recomputes in the backward pass.
+
+  Unlike `jax.checkpoint`, the recomputation reads its inputs through a data dependency on
+  the output's cotangent. XLA drops `jax.checkpoint`'s optimization barrier before it
+  schedules (CPU), and its schedulers then run the recomputation inside the forward pass,
+  where it holds as many activations as no remat at all.
+  """
+
+  @jax.custom_vjp
+  def call(variables, *inputs):
+    return fn(variables, *inputs)
+
+  def forward(variables, *inputs):
+    return fn(variables, *inputs), (variables, inputs)
+
+  def backward(saved, cotangent):
+    variables, inputs = saved
+    inputs = _after_cotangent(inputs, cotangent[0])
+    _, vjp = jax.vjp(fn, variables, *inputs)
+    return vjp(cotangent)
+
+  call.defvjp(forward, backward)
+  return call
+
+
+def _lifted_remat(scope_fn, variables=True, rngs=True):
+  """`flax.core.lift.checkpoint` with `_recompute_after_cotangent` in place of `jax.checkpoint`."""
+
+  def inner(scope_of, repack, variable_groups, rng_groups, *args):
+    def run(variable_groups, rng_groups, *args):
+      scope = scope_of(variable_groups, rng_groups)
+      return scope_fn(scope, *args), repack(scope)
+
+    # rng_groups go with the inputs: dropout's random bits must wait for the cotangent too.
+    return _recompute_after_cotangent(run)(variable_groups, rng_groups, *args)
+
+  return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
+
+
+def remat(module_cls):
+  """Rematerialise `module_cls`: keep its inputs, recompute the rest when the gradient reaches it.
+
+  The params (and the module's inputs) are all it keeps for the backward pass, like
+  `nn.remat` with `nothing_saveable`, but the recomputation cannot be hoisted (see
+  `_recompute_after_cotangent`); only `jax.grad`/`jax.vjp` apply (no forward mode).
+  """
+  return nn.transforms.lift_transform(_lifted_remat, module_cls)
 
 
 class AttentionBlock(nn.Module):
@@ -300,7 +375,7 @@ class UNet(nn.Module):
     plan = block_plan(c)
     emb = _TimeEmbed(c.embed_channels, name="time_embed")(timestep_embedding(t, c.model_channels))
     cond = cond.astype(jnp.float32)
-    res_cls = nn.remat(ResBlock) if c.remat else ResBlock
+    res_cls = remat(ResBlock) if c.remat else ResBlock
 
     def run(container, idx, layers, h):
       for j, (kind, kw) in enumerate(layers):
