@@ -730,6 +730,22 @@ class AlignPlan:
       return landmarks_in_crop(self.landmarks[i], self.quads[i], np.shape(crop)[0])
     return predict_landmarks_in_crop(crop)
 
+  def result(self, crops, report: dict) -> "AlignResult":
+    """The ``AlignResult`` of this plan and its frames' crops (landmarks mapped to them)."""
+    crops = np.asarray(crops)
+    return AlignResult(
+        crops=crops,
+        quads=self.quads,
+        raw_quads=self.raw_quads,
+        landmarks_crop=np.stack([self.crop_landmarks(i, c) for i, c in enumerate(crops)]),
+        has_face=self.has_face,
+        interpolated=self.interpolated,
+        passthrough=self.passthrough,
+        report=report,
+        size=int(crops.shape[1]),
+        detector_per_frame=self.detector_per_frame,
+    )
+
 
 def plan_alignment(
     found: Sequence[FaceDetection],
@@ -810,7 +826,6 @@ def align_video(
   frame has a face.
   """
   frames = list(frames) if not isinstance(frames, np.ndarray) else frames
-  n = len(frames)
   t0 = time.perf_counter()
   found = detect_faces_batch(
       frames, detector=detector, upsample=upsample, progress=progress, **detect_kwargs
@@ -820,18 +835,4 @@ def align_video(
   t1 = time.perf_counter()
   crops = np.stack([crop_from_quad(f, q, size, border=border) for f, q in zip(frames, plan.quads)])
   t_crop = time.perf_counter() - t1
-  lmc = np.zeros((n, 68, 2), np.float64)
-  for i in range(n):
-    lmc[i] = plan.crop_landmarks(i, crops[i])
-  return AlignResult(
-      crops=crops,
-      quads=plan.quads,
-      raw_quads=plan.raw_quads,
-      landmarks_crop=lmc,
-      has_face=plan.has_face,
-      interpolated=plan.interpolated,
-      passthrough=plan.passthrough,
-      report=dict(plan.report, seconds_detect=t_detect, seconds_crop=t_crop),
-      size=size,
-      detector_per_frame=plan.detector_per_frame,
-  )
+  return plan.result(crops, dict(plan.report, seconds_detect=t_detect, seconds_crop=t_crop))

@@ -686,24 +686,12 @@ class VideoEditor:
     t0 = time.perf_counter()
     crops = np.stack([self.crop_frame(f, q, size) for f, q in zip(frames, plan.quads)])
     t_crop = time.perf_counter() - t0
-    lmc = np.stack([plan.crop_landmarks(i, c) for i, c in enumerate(crops)])
     report = dict(plan.report, seconds_detect=t_detect, seconds_crop=t_crop)
     if reference:
       report.update(
           alignment="reference", detect_frames="given" if detect_frames is not None else "frames"
       )
-    return alignment.AlignResult(
-        crops=crops,
-        quads=plan.quads,
-        raw_quads=plan.raw_quads,
-        landmarks_crop=lmc,
-        has_face=plan.has_face,
-        interpolated=plan.interpolated,
-        passthrough=plan.passthrough,
-        report=report,
-        size=size,
-        detector_per_frame=plan.detector_per_frame,
-    )
+    return plan.result(crops, report)
 
   def frame_features(self, crops, landmarks, timings: Optional[dict] = None):
     """(z_id (M, D), z_lnd (M, 102)) of aligned crops (M, C, C, 3) uint8 with their
