@@ -23,6 +23,18 @@ def set_cpu_threads(threads: int) -> None:
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def pin_cpu_threads(threads: int) -> None:
+  """Runs this process on its first `threads` CPUs; call before jax or torch is imported.
+
+  XLA sizes its CPU thread pool from the CPUs the process may run on, PyTorch (OpenMP) from
+  OMP_NUM_THREADS.
+  """
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads < len(cpus):
+    os.sched_setaffinity(0, cpus[:threads])
+  os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
 def timed_rounds(fn, repeats: int, min_time: float) -> list[float]:
   """Calls/s of `fn` (which blocks) for each of `repeats` rounds, after warm-up."""
   fn()
@@ -37,6 +49,43 @@ def timed_rounds(fn, repeats: int, min_time: float) -> list[float]:
       fn()
     rates.append(n / (time.perf_counter() - t0))
   return rates
+
+
+def interleaved_rounds(fns: dict, rounds: int, min_time: float = 0.0) -> dict:
+  """Seconds per call of each blocking fn in `fns`, over `rounds` rounds in which they take turns.
+
+  Taking turns exposes every fn to the same machine load, so their ratios are same-run figures.
+  Each fn is warmed up once; a round makes enough calls to last `min_time` (one when it is 0).
+  Also returns the process's CPU seconds per call and CPU time over wall time in each round
+  (2.0 = two busy cores): on a shared machine a single-threaded fn's CPU seconds stay close to
+  its work while its wall time stretches with the load.
+  """
+  calls = {}
+  for name, fn in fns.items():
+    fn()
+    calls[name] = 1
+    if min_time > 0:
+      t0 = time.perf_counter()
+      fn()
+      calls[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+  out = {
+      name: dict(calls_per_round=calls[name], seconds=[], cpu_seconds=[], cpu_util=[])
+      for name in fns
+  }
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      c0, t0 = time.process_time(), time.perf_counter()
+      for _ in range(calls[name]):
+        fn()
+      wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+      out[name]["seconds"].append(wall / calls[name])
+      out[name]["cpu_seconds"].append(cpu / calls[name])
+      out[name]["cpu_util"].append(cpu / wall)
+  for rec in out.values():
+    rec["median_s"] = statistics.median(rec["seconds"])
+    rec["median_cpu_s"] = statistics.median(rec["cpu_seconds"])
+    rec["median_cpu_util"] = statistics.median(rec["cpu_util"])
+  return out
 
 
 def conv3x3_rates(repeats: int, min_time: float, batch=8, ch=64, size=64, layers=2) -> dict:

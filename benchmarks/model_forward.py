@@ -2,20 +2,21 @@
 
     python benchmarks/model_forward.py [--threads 2] [--repeats 5] [--out benchmarks/results/model_forward.json]
 
-Reports the median UNet calls/s over `--repeats` timed rounds for the golden tiny config and the
+Reports the median UNet calls/s over `--repeats` interleaved rounds for the golden tiny config and the
 mid config (64 px, model_channels 64, mult (1,2,2,4), batch 4), their ratio, and a 3x3-conv
 microbenchmark (64 ch, 64 px, batch 8, forward+backward) in GFLOP/s for XLA and PyTorch.
 The thread count must be set before JAX starts, so this script sets XLA_FLAGS itself.
+
+Baseline: one UNet call of the PyTorch twin at the same batch (the mid config's batch 4 is
+the reference's edit batch), same weights, f32, `torch.inference_mode`, same threads; a
+per-call comparison, so no procedure (batching, caching, step count) enters it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ import torch  # noqa: E402
 from s3jax.models.unet import UNet, UNetConfig, abstract_params  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_util import conv3x3_rates, timed_rounds  # noqa: E402
+from bench_util import conv3x3_rates  # noqa: E402
 from s3jax.porting.unet_keys import unet_params_to_torch  # noqa: E402
 from s3jax.torch_twin.unet import from_state_dict  # noqa: E402
 
@@ -82,9 +83,6 @@ def bench_unet(name, cfg, batch):
   t0 = time.perf_counter()
   out_j = np.asarray(apply({"params": jp}, jx, jt, jc))
   compile_s = time.perf_counter() - t0
-  jax_rates = timed_rounds(
-      lambda: apply({"params": jp}, jx, jt, jc).block_until_ready(), ARGS.repeats, ARGS.min_time
-  )
 
   model = from_state_dict(cfg, unet_params_to_torch(params, cfg))
   tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -95,7 +93,13 @@ def bench_unet(name, cfg, batch):
       return model(tx, tt, tc)
 
   out_t = torch_call().numpy().transpose(0, 2, 3, 1)
-  torch_rates = timed_rounds(torch_call, ARGS.repeats, ARGS.min_time)
+  # The two take turns, round by round, so both see the same machine load.
+  rounds = bench_util.interleaved_rounds(
+      {"jax": lambda: apply({"params": jp}, jx, jt, jc).block_until_ready(), "torch": torch_call},
+      ARGS.repeats,
+      ARGS.min_time,
+  )
+  jax_rates, torch_rates = ([1.0 / s for s in rounds[k]["seconds"]] for k in ("jax", "torch"))
   agree = float(np.linalg.norm(out_j - out_t) / max(np.linalg.norm(out_t), 1e-30))
   jm, tm = statistics.median(jax_rates), statistics.median(torch_rates)
   return dict(
@@ -107,6 +111,7 @@ def bench_unet(name, cfg, batch):
       jax_over_torch=jm / tm,
       jax_rates=jax_rates,
       torch_rates=torch_rates,
+      cpu_util_median={k: rounds[k]["median_cpu_util"] for k in ("jax", "torch")},
       jax_compile_s=compile_s,
       outputs_rel_diff=agree,
   )
@@ -123,9 +128,13 @@ def bench_matmul(n=2048):
   flop = 2 * n**3
   mm = jax.jit(jnp.matmul)
   ja, jb = jnp.asarray(a), jnp.asarray(b)
-  xla = timed_rounds(lambda: mm(ja, jb).block_until_ready(), ARGS.repeats, ARGS.min_time)
   ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  tor = timed_rounds(lambda: ta @ tb, ARGS.repeats, ARGS.min_time)
+  rounds = bench_util.interleaved_rounds(
+      {"xla": lambda: mm(ja, jb).block_until_ready(), "torch": lambda: ta @ tb},
+      ARGS.repeats,
+      ARGS.min_time,
+  )
+  xla, tor = ([1.0 / s for s in rounds[k]["seconds"]] for k in ("xla", "torch"))
   return dict(
       n=n,
       xla_gflops=statistics.median(xla) * flop / 1e9,
@@ -155,25 +164,10 @@ def main():
       num_res_blocks=2,
       attention_resolutions=(16,),
   )
-  load0 = os.getloadavg()
-  results = dict(
-      command=" ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
-      when=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-      versions=dict(
-          python=platform.python_version(),
-          jax=jax.__version__,
-          jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-          torch=torch.__version__,
-          numpy=np.__version__,
-      ),
-      threads=dict(
-          requested=ARGS.threads,
-          torch=torch.get_num_threads(),
-          xla_flags=os.environ["XLA_FLAGS"],
-          cpu_count=os.cpu_count(),
-      ),
+  results = bench_util.run_info(ARGS.threads)
+  results.update(
       repeats=ARGS.repeats,
-      statistic="median calls/s over repeats",
+      statistic="median calls/s over interleaved rounds (jax and torch take turns)",
       unet=[
           bench_unet("tiny (golden config)", tiny_cfg, tiny_batch),
           bench_unet("mid", mid_cfg, 4),
@@ -185,14 +179,16 @@ def main():
           "fwd + input grad + weight grad) / time. A backend using a reduced-FLOP "
           "algorithm (e.g. Winograd) can exceed the matmul rate."
       ),
-      loadavg_before=load0,
-      loadavg_after=os.getloadavg(),
-      contended=bool(max(load0[0], os.getloadavg()[0]) > ARGS.threads + 0.5),
       note="2-core CPU shared with other jobs; compare numbers from the same run only.",
+      baseline=(
+          "one UNet call of the PyTorch twin (s3jax/torch_twin/unet.py) at the same batch (mid: "
+          "4, the reference's edit batch), same weights, f32, torch.inference_mode, same "
+          "threads; a per-call comparison, no procedure (batching, caching, steps) enters it"
+      ),
   )
-  out = pathlib.Path(ARGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2) + "\n")
+  results["loadavg_after"] = os.getloadavg()
+  results["contended"] = bench_util.contended(results, ARGS.threads)
+  bench_util.write_result(ARGS.out, results)
   for u in results["unet"]:
     print(
         f"{u['name']}: jax {u['jax_calls_per_s']:.2f} calls/s, torch "
@@ -206,7 +202,6 @@ def main():
   print(
       f"matmul {m['n']}^2: XLA {m['xla_gflops']:.1f} GFLOP/s, torch {m['torch_gflops']:.1f} GFLOP/s"
   )
-  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

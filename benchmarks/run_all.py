@@ -1,6 +1,6 @@
 """Runs every benchmark in benchmarks/ and writes one summary.
 
-    python benchmarks/run_all.py [--timeout 1800] [--only model_forward,edit]
+    python benchmarks/run_all.py [--timeout 7200] [--only model_forward,edit]
                                  [--args edit="--frames 2"] [--collect-only]
 
 Each `benchmarks/<name>.py` (every script but this one) runs as
@@ -16,7 +16,12 @@ Writes
                                    status, wall time and the machine load;
   benchmarks/results/summary.md    a short markdown performance table (headline figures:
                                    rates, GFLOP/s, seconds per frame, speedups) for the
-                                   README.
+                                   README, and each benchmark's stated baseline.
+
+A benchmark whose JSON has a `headline` object ({label: number}) gets exactly those figures
+in the table, under its own labels (which name the baseline); the others get the figures whose
+key names look like rates, times or ratios. A `baseline` string is quoted under the table, so
+no speed-up appears without what it is measured against.
 """
 
 from __future__ import annotations
@@ -48,12 +53,17 @@ HEADLINE = re.compile(
 NOT_HEADLINE = re.compile(r"(^|\.)(config|threads|versions|machine|args)(\.|$)|_all$|rates$")
 
 
+# Needs a GPU (benchmarks/gpu.sh runs it; its --dry-run is tested in CI).
+GPU_ONLY = ("gpu_bench.py",)
+
+
 def discover(only=None) -> list[str]:
   # A benchmark is a script: helper modules (no __main__ block) are not run.
   names = sorted(
       p.stem
       for p in BENCH_DIR.glob("*.py")
       if p.name != SELF
+      and p.name not in GPU_ONLY
       and not p.name.startswith("_")
       and "__main__" in p.read_text(errors="replace")
   )
@@ -140,8 +150,13 @@ def _read(path: pathlib.Path) -> dict:
   except (OSError, ValueError) as e:
     return {"error": f"unreadable {path.name}: {e}"}
   figs = flatten(data)
-  rec = {"results_file": str(path.relative_to(ROOT)), "figures": figs, "headline": headline(figs)}
-  for k in ("command", "when", "notes", "note", "contention", "warning"):
+  own = data.get("headline")
+  rec = {
+      "results_file": str(path.relative_to(ROOT)),
+      "figures": figs,
+      "headline": flatten(own) if isinstance(own, dict) else headline(figs),
+  }
+  for k in ("command", "when", "notes", "note", "contention", "warning", "baseline"):
     if k in data:
       rec[f"reported_{k}"] = data[k]
   return rec
@@ -192,6 +207,10 @@ def markdown(summary: dict) -> str:
       continue
     for k, v in b["headline"].items():
       lines.append(f"| {b['name']} | {k} | {_fmt(v)} | {cmd} |")
+  baselines = [b for b in summary["benchmarks"] if b.get("reported_baseline")]
+  if baselines:
+    lines += ["", "Baselines:"]
+    lines += [f"- {b['name']}: {b['reported_baseline']}" for b in baselines]
   bad = [b for b in summary["benchmarks"] if not str(b["status"]).startswith("ok")]
   if bad:
     lines += [
@@ -216,7 +235,12 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark")
+  p.add_argument(
+      "--timeout",
+      type=float,
+      default=7200,
+      help="seconds per benchmark (edit.py at T=1000: ~35 min idle)",
+  )
   p.add_argument("--only", default="", help="comma-separated benchmark names")
   p.add_argument(
       "--args",

@@ -5,7 +5,8 @@
 At the mid config (64 px, model_channels 64, mult (1,2,2,4), batch 4 images =
 2 items x 2 frames, f32) both sides do the same work per step: two noises as
 one batched forward of 2B, L1 on eps, the masked x0 regulariser, backward,
-global-norm clip, Adam and the EMA update. Also reported, from the same run:
+global-norm clip, Adam and the EMA update. The two steps take turns (interleaved rounds,
+medians), so both see the same machine load. Also reported, from the same run:
 - the step's FLOPs (XLA cost analysis) and its FLOP/s against XLA's own 3x3-conv
   rate (the CPU bound; docs/design.md's performance facts);
 - compile time;
@@ -13,22 +14,24 @@ global-norm clip, Adam and the EMA update. Also reported, from the same run:
   the train step consumes (it must be well above);
 - with --paper: the paper-size (256 px) step's FLOPs and memory with and
   without remat (compiled abstractly, not run).
-Writes benchmarks/results/train_step.json.
+Writes benchmarks/results/train_step.json. XLA flag, backend and dtype attempts at the same
+config: benchmarks/train_step_cpu_flags.py; the 3x3-conv ceiling: benchmarks/conv_ceiling.py
+(docs/cpu_speed.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "configs"))
+
+import bench_util  # noqa: E402
 
 
 def parse():
@@ -46,8 +49,9 @@ def parse():
   return p.parse_args()
 
 
-ARGS = parse()
-os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+if __name__ == "__main__":  # importers (train_step_cpu_flags.py, conv_ceiling.py) set their own
+  ARGS = parse()
+  bench_util.pin_cpu_threads(ARGS.threads)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,11 +59,15 @@ import torch  # noqa: E402
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
-torch.set_num_threads(ARGS.threads)
-torch.set_num_interop_threads(1)
 
 import voxceleb  # noqa: E402
-from bench_util import conv3x3_rates, contended, run_info  # noqa: E402
+from bench_util import (  # noqa: E402
+    contended,
+    conv3x3_rates,
+    interleaved_rounds,
+    run_info,
+    write_result,
+)
 
 from s3jax import diffusion  # noqa: E402
 from s3jax.models.unet import UNetConfig  # noqa: E402
@@ -67,6 +75,12 @@ from s3jax.porting.unet_keys import unet_params_to_torch  # noqa: E402
 from s3jax.torch_twin.unet import from_state_dict  # noqa: E402
 from s3jax.training import state as state_lib  # noqa: E402
 from s3jax.training.dva import DVATask  # noqa: E402
+
+
+def set_torch_threads(threads):
+  torch.set_num_threads(threads)
+  torch.set_num_interop_threads(1)
+
 
 MID_UNET = dict(
     image_size=64,
@@ -79,9 +93,10 @@ MID_UNET = dict(
 ITEMS, FRAMES = 2, 2
 
 
-def mid_config():
+def mid_config(dtype="float32"):
   c = voxceleb.get_config("")
   c.model.unet.update(MID_UNET)
+  c.model.dtype = dtype
   c.data.image_size = 64
   c.data.batch_size, c.data.frames_per_item = ITEMS, FRAMES
   return c
@@ -110,42 +125,50 @@ def step_cost(compiled):
   )
 
 
-def bench_jax(config, workdir):
-  mesh = state_lib.make_mesh(config.mesh)
-  task = DVATask(config, mesh, workdir, data_iterator=iter([]))
-  state = task.init_state()
-  batch = task.global_batch(synthetic_batch(config.data.image_size, 128))
-  t0 = time.perf_counter()
-  compiled = task.train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  state, m = compiled(state, batch)  # warm-up
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(ARGS.steps):
+class JaxTrainStep:
+  """The jitted DVA train step on a synthetic batch; each call runs one step and blocks.
+
+  `compiler_options` are XLA DebugOptions for this compile only (e.g.
+  {"xla_cpu_enable_fast_math": True}), so variants can share one process and take turns.
+  Several steps may share one `state_holder` (a one-element list): the state is donated.
+  """
+
+  def __init__(self, task, state_holder, compiler_options=None):
+    self.state_holder = state_holder
+    self.batch = task.global_batch(synthetic_batch(task.config.data.image_size, 128))
     t0 = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m["loss"])
-    times.append(time.perf_counter() - t0)
-  return (
-      dict(
-          step_s=times,
-          median_step_s=statistics.median(times),
-          compile_s=compile_s,
-          loss=float(m["loss"]),
-          **step_cost(compiled),
-      ),
-      state.params,
-  )
+    self.compiled = task.train_step.lower(state_holder[0], self.batch).compile(
+        compiler_options=compiler_options or None
+    )
+    self.compile_s = time.perf_counter() - t0
+    self.loss = float("nan")
+
+  def __call__(self):
+    self.state_holder[0], m = self.compiled(self.state_holder[0], self.batch)
+    self.loss = float(m["loss"])  # blocks
+    return self.loss
 
 
-def bench_torch(config, params):
+def new_task(config, workdir, holder=None):
+  """A DVATask at `config` and a state holder: `holder` when given (a task of the same params,
+  e.g. another compute dtype, shares it), else a new one with a freshly initialised state."""
+  task = DVATask(config, state_lib.make_mesh(config.mesh), workdir, data_iterator=iter([]))
+  return task, holder if holder is not None else [task.init_state()]
+
+
+def torch_twin_step(config, params, autocast_bf16=False):
+  """The reference training step on the PyTorch twin (same weights), as a blocking callable.
+
+  `autocast_bf16` runs forward and loss under `torch.autocast("cpu", bfloat16)`, the twin's
+  counterpart of `model.dtype="bfloat16"` (params and Adam stay f32 on both sides).
+  """
   cfg = UNetConfig(**dict(config.model.unet))
   unet = from_state_dict(cfg, unet_params_to_torch(params["unet"], cfg))
   unet.train()
   fusion = torch.nn.Linear(128 + 102, cfg.embed_channels)
   with torch.no_grad():
-    fusion.weight.copy_(torch.from_numpy(np.asarray(params["encoder"]["linear"]["kernel"]).T))
-    fusion.bias.copy_(torch.from_numpy(np.asarray(params["encoder"]["linear"]["bias"])))
+    fusion.weight.copy_(torch.from_numpy(np.array(params["encoder"]["linear"]["kernel"]).T))
+    fusion.bias.copy_(torch.from_numpy(np.array(params["encoder"]["linear"]["bias"])))
   modules = torch.nn.ModuleList([fusion, unet])
   opt = torch.optim.Adam(modules.parameters(), lr=config.optim.lr)
   ema = [p.detach().clone() for p in modules.parameters()]
@@ -162,10 +185,11 @@ def bench_torch(config, params):
     t = torch.randint(0, 1000, (n,))
     n1, n2 = torch.randn_like(x0), torch.randn_like(x0)
     a = ac[t].view(-1, 1, 1, 1)
-    x_t = torch.cat([a.sqrt() * x0 + (1 - a).sqrt() * n1, a.sqrt() * x0 + (1 - a).sqrt() * n2])
-    t2 = torch.cat([t, t])
-    zf = fusion(torch.cat([b["z_id"], b["z_lnd"]], dim=1))
-    eps = unet(x_t, t2, torch.cat([zf, zf]))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+      x_t = torch.cat([a.sqrt() * x0 + (1 - a).sqrt() * n1, a.sqrt() * x0 + (1 - a).sqrt() * n2])
+      t2 = torch.cat([t, t])
+      zf = fusion(torch.cat([b["z_id"], b["z_lnd"]], dim=1))
+      eps = unet(x_t, t2, torch.cat([zf, zf])).float()
     noise = torch.cat([n1, n2])
     l1 = (eps - noise).abs().mean(dim=(1, 2, 3))
     a2 = torch.cat([a, a])
@@ -181,15 +205,32 @@ def bench_torch(config, params):
       torch._foreach_add_(
           ema, [p.detach() for p in modules.parameters()], alpha=1 - config.ema_decay
       )
-    return float(loss)
+    return loss.item()
 
-  step()  # warm-up
-  times = []
-  for _ in range(ARGS.steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return dict(step_s=times, median_step_s=statistics.median(times))
+  return step
+
+
+def bench_steps(config, workdir, steps):
+  """The JAX step and the twin's step taking turns, `steps` timed rounds after a warm-up."""
+  task, holder = new_task(config, workdir)
+  params = jax.device_get(holder[0].params)  # before the first step donates the state
+  jax_step = JaxTrainStep(task, holder)
+  rounds = interleaved_rounds(
+      {"jax": jax_step, "torch_twin": torch_twin_step(config, params)}, steps
+  )
+  jax_res = dict(
+      step_s=rounds["jax"]["seconds"],
+      median_step_s=rounds["jax"]["median_s"],
+      median_cpu_util=rounds["jax"]["median_cpu_util"],
+      compile_s=jax_step.compile_s,
+      loss=jax_step.loss,
+      **step_cost(jax_step.compiled),
+  )
+  tw = rounds["torch_twin"]
+  torch_res = dict(
+      step_s=tw["seconds"], median_step_s=tw["median_s"], median_cpu_util=tw["median_cpu_util"]
+  )
+  return jax_res, torch_res
 
 
 def bench_pipeline(size, workdir):
@@ -228,11 +269,11 @@ def paper_costs(workdir):
 def main():
   import tempfile
 
+  set_torch_threads(ARGS.threads)
   info = run_info(ARGS.threads)
   config = mid_config()
   with tempfile.TemporaryDirectory() as tmp:
-    jax_res, params = bench_jax(config, tmp)
-    torch_res = bench_torch(config, jax.device_get(params))
+    jax_res, torch_res = bench_steps(config, tmp, ARGS.steps)
     conv = conv3x3_rates(repeats=5, min_time=0.5)
     pipe = bench_pipeline(64, tmp)
     paper = paper_costs(tmp) if ARGS.paper else None
@@ -256,13 +297,11 @@ def main():
       input_pipeline_64px=pipe,
       pipeline_over_step_consumption=pipe["frames_per_s"] / jax_ips,
       paper_256px_step=paper,
-      statistic="median over timed steps; ratios from the same run",
+      statistic="median over timed steps, the JAX and twin steps taking turns; same-run ratios",
       contended=contended(info, ARGS.threads),
       loadavg_after=os.getloadavg(),
   )
-  out = pathlib.Path(ARGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
+  write_result(ARGS.out, result)
   print(
       f"mid config: JAX {jax_ips:.2f} img/s, twin {torch_ips:.2f} img/s, "
       f"ratio {jax_ips / torch_ips:.2f}; compile {jax_res['compile_s']:.1f}s"
@@ -272,7 +311,6 @@ def main():
       f"conv rate ({conv['xla_gflops']:.1f}); pipeline {pipe['frames_per_s']:.0f} frames/s = "
       f"{result['pipeline_over_step_consumption']:.1f}x the step's consumption"
   )
-  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
