@@ -9,12 +9,15 @@
    NCHW/OIHW dimension numbers, each with YNNPACK (this XLA's default) and with Eigen
    (`xla_cpu_experimental_ynn_fusion_type=""`); PyTorch in NCHW and channels_last. GFLOP/s
    use XLA's FLOP count of the forward convolution for all three passes.
-2. Attribution (unless --skip-step): every convolution of the jitted mid-config train step,
-   read from its jaxpr (forward and the transposed ones of the backward pass), each timed
-   alone in XLA (YNNPACK and Eigen) and summed; against it the whole JAX step and the twin's
-   step, interleaved, with the twin's convolution time from the PyTorch profiler. If XLA's
-   convolutions alone take longer than the twin's whole step, no setting outside the
-   convolutions can bring the JAX step to 1.0x.
+2. Attribution (unless --skip-step): the jitted mid-config train step, compiled with YNNPACK
+   and with Eigen, and the twin's step take turns (interleaved rounds); then one profiled run
+   of each splits its time by what the ops compute. JAX: the thunk executor's trace events,
+   each HLO instruction put in a category (convolution, dot, reduce, data movement,
+   elementwise) from the opcodes it contains; PyTorch: the profiler's self times
+   (convolution, dot, group norm, other). From the two splits: the JAX step with the twin's
+   convolution time, and with the twin's time for all else; 1.0x needs both. Run it with
+   --threads 1 on a shared machine: one thread per side makes the splits partition the wall
+   time, and a single-threaded step is the least disturbed by other processes.
 All timings interleave (the fns of one row take turns, medians over rounds).
 Writes benchmarks/results/conv_ceiling.json (or --out).
 """
@@ -25,6 +28,7 @@ import argparse
 import collections
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -42,7 +46,7 @@ def parse():
   )
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--min-time", type=float, default=0.2, help="seconds per fn per round")
-  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--threads", type=int, default=2, help="CPUs of this process, torch threads")
   p.add_argument("--skip-step", action="store_true", help="microbenchmark only")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "conv_ceiling.json"))
   return p.parse_args()
@@ -163,84 +167,157 @@ def step_convolutions(jaxpr):
   return out
 
 
-def torch_conv_share(step, steps=3):
-  """Share of the twin step's time spent in convolutions (forward and backward), profiled."""
-  step()
+DATA_MOVEMENT = {
+    "bitcast",
+    "broadcast",
+    "concatenate",
+    "constant",
+    "copy",
+    "dynamic-slice",
+    "dynamic-update-slice",
+    "get-tuple-element",
+    "pad",
+    "parameter",
+    "reshape",
+    "reverse",
+    "slice",
+    "transpose",
+    "tuple",
+}
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?(?<![\w\[])([a-z][a-z0-9\-]*)\(")
+
+
+def hlo_categories(hlo_text):
+  """Instruction name -> what it computes (convolution, dot, reduce, data movement, elementwise),
+  from the opcodes it and the computations it calls contain."""
+  ops, calls, current = collections.defaultdict(set), collections.defaultdict(set), None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head:
+      current = head.group(1)
+      continue
+    m = INSTRUCTION.match(line)
+    if m and current:
+      ops[current].add(m.group(2))
+      ops[m.group(1)].add(m.group(2))
+      for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line):
+        calls[m.group(1)].add(callee)
+
+  def all_ops(name, seen):
+    out = set(ops.get(name, ()))
+    for callee in calls.get(name, ()):
+      if callee not in seen:
+        seen.add(callee)
+        out |= all_ops(callee, seen)
+    return out
+
+  cats = {}
+  for name in list(ops):
+    o = all_ops(name, {name})
+    if "convolution" in o:
+      cats[name] = "convolution"
+    elif "dot" in o:
+      cats[name] = "dot"
+    elif o & {"reduce", "reduce-window"}:
+      cats[name] = "reduce"
+    elif o <= DATA_MOVEMENT:
+      cats[name] = "data movement"
+    else:
+      cats[name] = "elementwise"
+  return cats
+
+
+def xla_profile(step, steps=2):
+  """Busy seconds per step by category, from the thunk executor's trace events."""
+  cats = hlo_categories(step.compiled.as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      step()
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    data = jax.profiler.ProfileData.from_file(
+        str(sorted(pathlib.Path(tmp).rglob("*.xplane.pb"))[-1])
+    )
+  busy = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for e in line.events:
+        op = dict(e.stats).get("hlo_op")
+        if op is not None:
+          busy[cats.get(op, "other")] += e.duration_ns / 1e9 / steps
+  total = sum(busy.values())
+  # Eigen's convolution thunks run asynchronously on its own pool: their events cover only the
+  # dispatch, so their time shows up here (at one thread, nothing else overlaps).
+  return dict(
+      busy_s=dict(busy),
+      busy_total_s=total,
+      wall_s=wall / steps,
+      unattributed_s=max(0.0, wall / steps - total),
+  )
+
+
+def torch_category(key):
+  if "convolution" in key:
+    return "convolution"
+  if key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+    return "dot"
+  if "group_norm" in key:
+    return "group norm"
+  return "other"
+
+
+def torch_profile(step, steps=2):
+  """Seconds per twin step by category (self times of the profiled ops, which partition it)."""
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
     t0 = time.perf_counter()
     for _ in range(steps):
       step()
     wall = time.perf_counter() - t0
-  us = sum(
-      e.cpu_time_total
-      for e in prof.key_averages()
-      if e.key in ("aten::convolution", "aten::convolution_backward")
-  )
-  return us / 1e6 / wall
+  busy = collections.Counter()
+  for e in prof.key_averages():
+    busy[torch_category(e.key)] += e.self_cpu_time_total / 1e6 / steps
+  return dict(busy_s=dict(busy), busy_total_s=sum(busy.values()), wall_s=wall / steps)
 
 
-def attribution(rounds, min_time, workdir):
+def attribution(rounds, workdir):
+  """The mid-config train step's time by category: JAX (YNNPACK, Eigen) vs the twin."""
   config = train_step.mid_config()
   task, holder = train_step.new_task(config, workdir)
   params = jax.device_get(holder[0].params)
   batch = task.global_batch(train_step.synthetic_batch(config.data.image_size, 128))
-  inventory = collections.Counter(
-      step_convolutions(jax.make_jaxpr(task.train_step)(holder[0], batch).jaxpr)
-  )
-  r = np.random.default_rng(1)
-  conv_s = {(b, k): 0.0 for b, _ in XLA_BACKENDS for k in ("median_s", "median_cpu_s")}
-  flops_total = 0.0
-  convs = []
-  for (avals, params_items), count in inventory.items():
-    conv_params = dict(params_items)
-    args = [jnp.asarray(r.standard_normal(s), d) for s, d in avals]
-    fns = {}
-    for name, options in XLA_BACKENDS:
-      c = compiled(
-          lambda a, b: jax.lax.conv_general_dilated_p.bind(a, b, **conv_params), args, options
-      )
-      fns[name] = blocking(c, *args)
-    cost = c.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    t = interleaved_rounds(fns, rounds, min_time)
-    rec = dict(lhs=avals[0][0], rhs=avals[1][0], count=count, gflop=float(cost["flops"]) / 1e9)
-    for name in fns:
-      rec[f"{name}_s"], rec[f"{name}_cpu_s"] = t[name]["median_s"], t[name]["median_cpu_s"]
-      for k in ("median_s", "median_cpu_s"):
-        conv_s[name, k] += count * t[name][k]
-    flops_total += count * rec["gflop"]
-    convs.append(rec)
-  twin = train_step.torch_twin_step(config, params)
-  twin_conv_share = torch_conv_share(twin)
-  jax_step = train_step.JaxTrainStep(task, holder)
-  steps = interleaved_rounds({"jax": jax_step, "torch_twin": twin}, rounds)
+  jaxpr = jax.make_jaxpr(task.train_step)(holder[0], batch)
+  inventory = collections.Counter(step_convolutions(jaxpr.jaxpr))
+  fns = {}
+  for name, options in XLA_BACKENDS:
+    fns[f"jax_{name}"] = train_step.JaxTrainStep(
+        task, holder, compiler_options=dict(options, xla_cpu_enable_xprof_traceme=True)
+    )
+  fns["torch_twin"] = train_step.torch_twin_step(config, params)
+  timing = interleaved_rounds(fns, rounds)
+  profiles = {n: xla_profile(fns[n]) for n in fns if n.startswith("jax")}
+  profiles["torch_twin"] = torch_profile(fns["torch_twin"])
+  twin_s = timing["torch_twin"]["median_s"]
   out = dict(
       convolutions_per_step=sum(inventory.values()),
       distinct_convolutions=len(inventory),
-      conv_gflop_per_step=flops_total,
-      step_gflop=train_step.step_cost(jax_step.compiled)["flops"] / 1e9,
-      torch_conv_share_of_twin_step=twin_conv_share,
+      step_gflop=train_step.step_cost(fns["jax_ynnpack"].compiled)["flops"] / 1e9,
+      step_s={n: t["median_s"] for n, t in timing.items()},
+      step_cpu_s={n: t["median_cpu_s"] for n, t in timing.items()},
+      over_torch_twin={n: twin_s / t["median_s"] for n, t in timing.items()},
+      profiles=profiles,
   )
-  for unit, k in (("wall", "median_s"), ("cpu", "median_cpu_s")):
-    jax_s, twin_s = steps["jax"][k], steps["torch_twin"][k]
-    xla_conv = {b: conv_s[b, k] for b, _ in XLA_BACKENDS}
-    best = min(xla_conv.values())
-    twin_conv = twin_conv_share * twin_s
-    out[unit] = dict(
-        xla_conv_s_per_step=xla_conv,
-        torch_conv_s_per_step=twin_conv,
-        jax_step_s=jax_s,
-        torch_twin_step_s=twin_s,
-        jax_over_torch_twin=twin_s / jax_s,
-        xla_conv_share_of_jax_step=best / jax_s,
-        jax_non_conv_s=jax_s - best,
-        torch_non_conv_s=twin_s - twin_conv,
-        # The JAX step with every op but XLA's (best) convolutions free, against the twin.
-        ceiling_over_torch_twin=twin_s / best,
-        # The JAX step with the twin's convolution time in place of XLA's.
-        jax_with_torch_convs_over_twin=twin_s / (jax_s - best + twin_conv),
-    )
-  out["convolutions"] = convs
+  twin = profiles["torch_twin"]
+  twin_conv = twin["busy_s"].get("convolution", 0.0)
+  for n, prof in profiles.items():
+    if n.startswith("jax"):
+      conv = prof["busy_s"].get("convolution", 0.0) + prof["unattributed_s"]
+      prof["convolution_incl_unattributed_s"] = conv
+      # From the profiles (wall per step): the JAX step with the twin's convolution time, and
+      # with the twin's time for everything else; 1.0x needs both halves at the twin's speed.
+      prof["with_twin_convs_over_twin"] = twin["wall_s"] / (prof["wall_s"] - conv + twin_conv)
+      prof["with_twin_rest_over_twin"] = twin["wall_s"] / (conv + twin["wall_s"] - twin_conv)
   return out
 
 
@@ -251,15 +328,12 @@ def main():
   step = None
   if not ARGS.skip_step:
     with tempfile.TemporaryDirectory() as tmp:
-      step = attribution(ARGS.rounds, ARGS.min_time, tmp)
-    for unit in ("wall", "cpu"):
-      a = step[unit]
+      step = attribution(ARGS.rounds, tmp)
+    print(f"step s {step['step_s']}; x twin {step['over_torch_twin']}")
+    for n, prof in step["profiles"].items():
       print(
-          f"step ({unit} s): XLA convs {a['xla_conv_s_per_step']}, twin convs"
-          f" {a['torch_conv_s_per_step']:.2f}; JAX step {a['jax_step_s']:.2f}, twin"
-          f" {a['torch_twin_step_s']:.2f} ({a['jax_over_torch_twin']:.2f}x); ceiling"
-          f" {a['ceiling_over_torch_twin']:.2f}x; with the twin's convs"
-          f" {a['jax_with_torch_convs_over_twin']:.2f}x"
+          f"{n}: wall {prof['wall_s']:.2f}s busy {prof['busy_total_s']:.2f}s "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof["busy_s"].items()))
       )
   result = dict(
       **info,

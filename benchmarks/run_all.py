@@ -156,24 +156,41 @@ def _read(path: pathlib.Path) -> dict:
       "figures": figs,
       "headline": flatten(own) if isinstance(own, dict) else headline(figs),
   }
-  for k in ("command", "when", "notes", "note", "contention", "warning", "baseline"):
+  for k in (
+      "command",
+      "when",
+      "notes",
+      "note",
+      "contention",
+      "warning",
+      "baseline",
+      "loadavg_before",
+  ):
     if k in data:
       rec[f"reported_{k}"] = data[k]
   return rec
 
 
-def collect_one(name: str) -> dict:
+def collect_one(name: str) -> list:
+  """Records of `name`'s results: `<name>.json`, else its variants `<name>_<variant>.json`
+  (a benchmark run with other arguments and `--out`)."""
   out = RESULTS / f"{name}.json"
-  if not out.exists():
-    return {
-        "name": name,
-        "status": "missing",
-        "command": f"python benchmarks/{name}.py --out {out.relative_to(ROOT)}",
-    }
-  rec = {"name": name, "status": "ok (collected)"}
-  rec.update(_read(out))
-  rec["command"] = rec.get("reported_command") or f"python benchmarks/{name}.py"
-  return rec
+  files = [out] if out.exists() else sorted(RESULTS.glob(f"{name}_*.json"))
+  if not files:
+    return [
+        {
+            "name": name,
+            "status": "missing",
+            "command": f"python benchmarks/{name}.py --out {out.relative_to(ROOT)}",
+        }
+    ]
+  records = []
+  for f in files:
+    rec = {"name": f.stem, "status": "ok (collected)"}
+    rec.update(_read(f))
+    rec["command"] = rec.get("reported_command") or f"python benchmarks/{name}.py"
+    records.append(rec)
+  return records
 
 
 def _fmt(v) -> str:
@@ -220,7 +237,10 @@ def markdown(summary: dict) -> str:
             f"{b['name']} ({b['status']}{': ' + b['error'] if b.get('error') else ''})" for b in bad
         ),
     ]
-  loads = [b.get("loadavg_before") for b in summary["benchmarks"] if b.get("loadavg_before")]
+  loads = [
+      b.get("loadavg_before") or b.get("reported_loadavg_before") for b in summary["benchmarks"]
+  ]
+  loads = [l for l in loads if l]
   if loads and max(l[0] for l in loads) > summary["machine"]["cpus"]:
     lines += [
         "",
@@ -267,11 +287,11 @@ def main(argv=None) -> int:
   records = []
   for name in names:
     if a.collect_only:
-      rec = collect_one(name)
-    else:
-      print(f"[run_all] {name} ...", flush=True)
-      rec = run_one(name, a.timeout, extra.get(name, ""))
-      print(f"[run_all] {name}: {rec['status']} in {rec['wall_s']}s", flush=True)
+      records.extend(collect_one(name))
+      continue
+    print(f"[run_all] {name} ...", flush=True)
+    rec = run_one(name, a.timeout, extra.get(name, ""))
+    print(f"[run_all] {name}: {rec['status']} in {rec['wall_s']}s", flush=True)
     records.append(rec)
   summary = {
       "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
