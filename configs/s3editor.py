@@ -65,7 +65,20 @@ def get_config(arg: str = ""):
   c.finetune_unet = False
   # With Adam a group only stays at zero when lr*lam exceeds Adam's step for it,
   # about lr*sqrt(group size): lam must be of order sqrt(npr * (2D + 1)).
-  c.sparsity = ml_collections.ConfigDict(dict(lam_in=1.0, lam_out=100.0))
+  # lam_from='attribution': every attribution_every steps, measure on attribution_frames
+  # frames per cluster which regions each neuron group moves; a group's lambda rises from
+  # lam_in to lam_out as its off-target share exceeds attribution_threshold.
+  # lam_from='index' (the comparison): group g is landmark region g's, lam_out off target.
+  c.sparsity = ml_collections.ConfigDict(
+      dict(
+          lam_in=1.0,
+          lam_out=100.0,
+          lam_from="attribution",
+          attribution_every=500,
+          attribution_frames=4,
+          attribution_threshold=0.5,
+      )
+  )
 
   c.optim = ml_collections.ConfigDict(
       dict(lr=1e-3, grad_clip=1.0, b1=0.9, b2=0.999, warmup_steps=0, unet_lr=1e-5)
@@ -93,6 +106,7 @@ def get_config(arg: str = ""):
     c.optim.lr = 3e-3
     c.sparsity.lam_in = 1.0
     c.sparsity.lam_out = 48.0
+    c.sparsity.attribution_every = 10
     c.ema_decay = 0.9
     config_blocks.loop(c, 60, log_every=10, checkpoint_every=30, sample_every=60)
     c.eval_steps = 10

@@ -65,6 +65,8 @@ __all__ = [
     "group_lasso_apply_prox",
     "group_lasso_prox",
     "zero_groups_like",
+    "with_group_lam",
+    "group_lam_of",
     "sparsity_report",
     "learning_rate_schedule",
     "learning_rate_at",
@@ -289,6 +291,10 @@ def group_lasso_apply_prox(params, spec: SpecLike, threshold):
 
 class GroupLassoProxState(NamedTuple):
   count: jax.Array  # int32 step counter, used to evaluate a schedule
+  # (G,) effective per-group lambda: `lam * spec.group_lam` at init; a trainer may replace
+  # it (`with_group_lam`), e.g. from measured attributions. In the state so that it is
+  # checkpointed with the run and a resumed run uses the same lambdas.
+  lam: jax.Array
 
 
 def group_lasso_prox(
@@ -299,7 +305,8 @@ def group_lasso_prox(
   Args:
     groups_fn_or_spec: a :class:`GroupSpec`, or ``params -> GroupSpec``
       (called at trace time; the spec must not depend on parameter values).
-    lam: global lambda, scalar or (G,); multiplied by ``spec.group_lam``.
+    lam: global lambda, scalar or (G,); multiplied by ``spec.group_lam``, this is the
+      state's initial per-group lambda (replace it with :func:`with_group_lam`).
     learning_rate: float or optax schedule ``count -> lr``; use the same one
       as the optimizer so the threshold is ``lr_t * lam_g``.
 
@@ -308,15 +315,16 @@ def group_lasso_prox(
   """
 
   def init_fn(params):
-    _check_against(_resolve(groups_fn_or_spec, params), params)
-    return GroupLassoProxState(count=jnp.zeros([], jnp.int32))
+    spec = _resolve(groups_fn_or_spec, params)
+    _check_against(spec, params)
+    return GroupLassoProxState(count=jnp.zeros([], jnp.int32), lam=spec.lam_vector(lam))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("group_lasso_prox needs params: call tx.update(grads, opt_state, params)")
     spec = _resolve(groups_fn_or_spec, params)
     eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    thr = jnp.asarray(eta, jnp.float32) * spec.lam_vector(lam)
+    thr = jnp.asarray(eta, jnp.float32) * state.lam
     stepped = jax.tree.map(lambda p, u: p + u, params, updates)
     scale = _prox_scales(stepped, spec, thr)
 
@@ -329,9 +337,35 @@ def group_lasso_prox(
       return jnp.where(w == 0, -p, w - p).astype(u.dtype)
 
     new_updates = map_groups(leaf_update, spec, params, updates, stepped)
-    return new_updates, GroupLassoProxState(count=optax.safe_increment(state.count))
+    return new_updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_prox_state(x) -> bool:
+  return isinstance(x, GroupLassoProxState)
+
+
+def with_group_lam(opt_state, lam):
+  """``opt_state`` with every :class:`GroupLassoProxState`'s per-group lambda set to ``lam``."""
+
+  def put(x):
+    if not _is_prox_state(x):
+      return x
+    new = jnp.asarray(lam, x.lam.dtype)
+    if new.shape != x.lam.shape:
+      raise ValueError(f"lam shape {new.shape} != the prox's {x.lam.shape}")
+    return x._replace(lam=new)
+
+  return jax.tree.map(put, opt_state, is_leaf=_is_prox_state)
+
+
+def group_lam_of(opt_state):
+  """The per-group lambda of the (first) :class:`GroupLassoProxState` in ``opt_state``."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_prox_state) if _is_prox_state(x)]
+  if not found:
+    raise ValueError("no group_lasso_prox in this optimizer state")
+  return found[0].lam
 
 
 def zero_groups_like(params, reference, spec: SpecLike):

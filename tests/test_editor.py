@@ -376,3 +376,151 @@ def test_group_spec_for_s3editor_params_leaves_dva_ungrouped(setup):
   # A second transform_k subtree (e.g. inside the DVA) is refused, not merged.
   with pytest.raises(ValueError, match="twice"):
     E.group_spec_for_editor({"editor": params, "dva": params}, ron, 0.1, 1.0, targets)
+
+
+# ---------------------------------------------------------------------------
+# Attribution-tied sparsity
+# ---------------------------------------------------------------------------
+
+
+def test_group_ablations_match_the_editor(setup):
+  """x_hat is the Editor's output; switching group g off equals zeroing its W2 rows."""
+  model, stats, params, z = setup
+  params = _randomised(params)
+  attr = jnp.array([0, 3, 5, 8, 1])
+  gamma = jnp.array([0.5, -1.0, 0.7, 1.2, -0.3])
+  for normalize in (False, True):
+    m = E.Editor(K, R, NPR, normalize_output=normalize)
+    x_hat, without, act = E.group_ablations(
+        params["params"],
+        z,
+        attr,
+        gamma,
+        stats=stats,
+        num_groups=R,
+        neurons_per_group=NPR,
+        normalize_output=normalize,
+    )
+    np.testing.assert_allclose(x_hat, m.apply(params, z, attr, gamma, stats=stats), atol=1e-5)
+    assert without.shape == (R, 5, D) and act.shape == (R, 5)
+    for g in range(R):
+      off = jax.tree.map(lambda x: x, params)
+      for k in range(K):
+        w2 = off["params"][f"transform_{k}"]["W2"]
+        off["params"][f"transform_{k}"]["W2"] = w2.at[g * NPR : (g + 1) * NPR].set(0.0)
+      np.testing.assert_allclose(without[g], m.apply(off, z, attr, gamma, stats=stats), atol=1e-5)
+
+
+def _planted_editor():
+  """One cluster, two neuron groups, a linear 'decoder' whose z dims 0-3 paint the left
+  half of a 4x4 image (the target region) and dims 4-7 the right half (off target).
+  Group 0's fan-out writes only into dims 4-7: it moves only off-target pixels. Group 1
+  writes only into dims 0-3. The index reading calls group 0 "region 0", a target."""
+  d, npr = 8, 2
+  rng = np.random.default_rng(0)
+  stats = E.EditStats(
+      jnp.zeros(d),
+      jnp.ones(d),
+      jnp.asarray(rng.normal(size=(2, d)), jnp.float32),
+      jnp.zeros(2, jnp.int32),
+      jnp.asarray(rng.normal(size=(1, d)), jnp.float32),
+  )
+  model = E.Editor(1, 2, npr)
+  z = jnp.asarray(rng.normal(size=(6, d)), jnp.float32)
+  params = model.init(jax.random.key(0), z, jnp.zeros(6, jnp.int32), 0.5, stats=stats)
+  p = jax.tree.map(lambda x: x, params)["params"]["transform_0"]
+  w2 = np.zeros((2 * npr, d), np.float32)
+  w2[:npr, 4:] = rng.normal(size=(npr, 4))  # group 0 -> right half only
+  w2[npr:, :4] = rng.normal(size=(npr, 4))  # group 1 -> left half only
+  p["W2"] = jnp.asarray(w2)
+  p["b1"] = jnp.full((2 * npr,), 0.5)
+  params = {"params": {"transform_0": p}}
+  paint = np.zeros((d, 4, 4), np.float32)
+  for i in range(4):
+    paint[i, :, :2] = rng.uniform(0.5, 1.5, (4, 2))
+    paint[4 + i, :, 2:] = rng.uniform(0.5, 1.5, (4, 2))
+  decode = lambda x: jnp.einsum("bd,dhw->bhw", x, jnp.asarray(paint))  # noqa: E731
+  regmap = jnp.broadcast_to(jnp.asarray(np.repeat([[0, 0, 1, 1]], 4, 0)), (6, 4, 4))
+  return model, stats, params, z, decode, regmap, npr
+
+
+def test_attribution_finds_and_prox_removes_a_planted_off_target_group():
+  model, stats, params, z, decode, regmap, npr = _planted_editor()
+  attr = jnp.array([0, 1, 0, 1, 0, 1])
+  gamma = jnp.array([0.8, -0.6, 1.0, 0.5, -0.9, 0.7])
+
+  def measure(p):
+    x_hat, without, act = E.group_ablations(
+        p["params"],
+        z,
+        attr,
+        gamma,
+        stats=stats,
+        num_groups=2,
+        neurons_per_group=npr,
+        normalize_output=False,
+    )
+    change = jnp.abs(decode(x_hat)[None] - jax.vmap(decode)(without))
+    cluster = jnp.zeros(6, jnp.int32)
+    table = E.group_attribution(change, regmap, act, cluster, 1, 2)
+    share = E.group_off_target_share(change, regmap == 0, cluster, 1)
+    return table, share
+
+  table, share = measure(params)
+  assert table.shape == (1, 2, 2)
+  # Group 0 moves only the right half, group 1 only the left.
+  assert table[0, 0, 0] == 0 and table[0, 0, 1] > 0
+  assert table[0, 1, 1] == 0 and table[0, 1, 0] > 0
+  np.testing.assert_allclose(share, [[1.0, 0.0]])
+  lam_in, lam_out = 0.1, 48.0
+  lam = E.attribution_lambda(share, jnp.full(2, lam_in), lam_in, lam_out)
+  np.testing.assert_allclose(lam, [lam_out, lam_in])
+  # Nothing measured (NaN) keeps the previous lambda.
+  np.testing.assert_allclose(
+      E.attribution_lambda(jnp.array([[jnp.nan, 0.75]]), jnp.array([3.0, 3.0]), 1.0, 9.0),
+      [3.0, 5.0],
+  )
+
+  # Train both groups towards brighter pixels everywhere (both are useful to this loss).
+  # Index-tied lambdas call group 0 "region 0", a target, and group 1 off target.
+  # Attribution-tied lambdas put lam_out on group 0: the prox removes it, group 1 stays.
+  def run(group_lam):
+    spec = E.group_spec_for_editor(params, model.region_of_neuron(), lam_in, lam_out, [{0}])
+    tx = optim.make_optimizer({"lr": 1e-2, "grad_clip": 1.0}, group_spec=spec)
+    opt_state = optim.with_group_lam(tx.init(params), group_lam)
+    loss = lambda p: -jnp.mean(decode(model.apply(p, z, attr, gamma, stats=stats)))  # noqa
+
+    @jax.jit
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+
+    p = params
+    for _ in range(40):
+      p, opt_state = step(p, opt_state)
+    return np.asarray(optim.group_norms(p, spec)), spec, p
+
+  index_lam = E.group_spec_for_editor(
+      params, model.region_of_neuron(), lam_in, lam_out, [{0}]
+  ).lam_vector()
+  np.testing.assert_allclose(index_lam, [lam_in, lam_out])  # the index reading is backwards
+  norms_index, spec, _ = run(index_lam)
+  # Index-tied: the malicious group survives and the useful one is switched off.
+  assert norms_index[0] > 0 and norms_index[1] == 0.0
+  norms_attr, _, trained = run(lam)
+  assert norms_attr[0] == 0.0 and norms_attr[1] > 0
+  # Measured again, the removed group moves nothing (NaN: nothing to attribute).
+  _, share_after = measure(trained)
+  assert np.isnan(share_after[0, 0]) and np.isfinite(share_after[0, 1])
+
+
+def test_with_group_lam_replaces_the_prox_lambda_and_checks_its_shape(setup):
+  model, stats, params, z = setup
+  spec = E.group_spec_for_editor(params, model.region_of_neuron(), 1.0, 5.0, [{0}, {1}, {2}])
+  tx = optim.make_optimizer({"lr": 1e-2}, group_spec=spec)
+  state = tx.init(params)
+  np.testing.assert_allclose(optim.group_lam_of(state), spec.lam_vector())
+  new = optim.with_group_lam(state, jnp.arange(K * R, dtype=jnp.float32))
+  np.testing.assert_allclose(optim.group_lam_of(new), np.arange(K * R))
+  with pytest.raises(ValueError, match="lam shape"):
+    optim.with_group_lam(state, jnp.ones(3))

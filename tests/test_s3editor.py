@@ -5,6 +5,8 @@ reaches the pixels), the identity stand-in a tiny random CNN, the classifier
 random directions over six attributes. These test the machinery, not quality.
 """
 
+import json
+
 import chex
 import grain
 import jax
@@ -49,6 +51,8 @@ def _tiny_config(tmp_lam_out=8.0, lam_in=0.5, total_steps=8):
   c.optim.lr = 1e-2
   c.sparsity.lam_in = lam_in
   c.sparsity.lam_out = tmp_lam_out
+  c.sparsity.attribution_every = 2
+  c.sparsity.attribution_frames = 2
   c.total_steps = total_steps
   c.log_every = 2
   c.checkpoint_every = 1000
@@ -222,6 +226,7 @@ def lam_runs(prereqs, tmp_path_factory):
     # off-target change comes from the group sparsity alone. (With L_loc on,
     # lam=0 reaches the same locality: see docs/s3editor.md.)
     cfg.loss.loc = 0.0
+    cfg.sparsity.lam_from = "index"  # this pair tests the index-tied reading
     task = _task(prereqs, tmp_path_factory.mktemp(name), cfg)
     state, curve = _train(task, steps)
     out[name] = (task, state, curve)
@@ -297,6 +302,36 @@ def test_checkpoint_resume_is_exact(prereqs, tmp_path):
   np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=-1), 1.0, rtol=1e-5)
   with pytest.raises(loading.UnknownAttributeError, match="Big_Lips"):
     edit(z, "Not_An_Attribute", 0.5)
+
+
+def test_attribution_is_measured_logged_and_sets_the_lambdas(prereqs, tmp_path):
+  """Every 2 steps the trainer measures the K x G x R table; the prox's lambdas in the
+  state are the ones attribution_lambda gives for the logged shares."""
+  cfg = _tiny_config(total_steps=4)
+  cfg.sample_every = 4
+  task = _task(prereqs, tmp_path, cfg)
+  assert task.lam_from == "attribution"
+  np.testing.assert_allclose(task.group_spec.group_lam, cfg.sparsity.lam_in)
+  loop.train(cfg, str(tmp_path), task)
+  rep = json.loads((tmp_path / "sparsity.json").read_text())
+  att = rep["attribution"]
+  assert att["step"] == 2  # measured before steps 2 (and 4, which this run does not reach)
+  table = np.asarray(att["table"])
+  assert table.shape == (2, 4, 4)  # K clusters x G groups x R regions
+  assert np.all(np.isfinite(table)) and np.all(table >= 0) and table.max() > 0
+  share = np.asarray(att["off_target_share"], dtype=float)
+  assert share.shape == (2, 4) and np.all((share >= 0) & (share <= 1))
+  lam = np.asarray(rep["group_lam"], np.float32).reshape(-1)  # from the state at step 4
+  want = E.attribution_lambda(
+      jnp.asarray(share, jnp.float32),
+      jnp.full(8, cfg.sparsity.lam_in),
+      cfg.sparsity.lam_in,
+      cfg.sparsity.lam_out,
+      cfg.sparsity.attribution_threshold,
+  )
+  np.testing.assert_allclose(lam, want, rtol=1e-6)
+  assert lam.min() >= cfg.sparsity.lam_in and lam.max() <= cfg.sparsity.lam_out
+  assert lam.max() > cfg.sparsity.lam_in  # some group is measured as over-editing
 
 
 def test_region_map_and_decode_shapes():

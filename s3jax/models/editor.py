@@ -570,8 +570,13 @@ class ResidualTransform(nn.Module):
     b1 = self.param("b1", nn.initializers.zeros, (self.hidden,), jnp.float32)
     w2 = self.param("W2", nn.initializers.zeros, (self.hidden, d), jnp.float32)
     b2 = self.param("b2", nn.initializers.zeros, (d,), jnp.float32)
-    h = self.activation(z @ w1 + b1)
-    return z + h @ w2 + b2
+    return residual_transform(z, w1, b1, w2, b2, self.activation)[0]
+
+
+def residual_transform(z, w1, b1, w2, b2, activation=nn.silu):
+  """``(z + W2 σ(W1 z + b1) + b2, hidden activations σ(W1 z + b1))`` (batched over the front)."""
+  h = activation(jnp.einsum("...d,...dh->...h", z, w1) + b1)
+  return z + jnp.einsum("...h,...hd->...d", h, w2) + b2, h
 
 
 def _cos_to_centroids(d, centroids):
@@ -675,6 +680,106 @@ class Editor(nn.Module):
     if squeeze:
       out = out[0]
     return (out, weights) if return_weights else out
+
+
+# ---------------------------------------------------------------------------
+# Attribution: which facial regions each neuron group moves
+# ---------------------------------------------------------------------------
+
+
+def group_ablations(
+    editor_params,
+    z_id,
+    attr,
+    gamma,
+    *,
+    stats: EditStats,
+    num_groups: int,
+    neurons_per_group: int,
+    normalize_output: bool,
+    activation: Callable = nn.silu,
+):
+  """The hard-routed edit of each row, and the same edit with each neuron group of its own
+  ``T_k`` switched off (that group's hidden units contribute nothing).
+
+  ``editor_params``: the :class:`Editor`'s params (``transform_k/{W1,b1,W2,b2}``). Group
+  ``g`` is hidden units ``g*neurons_per_group ... (g+1)*neurons_per_group - 1``, as in
+  :func:`group_spec_for_editor`. Returns ``(x_hat (B, D), x_without (G, B, D), activation
+  (G, B))``, where ``activation`` is the mean absolute activation of the group's units.
+  """
+  z = jnp.asarray(z_id, jnp.float32)
+  attr = jnp.asarray(attr)
+  d = jnp.take(jnp.asarray(stats.directions, jnp.float32), attr, axis=0)
+  cluster = jnp.take(jnp.asarray(stats.assignments), attr, axis=0)
+  gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), attr.shape)[:, None]
+  x = classifier_edit(z, d, gamma, jnp.asarray(stats.mean), jnp.asarray(stats.std))
+  k_total = len([k for k in editor_params if k.startswith("transform_")])
+  stacked = {
+      n: jnp.stack([editor_params[f"transform_{k}"][n] for k in range(k_total)])[cluster]
+      for n in ("W1", "b1", "W2", "b2")
+  }
+  y, h = residual_transform(
+      x, stacked["W1"], stacked["b1"], stacked["W2"], stacked["b2"], activation
+  )
+  b = h.shape[0]
+  h_groups = h.reshape(b, num_groups, neurons_per_group)
+  w2_groups = stacked["W2"].reshape(b, num_groups, neurons_per_group, -1)
+  # (G, B, D): each group's share of the residual.
+  contribution = jnp.einsum("bgn,bgnd->gbd", h_groups, w2_groups)
+  without = y[None] - contribution
+  post = l2_normalize if normalize_output else (lambda v: v)
+  return post(y), post(without), jnp.mean(jnp.abs(h_groups), axis=-1).T
+
+
+def group_attribution(pixel_change, region_map, activation, cluster, num_clusters, num_regions):
+  """The K x G x R attribution table.
+
+  ``pixel_change`` (G, B, H, W): the decoded change when group g of row b's transform is
+  switched off; ``region_map`` (B, H, W): each pixel's landmark region; ``activation`` (G, B);
+  ``cluster`` (B,): the transform each row was routed to. Entry ``[k, g, r]`` is the mean
+  change of region r's pixels per unit of group g's mean activation, averaged over the rows
+  routed to k (0 where no row was).
+  """
+  onehot = jax.nn.one_hot(region_map, num_regions, dtype=jnp.float32)  # (B, H, W, R)
+  area = jnp.maximum(jnp.sum(onehot, axis=(1, 2)), 1.0)  # (B, R)
+  per_region = jnp.einsum("gbhw,bhwr->gbr", pixel_change, onehot) / area[None]
+  per_unit = per_region / (activation[..., None] + 1e-6)
+  routed = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.float32)  # (B, K)
+  count = jnp.maximum(jnp.sum(routed, axis=0), 1.0)
+  return jnp.einsum("gbr,bk->kgr", per_unit, routed) / count[:, None, None]
+
+
+def group_off_target_share(pixel_change, inside, cluster, num_clusters):
+  """(K, G) share of each group's change that lands outside the edits' target regions.
+
+  Per row, the mean change per outside pixel and per inside pixel (``inside`` (B, H, W):
+  1 on the row's attribute's target regions); summed over the rows routed to each cluster,
+  share = outside / (outside + inside). NaN where those rows moved nothing (a group that
+  is off, or a cluster no row was routed to); rows without outside or inside pixels count
+  only on the side they have.
+  """
+  inside = inside.astype(jnp.float32)
+  outside = 1.0 - inside
+  mean_over = lambda m: jnp.einsum("gbhw,bhw->gb", pixel_change, m) / jnp.maximum(  # noqa: E731
+      jnp.sum(m, axis=(1, 2)), 1.0
+  )
+  routed = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.float32)
+  off = jnp.einsum("gb,bk->kg", mean_over(outside), routed)
+  on = jnp.einsum("gb,bk->kg", mean_over(inside), routed)
+  total = off + on
+  return jnp.where(total > 0, off / jnp.where(total > 0, total, 1.0), jnp.nan)
+
+
+def attribution_lambda(off_share, previous, lam_in, lam_out, threshold=0.5):
+  """Per-group lambda from measured off-target shares, (K, G) -> (K * G,) in group-id order.
+
+  A group whose share exceeds ``threshold`` is "malicious" in proportion to the excess:
+  ``lam = lam_in + (lam_out - lam_in) * clip((share - threshold) / (1 - threshold), 0, 1)``.
+  Where the share is NaN (nothing measured) the ``previous`` lambda stays.
+  """
+  excess = jnp.clip((off_share - threshold) / (1.0 - threshold), 0.0, 1.0)
+  lam = lam_in + (lam_out - lam_in) * excess
+  return jnp.where(jnp.isnan(off_share), previous.reshape(off_share.shape), lam).reshape(-1)
 
 
 # ---------------------------------------------------------------------------

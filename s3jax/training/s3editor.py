@@ -20,9 +20,17 @@ One train step (per frame f of the batch, all inside one jitted function):
                has a gradient when ``finetune_unet``; otherwise reported;
    * L_loc   = mean |f_hat - f_rec| over the pixels outside a's target regions
                (regions: nearest-landmark cells of the frame's 68 landmarks).
-5. Adam, then the group-lasso prox (``optim.group_lasso_prox``) with
-   lambda_g = lam_in for a cluster's target regions, lam_out elsewhere. The
-   EMA copy gets the exact sparsity pattern (``optim.zero_groups_like``).
+5. Adam, then the group-lasso prox (``optim.group_lasso_prox``). Its per-group
+   lambda lives in the optimizer state and comes from measurement
+   (``sparsity.lam_from='attribution'``): every ``sparsity.attribution_every``
+   steps, each neuron group of each T_k is switched off in turn on a batch of
+   pseudo-edits routed to k, and the decoded change tells which facial regions
+   the group moves (the K x G x R table) and what share of it lands outside the
+   edits' target regions; lambda grows from lam_in to lam_out with that share
+   (``editor.attribution_lambda``). ``lam_from='index'`` is the comparison:
+   group g of T_k "belongs" to landmark region g, lam_in if that region is one
+   of k's targets, else lam_out. The EMA copy gets the exact sparsity pattern
+   (``optim.zero_groups_like``).
 
 See docs/s3editor.md for the choices and measured numbers.
 """
@@ -227,6 +235,9 @@ class S3EditorTask:
         normalize_output=bool(config.editor.normalize_output),
     )
     abstract_params = jax.eval_shape(self._init_params, self.rng)
+    self.lam_from = str(config.sparsity.lam_from)
+    if self.lam_from not in ("attribution", "index"):
+      raise ValueError(f"sparsity.lam_from must be 'attribution' or 'index', got {self.lam_from!r}")
     self.group_spec = E.group_spec_for_editor(
         abstract_params,
         self.editor.region_of_neuron(),
@@ -234,6 +245,13 @@ class S3EditorTask:
         float(config.sparsity.lam_out),
         self.cluster_targets,
     )
+    if self.lam_from == "attribution":
+      # Every group starts at lam_in; measurement raises the lambda of the malicious ones.
+      # (group_info's on_target keeps the index reading, for the comparison metrics.)
+      self.group_spec = dataclasses.replace(
+          self.group_spec,
+          group_lam=np.full(self.group_spec.num_groups, float(config.sparsity.lam_in)),
+      )
     self.tx = self._make_tx()
 
     frozen = {
@@ -267,6 +285,11 @@ class S3EditorTask:
     )
     self._fixed_sample_batch = sample_batch
     self._sample_fn = None
+    self._attribution_jit = jax.jit(
+        self._measure_attribution, out_shardings=state_lib.replicated(mesh)
+    )
+    self.last_attribution = None  # host copy of the latest measurement, for sparsity.json
+    self._last_out = None  # (state returned by train_step, its step): no device sync per step
     if jax.process_index() == 0:
       self.write_meta()
 
@@ -300,7 +323,81 @@ class S3EditorTask:
     return input_pipeline.to_global_arrays(local, self.mesh)
 
   def train_step(self, state, batch):
-    return self._jit_step(state, batch, self.frozen)
+    """One jitted step; first, when due, re-measure the attribution and set the lambdas."""
+    if self._last_out is not None and state is self._last_out[0]:
+      step = self._last_out[1]
+    else:
+      step = int(jax.device_get(state.step))
+    every = int(self.config.sparsity.attribution_every)
+    if self.lam_from == "attribution" and every > 0 and step > 0 and step % every == 0:
+      state = self.update_attribution(state, batch, step)
+    new_state, metrics = self._jit_step(state, batch, self.frozen)
+    self._last_out = (new_state, step + 1)
+    return new_state, metrics
+
+  # -- attribution: which regions each neuron group moves ----------------------
+  def update_attribution(self, state, batch, step: int):
+    """Measure the K x G x R table on `batch` and put the resulting lambdas into the state."""
+    out = self._attribution_jit(
+        state.params, batch, self.frozen, optim.group_lam_of(state.opt_state), step
+    )
+    self.last_attribution = dict(jax.device_get(out), step=int(step))
+    return state.replace(opt_state=optim.with_group_lam(state.opt_state, out["lam"]))
+
+  def attribution_edits(self, rng, n: int):
+    """`n` pseudo-edits per cluster (rows k*n ... k*n+n-1 use attributes of cluster k)."""
+    assign = np.asarray(self.stats.assignments)
+    members = [np.flatnonzero(assign == k) for k in range(self.num_clusters)]
+    width = max(len(m) for m in members)
+    table = np.stack([np.resize(m, width) for m in members])  # (K, width), cycled
+    counts = np.array([len(m) for m in members])
+    r_a, r_g = jax.random.split(rng)
+    pick = jax.random.randint(r_a, (self.num_clusters, n), 0, counts[:, None])
+    attr = jnp.take_along_axis(jnp.asarray(table), pick, axis=1).reshape(-1)
+    _, gamma = self.draw_edits(r_g, self.num_clusters * n)
+    return attr, gamma
+
+  def _measure_attribution(self, params, batch, frozen, previous_lam, step):
+    cfg = self.config
+    frames = flatten_frames(batch)
+    n = min(int(cfg.sparsity.attribution_frames), frames["image"].shape[0])
+    k_total, g_total = self.num_clusters, int(cfg.editor.num_regions)
+    rows = {k: jnp.concatenate([v[:n]] * k_total) for k, v in frames.items()}
+    rng = jax.random.fold_in(jax.random.fold_in(self.rng, step), 1)
+    r_edit, r_noise = jax.random.split(rng)
+    attr, gamma = self.attribution_edits(r_edit, n)
+    st = frozen["stats"]
+    x_hat, x_without, act = E.group_ablations(
+        params["editor"],
+        rows["z_id"],
+        attr,
+        gamma,
+        stats=st,
+        num_groups=g_total,
+        neurons_per_group=int(cfg.editor.neurons_per_region),
+        normalize_output=bool(cfg.editor.normalize_output),
+    )
+    dva_params = params["dva"] if self.finetune else frozen["dva"]
+    noise = jax.random.normal(r_noise, rows["image"].shape)
+    # One decode per variant (the full edit, then each group off), all from the same x_t.
+    decoded = jax.lax.map(
+        lambda z: self._decode(dva_params, rows, z, noise),
+        jnp.concatenate([x_hat[None], x_without]),
+    )
+    change = jnp.mean(jnp.abs(decoded[:1] - decoded[1:]), axis=-1)  # (G, rows, H, W)
+    regmap = E.region_map(rows["landmarks"], frozen["rol"], change.shape[-1])
+    inside = frozen["targets"][attr[:, None, None], regmap]
+    cluster = jnp.take(jnp.asarray(st.assignments), attr)
+    share = E.group_off_target_share(change, inside, cluster, k_total)
+    lam = E.attribution_lambda(
+        share,
+        previous_lam,
+        float(cfg.sparsity.lam_in),
+        float(cfg.sparsity.lam_out),
+        float(cfg.sparsity.attribution_threshold),
+    )
+    table = E.group_attribution(change, regmap, act, cluster, k_total, g_total)
+    return {"table": table, "off_share": share, "lam": lam}
 
   # -- the loss ------------------------------------------------------------------
   def draw_edits(self, rng, n):
@@ -492,13 +589,13 @@ class S3EditorTask:
     metrics = dict(
         metrics,
         **extra,
-        **self._sparsity_metrics(new_state.params),
+        **self._sparsity_metrics(new_state.params, optim.group_lam_of(new_state.opt_state)),
         **tail,
         lr=optim.learning_rate_at(cfg.optim, state.step),
     )
     return new_state, metrics
 
-  def _sparsity_metrics(self, params):
+  def _sparsity_metrics(self, params, group_lam):
     zero = (optim.group_norms(params, self.group_spec) == 0).astype(jnp.float32)
     info = self.group_spec.group_info
     on = np.array([g["on_target"] for g in info])
@@ -507,6 +604,8 @@ class S3EditorTask:
         "zero_groups": jnp.sum(zero),
         "zero_groups_on_target": jnp.sum(zero * on),
         "zero_groups_off_target": jnp.sum(zero * (~on)),
+        "group_lam_mean": jnp.mean(group_lam),
+        "group_lam_max": jnp.max(group_lam),
     }
     for k in range(self.num_clusters):
       m[f"zero_groups_c{k}"] = jnp.sum(zero * (cl == k))
@@ -633,6 +732,7 @@ class S3EditorTask:
       ev = jax.device_get(self.evaluate(params, frames, attr, gamma))
       scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
     rep = optim.sparsity_report(jax.device_get(state.params), self.group_spec)
+    lam = np.asarray(jax.device_get(optim.group_lam_of(state.opt_state)))
     used = E.attribute_regions_used(
         jax.device_get(state.params),
         self.group_spec,
@@ -659,11 +759,31 @@ class S3EditorTask:
         "eval": scalars,
         "sample_attributes": [self.pool_names[i] for i in attr],
         "sample_strength": float(gamma[0]),
+        "lam_from": self.lam_from,
+        "group_lam": lam.reshape(self.num_clusters, -1).tolist(),
     }
+    attribution_image = None
+    if self.last_attribution is not None:
+      a = self.last_attribution
+      summary["attribution"] = {
+          "step": a["step"],
+          "what": (
+              "[k][g][r]: mean change of region r's pixels (decoded as in training) when"
+              " neuron group g of T_k is switched off, per unit of the group's mean"
+              " activation, over pseudo-edits routed to k"
+          ),
+          "table": np.asarray(a["table"]).tolist(),
+          "off_target_share": np.where(
+              np.isnan(a["off_share"]), None, np.asarray(a["off_share"])
+          ).tolist(),
+      }
+      attribution_image = attribution_table_image(np.asarray(a["table"]))
     if jax.process_index() == 0:
       if scalars:
         writer.write_scalars(step, scalars)
         writer.write_images(step, {"samples/frame_recon_plain_edit_T_edit": grid[None]})
+      if attribution_image is not None:
+        writer.write_images(step, {"sparsity/attribution_k_rows_g_by_r": attribution_image[None]})
         path = self.workdir / "samples" / f"step_{step:07d}.png"
         images.save_png(path, grid)
         logging.info("wrote sample grid %s", path)
@@ -698,3 +818,16 @@ class S3EditorTask:
         self.mean_landmarks,
         hp,
     )
+
+
+def attribution_table_image(table, cell: int = 8):
+  """The K x G x R table as an image: one row of cells per (k, g), one column per region,
+  each T_k's block scaled to its own maximum, K blocks separated by a dark line."""
+  table = np.nan_to_num(np.asarray(table, np.float32))
+  blocks = []
+  for t in table:
+    t = t / max(float(t.max()), 1e-12)
+    blocks.append(np.kron(t, np.ones((cell, cell), np.float32)))
+    blocks.append(np.zeros((2, t.shape[1] * cell), np.float32))
+  img = np.concatenate(blocks[:-1])
+  return np.repeat(img[..., None], 3, axis=-1)
