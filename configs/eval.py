@@ -29,6 +29,9 @@ def get_config(arg: str = ""):
   c.classifier = "runs/classifier"  # classifier workdir (classifier.npz); '' = none
   c.attributes = ("Smiling", "Eyeglasses", "Young", "Male")  # () = reconstruction only
   c.strengths = (-1.0, -0.5, 0.5, 1.0, 1.5)
+  # Edit methods compared on the same codes: 'plain' (the classifier direction) and/or
+  # S3Editor workdirs (each row labelled '<checkpoint>+<workdir name>').
+  c.editors = ("plain",)
   c.ddim_steps = (20, 100)  # each must divide 1000 (reference respacing)
 
   c.data = ml_collections.ConfigDict(

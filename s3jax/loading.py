@@ -272,6 +272,22 @@ def save_editor_meta(
   )
 
 
+def load_editor_meta(directory) -> dict:
+  """The arrays ``save_editor_meta`` wrote; ``names`` as a list, ``hparams`` as a dict."""
+  d = pathlib.Path(directory)
+  meta_path = d / EDITOR_META_FILE
+  if not meta_path.exists():
+    raise FileNotFoundError(
+        f"no S3Editor at {d} ({EDITOR_META_FILE} missing); train one with `python -m s3jax.train "
+        f"--config configs/s3editor.py:demo --workdir {d}`"
+    )
+  with np.load(meta_path, allow_pickle=False) as f:
+    meta = {k: f[k] for k in f.files}
+  meta["hparams"] = json.loads(str(meta["hparams"]))
+  meta["names"] = [str(n) for n in meta["names"]]
+  return meta
+
+
 EditFn = Callable[[np.ndarray, str, float], np.ndarray]
 
 
@@ -284,16 +300,9 @@ def load_editor(directory, step: Optional[int] = None, ema: bool = True) -> Edit
   function carries ``.attributes`` (the pool) and ``.step``.
   """
   d = pathlib.Path(directory)
-  meta_path = d / EDITOR_META_FILE
-  if not meta_path.exists():
-    raise FileNotFoundError(
-        f"no S3Editor at {d} ({EDITOR_META_FILE} missing); train one with `python -m s3jax.train "
-        f"--config configs/s3editor.py:demo --workdir {d}`"
-    )
-  with np.load(meta_path, allow_pickle=False) as f:
-    meta = {k: f[k] for k in f.files}
-  hp = json.loads(str(meta["hparams"]))
-  names = [str(n) for n in meta["names"]]
+  meta = load_editor_meta(d)
+  hp = meta["hparams"]
+  names = meta["names"]
   stats = editor_lib.EditStats(
       mean=jnp.asarray(meta["mean"]),
       std=jnp.asarray(meta["std"]),

@@ -34,6 +34,12 @@ strength 0 is the DDIM reconstruction. Metrics per cell (mean over the video's f
   (so that reconstruction error, which moves the logit too, is not credited to the edit);
 * ``locality``: mean |output - input| outside the landmark-hull video mask, in
   [-1, 1] units (0 = nothing changed outside the face);
+* ``locality_targets``: mean |output - input| outside the attribute's target regions
+  (nearest-landmark cells of each frame, the S3Editor's part table; NaN for attributes
+  that target everything), the locality S3Editor claims to improve;
+* methods (``config.editors``): 'plain' edits with the classifier direction, an S3Editor
+  workdir with its trained transformations, on the same encodings; S3Editor rows are
+  labelled ``<checkpoint>+<name>``;
 * ``sec_per_frame``: DDIM decoding wall time per frame (compilation excluded),
   ``sec_per_frame_encode``: inversion per frame (reconstruction cells, when not
   read from the encoding cache).

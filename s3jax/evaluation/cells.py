@@ -14,7 +14,8 @@ import pathlib
 import cv2
 import numpy as np
 
-from s3jax import face_features, images, metrics
+from s3jax import face_features, images, loading, metrics
+from s3jax.models import editor as editor_lib
 
 RECON = "none"  # the attribute of reconstruction cells
 ID_SIZE = 256  # crops are upscaled to this before the dlib descriptor
@@ -22,7 +23,8 @@ MS_SSIM_MAX_SCALES = 5
 
 METRICS_RECON = ("ssim", "ms_ssim", "psnr", "mse", "lpips")
 METRICS_ID = ("tl_id", "tg_id", "id_preservation")
-METRICS_EDIT = ("attr_success", "attr_logit_gain", "locality")
+METRICS_EDIT = ("attr_success", "attr_logit_gain", "locality", "locality_targets")
+PLAIN = "plain"  # the method of cells edited with the classifier direction alone
 METRICS_TIME = ("sec_per_frame", "sec_per_frame_encode")
 
 
@@ -35,6 +37,7 @@ class Cell:
   steps: int
   attribute: str
   strength: float
+  method: str = PLAIN  # 'plain' or the name of an S3Editor (config.editors)
 
   @property
   def is_recon(self) -> bool:
@@ -52,6 +55,8 @@ class Cell:
             round(float(self.strength), 6),
             data_fingerprint,
         ]
+        # Plain cells keep the keys they had before methods existed (resumable sweeps).
+        + ([] if self.method == PLAIN else [self.method])
     )
     h = hashlib.sha1(ident.encode()).hexdigest()[:16]
     safe = "".join(
@@ -135,6 +140,55 @@ def locality(orig_u8, out_u8, masks) -> float:
   )
 
 
+class TargetRegions:
+  """Per attribute, the facial regions an edit is meant to change, as pixel masks.
+
+  The regions are nearest-landmark cells of each frame's 68 landmarks, grouped into R
+  regions, and the attribute -> regions table is the S3Editor's (``models.editor``'s part
+  table); from an S3Editor workdir, exactly the ones it trained with.
+  """
+
+  def __init__(self, region_of_landmark, names, target_table):
+    self.region_of_landmark = np.asarray(region_of_landmark, np.int32)
+    self.names = [str(n) for n in names]
+    self.table = np.asarray(target_table, bool)  # (attributes, R)
+
+  @classmethod
+  def default(cls, num_regions: int = 6) -> "TargetRegions":
+    rol = editor_lib.landmark_regions(None, num_regions)
+    names = [n for n in editor_lib.PART_TABLE]
+    sets = editor_lib.attribute_target_regions(rol, names, table=editor_lib.PART_TABLE)
+    table = np.zeros((len(names), num_regions), bool)
+    for i, regions in enumerate(sets):
+      table[i, sorted(regions)] = True
+    return cls(rol, names, table)
+
+  @classmethod
+  def of_editor(cls, directory) -> "TargetRegions":
+    meta = loading.load_editor_meta(directory)
+    return cls(meta["region_of_landmark"], meta["names"], meta["attr_targets"])
+
+  def inside(self, attribute: str, landmarks_px, size: int):
+    """(M, size, size) bool: pixels in ``attribute``'s target regions; None if unknown.
+
+    ``landmarks_px``: (M, 68, 2) landmarks in the pixels of ``size``-px crops."""
+    if attribute not in self.names:
+      return None
+    regmap = np.asarray(
+        editor_lib.region_map(np.asarray(landmarks_px, np.float32), self.region_of_landmark, size)
+    )
+    return self.table[self.names.index(attribute)][regmap]
+
+
+def target_locality(orig_u8, out_u8, inside) -> float:
+  """Mean |output - input| (mean over RGB, [-1, 1] units) over the pixels outside the target
+  regions; NaN when there are none (an attribute that targets the whole face and more)."""
+  if inside is None or bool(np.all(inside)):
+    return float("nan")
+  diff = np.mean(np.abs(images.to_model(out_u8) - images.to_model(orig_u8)), axis=-1)
+  return float(np.sum(diff * ~inside) / np.sum(~inside))
+
+
 # -------------------------------------------------------------------------------- identity
 def identity_embeddings(crops_u8, editor=None) -> np.ndarray:
   """L2-normalised identity embeddings of aligned crops, upscaled to ``ID_SIZE`` px.
@@ -211,18 +265,37 @@ def attribute_metrics(classifier, attribute: str, strength: float, e_recon, e_ou
 
 
 # ------------------------------------------------------------------------------------ cell
-def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config, e_recon=None):
+def run_cell(
+    cell: Cell,
+    editor,
+    code,
+    classifier,
+    e_orig,
+    lpips_fn,
+    config,
+    e_recon=None,
+    edit_fns=None,
+    targets=None,
+    landmarks_px=None,
+):
   """Decodes one cell and measures it -> (metrics dict, output crops).
 
   ``editor``: an ``editing.VideoEditor`` and ``code`` its encoding of the cell's video;
   ``e_orig``: the input crops' descriptors; ``e_recon``: a callable giving the
-  reconstruction's descriptors (edit cells, e.g. ``ReconEmbeddings``).
+  reconstruction's descriptors (edit cells, e.g. ``ReconEmbeddings``); ``edit_fns``:
+  ``{method: edit_fn(z (N, D), attribute, strength)}`` for cells not edited plainly;
+  ``targets`` (:class:`TargetRegions`) and ``landmarks_px`` (the crops' landmarks at the
+  model size) give ``locality_targets``.
   """
   timings: dict = {}
   if cell.is_recon:
     z = code.z_id
-  else:
+  elif cell.method == PLAIN:
     z = classifier.edit(code.z_id, cell.attribute, cell.strength)
+  else:
+    z = np.asarray(
+        edit_fns[cell.method](np.asarray(code.z_id)[None], cell.attribute, cell.strength)
+    )[0]
   out = editor.decode(code, z, timings)
   m = len(out)
   res = {
@@ -233,6 +306,10 @@ def run_cell(cell: Cell, editor, code, classifier, e_orig, lpips_fn, config, e_r
   e_out = identity_embeddings(out, editor)
   res.update(identity_metrics(e_orig, e_out))
   res["locality"] = locality(code.crops, out, code.masks)
+  res["locality_targets"] = float("nan")
+  if targets is not None and landmarks_px is not None and not cell.is_recon:
+    inside = targets.inside(cell.attribute, landmarks_px, out.shape[1])
+    res["locality_targets"] = target_locality(code.crops, out, inside)
   if cell.is_recon:
     res.update(pixel_metrics(code.crops, out, lpips_fn, int(config.ms_ssim_max_scales)))
     if not code.cache_hit and "invert" in code.timings:

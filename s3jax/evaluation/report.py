@@ -34,6 +34,7 @@ TABLE_METRICS = (
     "id_preservation",
     "attr_success",
     "locality",
+    "locality_targets",
     "sec_per_frame",
 )
 
@@ -131,7 +132,8 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
       "identity network: dlib or ArcFace); "
       "attr_success: "
       "classifier on re-encoded output; locality: mean |change| outside the face mask "
-      "([-1, 1] units); sec_per_frame: DDIM decoding.",
+      "([-1, 1] units); locality_targets: mean |change| outside the attribute's target "
+      "regions (landmark cells); sec_per_frame: DDIM decoding.",
       "",
       markdown_table(agg),
   ]

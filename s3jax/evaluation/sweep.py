@@ -14,7 +14,7 @@ from tqdm import tqdm
 from s3jax import checkpointing, editing, images, loading
 from s3jax.evaluation import cells as cells_lib
 from s3jax.evaluation import inputs, report
-from s3jax.evaluation.cells import RECON, Cell
+from s3jax.evaluation.cells import PLAIN, RECON, Cell
 
 
 def parse_checkpoint_spec(spec: str) -> list[tuple[str, str, Optional[int]]]:
@@ -62,17 +62,64 @@ def data_fingerprint(config) -> str:
   )
 
 
+def editor_methods(config) -> dict:
+  """``config.editors`` -> {method name: S3Editor workdir, or None for 'plain'}."""
+  out = {}
+  for entry in config.get("editors", (PLAIN,)):
+    entry = str(entry)
+    name = PLAIN if entry == PLAIN else pathlib.Path(entry).name
+    if name in out:
+      raise ValueError(f"config.editors: two entries named {name!r}")
+    out[name] = None if entry == PLAIN else entry
+  return out
+
+
 def plan_cells(config, checkpoints, clips) -> list[Cell]:
-  """Per (checkpoint, clip, steps): the reconstruction cell, then attribute x strength."""
+  """Per (checkpoint, clip, steps): the reconstruction cell, then method x attribute x strength.
+
+  Cells of an S3Editor are labelled ``<checkpoint>+<editor name>``, so every table and plot
+  shows them as rows of their own."""
   cells = []
+  methods = list(editor_methods(config))
   for label, path, step in checkpoints:
     for clip in clips:
       for steps in config.ddim_steps:
         cells.append(Cell(label, path, step, clip.name, int(steps), RECON, 0.0))
-        for attr in config.attributes:
-          for s in config.strengths:
-            cells.append(Cell(label, path, step, clip.name, int(steps), str(attr), float(s)))
+        for method in methods:
+          shown = label if method == PLAIN else f"{label}+{method}"
+          for attr in config.attributes:
+            for s in config.strengths:
+              cells.append(
+                  Cell(shown, path, step, clip.name, int(steps), str(attr), float(s), method)
+              )
   return cells
+
+
+def load_edit_fns(config, classifier) -> dict:
+  """{method: edit_fn} of the S3Editors in ``config.editors``; each must know every
+  attribute of the sweep (checked before any work)."""
+  fns = {}
+  for name, directory in editor_methods(config).items():
+    if directory is None:
+      continue
+    fn = loading.load_editor(directory)
+    missing = [a for a in config.attributes if a not in fn.attributes]
+    if missing:
+      raise ValueError(
+          f"S3Editor {directory} cannot edit {missing}; it knows {list(fn.attributes)}"
+      )
+    fns[name] = fn
+  if fns and classifier is None:
+    raise ValueError("config.editors with S3Editors needs config.attributes and a classifier")
+  return fns
+
+
+def target_regions(config) -> cells_lib.TargetRegions:
+  """The first S3Editor's regions and part table, else the default ones."""
+  for directory in editor_methods(config).values():
+    if directory is not None:
+      return cells_lib.TargetRegions.of_editor(directory)
+  return cells_lib.TargetRegions.default()
 
 
 def write_cell(path: pathlib.Path, cell: Cell, res: dict) -> None:
@@ -109,6 +156,8 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
     classifier = loading.load_classifier(config.classifier)
     for a in config.attributes:
       classifier.index(a)  # unknown attribute: fail before any work
+  edit_fns = load_edit_fns(config, classifier)
+  targets = target_regions(config)
   lpips_fn = cells_lib.load_lpips(config.lpips)
 
   cells = plan_cells(config, checkpoints, clips)
@@ -131,7 +180,7 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
   clip_by_name = {c.name: c for c in clips}
   ran = 0
   for label, path, step in checkpoints:
-    todo_ck = [c for c in pending if c.checkpoint == label]
+    todo_ck = [c for c in pending if (c.checkpoint_dir, c.checkpoint_step) == (path, step)]
     if not todo_ck:
       continue
     model, params, mcfg, _ = loading.load_dva(path, step=step)
@@ -153,10 +202,13 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
         try:
           if clip.frames is not None:
             code = editor.encode(clip.frames, cache_dir=workdir / "encode_cache")
+            source_px = editing.FEATURE_SIZE
           else:
             code = editor.encode_aligned(
                 clip.crops, clip.landmarks, clip.z_id, clip.z_lnd, name=clip.name
             )
+            source_px = clip.crops.shape[1]
+          landmarks_px = np.asarray(code.landmarks) * (code.crops.shape[1] / source_px)
           e_orig = cells_lib.identity_embeddings(code.crops, editor)
           recon_cell = Cell(label, path, step, clip_name, steps, RECON, 0.0)
           e_recon = cells_lib.ReconEmbeddings(
@@ -174,7 +226,17 @@ def run_sweep(config, workdir, progress: bool = True) -> list[dict]:
             bar.set_postfix_str(f"{c.checkpoint} T={c.steps} {c.attribute} {c.strength:+g}")
           try:
             res, out = cells_lib.run_cell(
-                c, editor, code, classifier, e_orig, lpips_fn, config, e_recon
+                c,
+                editor,
+                code,
+                classifier,
+                e_orig,
+                lpips_fn,
+                config,
+                e_recon,
+                edit_fns=edit_fns,
+                targets=targets,
+                landmarks_px=landmarks_px,
             )
             if c.is_recon:
               e_recon.store(out)

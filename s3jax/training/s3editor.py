@@ -612,16 +612,21 @@ class S3EditorTask:
     return m
 
   # -- evaluation and sample grids -----------------------------------------
-  def evaluate(self, editor_params, frames, attr, gamma, seed: int = 0):
-    """Train-style decode of fixed edits: locality/faith/id for T and the plain edit."""
-    frozen = self.frozen
-    if self.finetune:
-      raise NotImplementedError("evaluate() uses the frozen DVA")
+  def evaluate(self, editor_params, frames, attr, gamma, seed: int = 0, dva_params=None):
+    """Train-style decode of fixed edits: locality/faith/id for T and the plain edit.
+
+    ``dva_params``: the DVA to decode with; required with ``finetune_unet`` (pass the
+    state's EMA ``dva``), otherwise the frozen one."""
+    if dva_params is None:
+      if self.finetune:
+        raise ValueError("with finetune_unet, pass dva_params (the trained UNet)")
+      dva_params = self.frozen["dva"]
     f = jnp.asarray(frames["image"])
     noise = jax.random.normal(jax.random.key(seed), f.shape)
     return self._evaluate_jit(
         editor_params,
-        frozen,
+        dva_params,
+        self.frozen,
         {k: jnp.asarray(v) for k, v in frames.items()},
         jnp.asarray(attr, jnp.int32),
         jnp.asarray(gamma, jnp.float32),
@@ -630,7 +635,7 @@ class S3EditorTask:
 
   @functools.cached_property
   def _evaluate_jit(self):
-    def ev(editor_params, frozen, frames, attr, gamma, noise):
+    def ev(editor_params, dva_params, frozen, frames, attr, gamma, noise):
       st = frozen["stats"]
       n = attr.shape[0]
       x_t = self.editor.apply({"params": editor_params}, frames["z_id"], attr, gamma, stats=st)
@@ -644,7 +649,7 @@ class S3EditorTask:
       )
       rep = lambda v: jnp.concatenate([v, v, v])  # noqa: E731
       out = self._decode(
-          frozen["dva"],
+          dva_params,
           {k: rep(v) for k, v in frames.items()},
           jnp.concatenate([x_t, x_p, frames["z_id"]]),
           rep(noise),
@@ -686,8 +691,7 @@ class S3EditorTask:
   def _build_sample_fn(self):
     steps = int(self.config.eval_steps)
 
-    def sample(editor_params, frozen, image, z_id, z_lnd, attr, gamma):
-      dva_p = frozen["dva"]
+    def sample(editor_params, dva_p, frozen, image, z_id, z_lnd, attr, gamma):
       eps_fn = self._eps_fn(dva_p)
       zf = lambda z: self.dva.apply({"params": dva_p}, z, z_lnd, method="z_face")  # noqa: E731
       st = frozen["stats"]
@@ -715,22 +719,23 @@ class S3EditorTask:
     n = frames["image"].shape[0]
     attr, gamma = self.sample_edits(n)
     params = state.ema_params["editor"]
-    scalars = {}
-    if not self.finetune:
-      if self._sample_fn is None:
-        self._sample_fn = self._build_sample_fn()
-      rows = self._sample_fn(
-          params,
-          self.frozen,
-          jnp.asarray(frames["image"]),
-          jnp.asarray(frames["z_id"]),
-          jnp.asarray(frames["z_lnd"]),
-          jnp.asarray(attr),
-          jnp.asarray(gamma),
-      )
-      grid = images.make_grid(np.asarray(jax.device_get(rows)))
-      ev = jax.device_get(self.evaluate(params, frames, attr, gamma))
-      scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
+    # With finetune_unet every row decodes with the UNet being trained (its EMA).
+    dva_params = state.ema_params["dva"] if self.finetune else self.frozen["dva"]
+    if self._sample_fn is None:
+      self._sample_fn = self._build_sample_fn()
+    rows = self._sample_fn(
+        params,
+        dva_params,
+        self.frozen,
+        jnp.asarray(frames["image"]),
+        jnp.asarray(frames["z_id"]),
+        jnp.asarray(frames["z_lnd"]),
+        jnp.asarray(attr),
+        jnp.asarray(gamma),
+    )
+    grid = images.make_grid(np.asarray(jax.device_get(rows)))
+    ev = jax.device_get(self.evaluate(params, frames, attr, gamma, dva_params=dva_params))
+    scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
     rep = optim.sparsity_report(jax.device_get(state.params), self.group_spec)
     lam = np.asarray(jax.device_get(optim.group_lam_of(state.opt_state)))
     used = E.attribute_regions_used(
@@ -779,14 +784,13 @@ class S3EditorTask:
       }
       attribution_image = attribution_table_image(np.asarray(a["table"]))
     if jax.process_index() == 0:
-      if scalars:
-        writer.write_scalars(step, scalars)
-        writer.write_images(step, {"samples/frame_recon_plain_edit_T_edit": grid[None]})
+      writer.write_scalars(step, scalars)
+      writer.write_images(step, {"samples/frame_recon_plain_edit_T_edit": grid[None]})
+      path = self.workdir / "samples" / f"step_{step:07d}.png"
+      images.save_png(path, grid)
+      logging.info("wrote sample grid %s", path)
       if attribution_image is not None:
         writer.write_images(step, {"sparsity/attribution_k_rows_g_by_r": attribution_image[None]})
-        path = self.workdir / "samples" / f"step_{step:07d}.png"
-        images.save_png(path, grid)
-        logging.info("wrote sample grid %s", path)
       (self.workdir / "sparsity.json").write_text(json.dumps(summary, indent=2))
       logging.info(
           "s3editor step %d: zero groups %d/%d per cluster %s; %s",
