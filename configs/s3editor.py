@@ -40,6 +40,7 @@ def get_config(arg: str = ""):
           temperature=0.1,
           normalize_output=True,  # x_hat is L2-normalised like z_id
           attributes=(),  # the pool; () = every classifier attribute with a part table entry
+          holdout_attributes=(),  # never drawn in training; routed by nearest centroid
           min_auc=0.0,  # drop attributes whose classifier AUC is below this
           direction_scale=0.0,  # 0: sqrt(D), as docs/design.md's classifier edit
           region_min_fraction=0.25,  # editor.part_regions(min_fraction=...)

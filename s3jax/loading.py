@@ -252,9 +252,21 @@ def load_id_standin(workdir, step: Optional[int] = None):
 # S3Editor
 # ---------------------------------------------------------------------------
 def save_editor_meta(
-    directory, pool_names, stats, region_of_landmark, attr_targets, mean_landmarks, hparams: dict
+    directory,
+    pool_names,
+    stats,
+    region_of_landmark,
+    attr_targets,
+    mean_landmarks,
+    hparams: dict,
+    holdout_names=(),
+    holdout_directions=None,
+    holdout_targets=None,
 ) -> None:
-  """What ``load_editor`` needs besides the checkpoint: the pool, directions, clusters."""
+  """What ``load_editor`` needs besides the checkpoint: the pool, directions, clusters, and
+  the attributes held out of self-training (their directions and target regions)."""
+  d_dim = np.asarray(stats.directions).shape[1]
+  r_dim = np.asarray(attr_targets).shape[1]
   d = pathlib.Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   np.savez(
@@ -269,6 +281,13 @@ def save_editor_meta(
       attr_targets=np.asarray(attr_targets),
       mean_landmarks=np.asarray(mean_landmarks),
       hparams=np.asarray(json.dumps(hparams)),
+      holdout_names=np.asarray([str(n) for n in holdout_names], dtype=str),
+      holdout_directions=np.asarray(
+          np.zeros((0, d_dim)) if holdout_directions is None else holdout_directions, np.float32
+      ),
+      holdout_targets=np.asarray(
+          np.zeros((0, r_dim)) if holdout_targets is None else holdout_targets, bool
+      ),
   )
 
 
@@ -285,6 +304,10 @@ def load_editor_meta(directory) -> dict:
     meta = {k: f[k] for k in f.files}
   meta["hparams"] = json.loads(str(meta["hparams"]))
   meta["names"] = [str(n) for n in meta["names"]]
+  # Written before held-out attributes existed: none.
+  meta["holdout_names"] = [str(n) for n in meta.get("holdout_names", ())]
+  meta.setdefault("holdout_directions", np.zeros((0, meta["directions"].shape[1]), np.float32))
+  meta.setdefault("holdout_targets", np.zeros((0, meta["attr_targets"].shape[1]), bool))
   return meta
 
 
@@ -322,19 +345,28 @@ def load_editor(directory, step: Optional[int] = None, ema: bool = True) -> Edit
   state = checkpointing.restore_saved_state(d, step)
   params = jax.tree.map(jnp.asarray, state["ema_params" if ema else "params"]["editor"])
 
+  held = meta["holdout_names"]
+
   @jax.jit
   def apply(z, a, s):
+    # `a`: an attribute index of the pool, or a held-out attribute's direction (routed to
+    # the cluster of the nearest centroid).
     return editor.apply({"params": params}, z, a, s, stats=stats)
 
   def edit_fn(z_id, attribute: str, strength: float):
-    if attribute not in names:
-      raise UnknownAttributeError(
-          f"unknown attribute {attribute!r}; the S3Editor's pool: {', '.join(names)}"
-      )
     z = jnp.asarray(z_id, jnp.float32)
-    return apply(z, jnp.int32(names.index(attribute)), jnp.float32(strength))
+    if attribute in names:
+      return apply(z, jnp.int32(names.index(attribute)), jnp.float32(strength))
+    if attribute in held:
+      direction = jnp.asarray(meta["holdout_directions"][held.index(attribute)])
+      return apply(z, direction, jnp.float32(strength))
+    raise UnknownAttributeError(
+        f"unknown attribute {attribute!r}; the S3Editor's pool: {', '.join(names)}"
+        + (f"; held out: {', '.join(held)}" if held else "")
+    )
 
   edit_fn.attributes = tuple(names)
+  edit_fn.held_out = tuple(held)
   edit_fn.step = step
   edit_fn.params = params
   return edit_fn

@@ -396,6 +396,39 @@ def test_finetune_unet_trains_the_unet_and_the_loss_goes_down(prereqs, tmp_path)
     task.evaluate(params["editor"], fr, np.zeros(N_FRAMES, np.int32), np.ones(N_FRAMES))
 
 
+def test_held_out_attribute_is_never_trained_and_is_routed_by_nearest_centroid(prereqs, tmp_path):
+  cfg = _tiny_config(total_steps=2)
+  cfg.editor.holdout_attributes = ("Big_Lips",)
+  task = _task(prereqs, tmp_path, cfg)
+  assert "Big_Lips" not in task.pool_names and len(task.pool_names) == 5
+  loop.train(cfg, str(tmp_path), task)
+  edit = loading.load_editor(tmp_path)
+  assert edit.held_out == ("Big_Lips",) and "Big_Lips" not in edit.attributes
+  meta = loading.load_editor_meta(tmp_path)
+  w = np.asarray(prereqs[0].classifier.weight)[:, list(NAMES).index("Big_Lips")]
+  np.testing.assert_allclose(
+      meta["holdout_directions"][0], np.sqrt(128) * w / np.linalg.norm(w), rtol=1e-5
+  )
+  assert meta["holdout_targets"].shape == (1, 4) and meta["holdout_targets"].any()
+  z = jnp.asarray(np.concatenate([f["z_id"] for f in prereqs[1][:3]]))
+  out = np.asarray(edit(z, "Big_Lips", 0.7))
+  np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, rtol=1e-5)
+  # Its mouth cluster-mates' centroid is the nearest: their transform edits it.
+  model = E.Editor(task.num_clusters, 4, 4, normalize_output=True)
+  _, weights = model.apply(
+      {"params": edit.params},
+      z,
+      jnp.asarray(meta["holdout_directions"][0]),
+      0.7,
+      stats=task.stats,
+      return_weights=True,
+  )
+  mouth = int(np.asarray(task.stats.assignments)[task.pool_names.index("Wearing_Lipstick")])
+  assert np.all(np.argmax(np.asarray(weights), -1) == mouth)
+  with pytest.raises(loading.UnknownAttributeError, match="held out: Big_Lips"):
+    edit(z, "Not_An_Attribute", 0.5)
+
+
 def test_region_map_and_decode_shapes():
   lm = (E.MEAN_LANDMARKS_68 * SIZE)[None]
   rol = E.landmark_regions(None, 3)

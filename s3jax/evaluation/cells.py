@@ -166,7 +166,11 @@ class TargetRegions:
   @classmethod
   def of_editor(cls, directory) -> "TargetRegions":
     meta = loading.load_editor_meta(directory)
-    return cls(meta["region_of_landmark"], meta["names"], meta["attr_targets"])
+    return cls(
+        meta["region_of_landmark"],
+        meta["names"] + meta["holdout_names"],
+        np.concatenate([meta["attr_targets"], meta["holdout_targets"]]),
+    )
 
   def inside(self, attribute: str, landmarks_px, size: int):
     """(M, size, size) bool: pixels in ``attribute``'s target regions; None if unknown.

@@ -103,7 +103,7 @@ def load_edit_fns(config, classifier) -> dict:
     if directory is None:
       continue
     fn = loading.load_editor(directory)
-    missing = [a for a in config.attributes if a not in fn.attributes]
+    missing = [a for a in config.attributes if a not in fn.attributes + fn.held_out]
     if missing:
       raise ValueError(
           f"S3Editor {directory} cannot edit {missing}; it knows {list(fn.attributes)}"

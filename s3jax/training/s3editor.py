@@ -179,7 +179,15 @@ class S3EditorTask:
     # -- attribute pool, directions, clusters ------------------------------
     cls = p.classifier
     names = list(cls.names)
+    holdout = [str(a) for a in config.editor.holdout_attributes]
+    for a in holdout:
+      if a not in names or a not in E.PART_TABLE:
+        raise KeyError(
+            f"editor.holdout_attributes: {a!r} must be a classifier attribute with a part-table"
+            f" entry (classifier: {names})"
+        )
     want = list(config.editor.attributes) or [n for n in names if n in E.PART_TABLE]
+    want = [a for a in want if a not in holdout]  # unseen in self-training
     auc = np.asarray(cls.auc, np.float64)
     pool = []
     for a in want:
@@ -203,6 +211,12 @@ class S3EditorTask:
         seed=int(config.editor.kmeans_seed),
         scale=scale,
     )
+    # Held-out attributes: never drawn in training; edited through the transform of the
+    # cluster whose centroid is nearest (Editor's routing of a raw direction).
+    self.holdout_names = holdout
+    self.holdout_directions = E.edit_direction(
+        np.asarray(cls.weight, np.float32)[:, [names.index(a) for a in holdout]].T, scale
+    )
     d = w.shape[0]
     if p.id_model.features != d:
       raise ValueError(f"identity stand-in gives {p.id_model.features}-d, classifier wants {d}")
@@ -222,6 +236,16 @@ class S3EditorTask:
     self.attr_target_table = np.zeros((len(pool), R), bool)
     for i, s in enumerate(self.attr_targets):
       self.attr_target_table[i, sorted(s)] = True
+    self.holdout_target_table = np.zeros((len(holdout), R), bool)
+    for i, s in enumerate(
+        E.attribute_target_regions(
+            self.region_of_landmark,
+            holdout,
+            table=E.PART_TABLE,
+            min_fraction=float(config.editor.region_min_fraction),
+        )
+    ):
+      self.holdout_target_table[i, sorted(s)] = True
     assign = np.asarray(self.stats.assignments)
     self.cluster_targets = E.cluster_target_regions(assign, self.attr_targets, self.num_clusters)
 
@@ -821,6 +845,9 @@ class S3EditorTask:
         self.attr_target_table,
         self.mean_landmarks,
         hp,
+        holdout_names=self.holdout_names,
+        holdout_directions=self.holdout_directions,
+        holdout_targets=self.holdout_target_table,
     )
 
 
