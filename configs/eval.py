@@ -14,6 +14,10 @@ runs/data/sample --size 64`), 10 and 20 steps: runs in a few minutes on a laptop
 held-out frames at T=100 DDIM steps, with SSIM, LPIPS (AlexNet) and MSE among the
 reconstruction metrics. MSE is on [-1, 1] images: 4x the MSE of [0, 1] images.
 
+'s3editor_demo': plain classifier edit vs the demo S3Editor (`runs/demo/s3editor`) on the
+sample's test split; writes comparison.json (mean and 95% interval of locality outside the
+target regions, faithfulness and identity preservation per method, attribute and strength).
+
 Checkpoints are workdirs: 'DIR' (newest step), 'DIR@STEP' or 'DIR@all' (every kept step).
 """
 
@@ -23,7 +27,7 @@ from s3jax import config_blocks
 
 
 def get_config(arg: str = ""):
-  arg = config_blocks.parse_variant(arg, ("", "demo", "dva_table1"))
+  arg = config_blocks.parse_variant(arg, ("", "demo", "dva_table1", "s3editor_demo"))
   c = ml_collections.ConfigDict()
   c.checkpoints = ("runs/dva",)
   c.classifier = "runs/classifier"  # classifier workdir (classifier.npz); '' = none
@@ -53,7 +57,7 @@ def get_config(arg: str = ""):
   c.save_samples = True  # input/output strip per cell in workdir/samples
   c.tensorboard = True
 
-  if arg == "demo":
+  if arg in ("demo", "s3editor_demo"):
     c.checkpoints = ("runs/demo",)
     c.classifier = "runs/demo/classifier"
     c.attributes = ("Mouth_Wide", "Eyes_Open")
@@ -62,6 +66,14 @@ def get_config(arg: str = ""):
     c.data.data_dir = "runs/data/sample"
     c.data.max_videos = 2
     c.data.max_frames = 8
+  if arg == "s3editor_demo":
+    # S3Editor's claims on the demo: the same codes edited plainly and by the S3Editor.
+    # Seeds: add more S3Editor workdirs named <name>_seed<N>; they pool into one row.
+    c.editors = ("plain", "runs/demo/s3editor")
+    c.strengths = (-1.5, 1.5)
+    c.ddim_steps = (20,)
+    c.data.max_videos = 8
+    c.save_samples = True
   if arg == "dva_table1":
     c.classifier = ""
     c.attributes = ()

@@ -20,7 +20,7 @@ import configs
 from data_prep import sample
 from s3jax import alignment, images, loading, optim, video
 from s3jax.checkpointing import Checkpointer
-from s3jax.evaluation import cells, sweep
+from s3jax.evaluation import cells, report, sweep
 from s3jax.models.autoencoder import make_dva
 
 from train_helpers import TINY_UNET
@@ -357,6 +357,16 @@ def test_sweep_compares_s3editor_with_the_plain_edit(sweep_inputs, tmp_path):
     assert r["locality_targets"] > 0 and 0.0 <= r["attr_success"] <= 1.0
   assert s3ed["locality_targets"] != plain["locality_targets"]  # a different edit
   assert "dva@3+s3ed" in (tmp_path / "eval" / "summary.md").read_text()
+  comp = json.loads((tmp_path / "eval" / "comparison.json").read_text())
+  assert [(c["method"], c["attribute"]) for c in comp] == [("plain", "A"), ("s3ed", "A")]
+  assert comp[1]["locality"] == s3ed["locality_targets"] and comp[1]["n"] == 1
+  assert comp[1]["faithfulness"] == s3ed["attr_success"]
+  # Seeds pool into one method with a 95% interval.
+  rows2 = [dict(r, method=m) for r in rows if r["method"] == "s3ed" for m in ("s_seed0", "s_seed1")]
+  rows2[1]["locality_targets"] += 0.01
+  (pooled,) = report.comparison(rows2)
+  assert pooled["method"] == "s" and pooled["n"] == 2 and pooled["runs"] == ["s_seed0", "s_seed1"]
+  assert pooled["locality_ci95"] > 0
   # An S3Editor that does not know the sweep's attribute fails before any work.
   loading.save_classifier(
       tmp_path / "clf3" / "classifier.npz",

@@ -7,14 +7,17 @@ import json
 import logging
 import math
 import pathlib
+import re
 from typing import Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from s3jax.evaluation.cells import METRICS_EDIT, METRICS_ID, METRICS_RECON, METRICS_TIME, RECON
 
 CSV_COLUMNS = (
-    ("checkpoint", "checkpoint_step", "video", "steps", "attribute", "strength", "frames", "status")
+    ("checkpoint", "checkpoint_step", "video", "steps", "attribute", "strength", "method")
+    + ("frames", "status")
     + METRICS_RECON
     + ("ms_ssim_scales",)
     + METRICS_ID
@@ -104,6 +107,83 @@ def markdown_table(agg: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+COMPARISON_METRICS = {
+    # comparison name: sweep metric
+    "locality": "locality_targets",
+    "faithfulness": "attr_success",
+    "id_preservation": "id_preservation",
+    "tl_id": "tl_id",
+    "tg_id": "tg_id",
+    "locality_face_mask": "locality",
+}
+_SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
+
+
+def method_family(method: str) -> str:
+  """'s3editor_seed2' -> 's3editor': runs that differ only by seed pool into one row."""
+  return _SEED_SUFFIX.sub("", method)
+
+
+def _mean_ci95(vals) -> tuple:
+  """Mean and the half-width of its 95% Student-t interval (NaN below two values)."""
+  v = np.asarray([x for x in vals if x is not None and math.isfinite(x)], np.float64)
+  if not len(v):
+    return float("nan"), float("nan"), 0
+  if len(v) < 2:
+    return float(v.mean()), float("nan"), 1
+  half = scipy_stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+  return float(v.mean()), float(half), len(v)
+
+
+def comparison(rows: Sequence[dict]) -> list[dict]:
+  """Edit methods side by side: per (method family, steps, attribute, strength), each
+  metric's mean and 95% interval over videos x seeds (ok edit cells only). ``locality`` is
+  the change outside the attribute's target regions (lower is better), ``faithfulness`` the
+  attribute success on the re-encoded output, ``id_preservation`` the cosine to the input."""
+  groups: dict = {}
+  for r in rows:
+    if r.get("status") != "ok" or r.get("attribute") == RECON:
+      continue
+    k = (method_family(r.get("method", "plain")), r["steps"], r["attribute"], r["strength"])
+    groups.setdefault(k, []).append(r)
+  out = []
+  for (method, steps, attr, s), rs in sorted(groups.items()):
+    row = {
+        "method": method,
+        "steps": steps,
+        "attribute": attr,
+        "strength": s,
+        "runs": sorted({r.get("method", "plain") for r in rs}),
+    }
+    for name, metric in COMPARISON_METRICS.items():
+      mean, half, n = _mean_ci95([r.get(metric) for r in rs])
+      row[name], row[f"{name}_ci95"] = mean, half
+      row["n"] = max(row.get("n", 0), n)
+    out.append(nan_to_none(row))
+  return out
+
+
+def comparison_markdown(comp: Sequence[dict]) -> str:
+  def cell(r, k):
+    m, h = r.get(k), r.get(f"{k}_ci95")
+    if m is None:
+      return "–"
+    return f"{m:.4f}" + (f" ± {h:.4f}" if h is not None else "")
+
+  head = ["method", "steps", "edit", "n"] + list(COMPARISON_METRICS)
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in comp:
+    lines.append(
+        "| "
+        + " | ".join(
+            [r["method"], str(r["steps"]), f"{r['attribute']} {r['strength']:+g}", str(r["n"])]
+            + [cell(r, k) for k in COMPARISON_METRICS]
+        )
+        + " |"
+    )
+  return "\n".join(lines)
+
+
 def _lpips_label(config) -> str:
   spec = "unknown net" if config is None else config.get("lpips", "")
   return {"alex": "AlexNet", "vgg": "VGG16", "": "off"}.get(spec, spec)
@@ -142,6 +222,20 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
         f"- {r['checkpoint']} {r['video']} T={r['steps']} {r['attribute']} "
         f"{r['strength']:+g}: {r.get('error')}"
         for r in failed
+    ]
+  comp = comparison(rows)
+  if len({r["method"] for r in comp}) > 1:
+    (workdir / "comparison.json").write_text(json.dumps(comp, indent=1))
+    md += [
+        "",
+        "## Methods compared",
+        "",
+        "Mean ± 95% interval over videos x seeds. locality: mean |change| outside the "
+        "attribute's target regions (lower is better); faithfulness: attribute success on the "
+        "re-encoded output; id_preservation: cosine to the input (the checkpoint's identity "
+        "network, not the one S3Editor trained with); locality_face_mask: outside the face.",
+        "",
+        comparison_markdown(comp),
     ]
   (workdir / "summary.md").write_text("\n".join(md) + "\n")
   plots = write_plots(workdir / "plots", agg)
