@@ -44,12 +44,24 @@ demo: demo-dva demo-classifier
 	    --out $(DEMO)/edit/edited.mp4
 	@echo "demo outputs: $(DEMO)/samples/, $(DEMO)/classifier/classifier.json, $(DEMO)/edit/"
 
-# S3Editor on top of the demo DVA, classifier and identity stand-in, then an edit with it.
+# S3Editor on top of the demo DVA, classifier and identity stand-in; then an edit with it
+# next to the plain edit (input | plain | S3Editor) and the comparison table of both
+# ($(DEMO)/s3editor/comparison.json: locality outside the target regions, faithfulness,
+# identity preservation, mean and 95% interval over the sample's test videos).
 demo-s3editor: demo demo-id-standin
-	$(PY) -m s3jax.train --config configs/s3editor.py:demo --workdir $(DEMO)/s3editor
+	$(PY) -m s3jax.train --config configs/s3editor.py:demo --workdir $(DEMO)/s3editor \
+	    --config.dva_workdir=$(DEMO) --config.classifier_dir=$(DEMO)/classifier \
+	    --config.idnet_dir=$(DEMO)/id_standin
 	$(PY) -m s3jax.edit --checkpoint $(DEMO) --input $(DEMO)/edit/sample_clip.mp4 \
-	    --attribute Eyes_Open --strength 1.5 --steps 20 --blend feather --side-by-side \
+	    --attribute Eyes_Open --strength 1.5 --steps 20 --blend feather --compare-plain \
 	    --editor s3editor --s3editor $(DEMO)/s3editor --out $(DEMO)/edit/edited_s3editor.mp4
+	$(PY) -m s3jax.evaluate --config configs/eval.py:s3editor_demo \
+	    --workdir $(DEMO)/s3editor/eval --config.checkpoints="('$(DEMO)',)" \
+	    --config.classifier=$(DEMO)/classifier --config.data.data_dir=$(SAMPLE) \
+	    --config.editors="('plain', '$(DEMO)/s3editor')"
+	cp $(DEMO)/s3editor/eval/comparison.json $(DEMO)/s3editor/comparison.json
+	@sed -n '/## Methods compared/,$$p' $(DEMO)/s3editor/eval/summary.md
+	@echo "S3Editor demo outputs: $(DEMO)/edit/edited_s3editor.comparison.mp4, $(DEMO)/s3editor/comparison.json"
 
 test: install
 	$(PY) -m pytest -q

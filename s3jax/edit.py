@@ -3,7 +3,8 @@ r"""Edit a face in a video with a trained DVA.
   python -m s3jax.edit --checkpoint runs/demo --input VIDEO.mp4|FRAMES_DIR \
       --attribute Mouth_Wide --strength 0.5 --out out/edited.mp4 \
       [--steps 100] [--blend hard|feather|poisson|residual] [--side-by-side] [--max-frames N] \
-      [--classifier DIR] [--editor classifier|s3editor] [--s3editor DIR] [--png-dir DIR] \
+      [--classifier DIR] [--editor classifier|s3editor] [--s3editor DIR] [--compare-plain] \
+      [--png-dir DIR] \
       [--reference] [--[no]renormalize-identity] [--paste-space frame|crop] \
       [--align-border reflect|constant] [--alignment default|reference]
   python -m s3jax.edit --checkpoint runs/demo --list-attributes
@@ -12,7 +13,9 @@ Steps: align (dlib, STIT-smoothed FFHQ quads) -> per-frame z_lnd and the average
 z_id (dlib or the official encoders, as the checkpoint was trained) -> batched DDIM
 inversion (cached per video, model and chunk in <checkpoint>/edit_cache) -> edit z_id ->
 batched DDIM decoding -> paste back -> OUT (the input's fps and size), OUT.report.json,
-optionally OUT.side_by_side.mp4 (input | edit) and one PNG per frame.
+optionally OUT.side_by_side.mp4 (input | edit) and one PNG per frame. With --editor s3editor
+--compare-plain: also OUT.plain.mp4 (the plain classifier edit of the same encoding, decoding
+only) and OUT.comparison.mp4 (input | plain | S3Editor).
 
 The video streams through in chunks of --chunk edited frames (s3jax.edit_stream): memory
 does not grow with its length. Only small per-frame arrays (quads, landmarks, z_id, z_lnd)
@@ -113,6 +116,12 @@ _EDITOR = flags.DEFINE_enum(
     "Where the edit comes from: DVA classifier directions or a trained S3Editor.",
 )
 _S3EDITOR = flags.DEFINE_string("s3editor", None, "S3Editor dir (default <checkpoint>/s3editor).")
+_COMPARE_PLAIN = flags.DEFINE_bool(
+    "compare-plain",
+    False,
+    "With --editor s3editor: also the plain classifier edit of the same encoding "
+    "(OUT.plain.mp4) and OUT.comparison.mp4 (input | plain | S3Editor).",
+)
 _PNG_DIR = flags.DEFINE_string("png-dir", None, "Also write each output frame as PNG here.")
 _CACHE_DIR = flags.DEFINE_string(
     "cache-dir", None, "Inversion cache (default <checkpoint>/edit_cache)."
@@ -131,6 +140,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 # absl takes the hyphenated names as they are; the underscore spellings work too.
 for _name in (
     "side-by-side",
+    "compare-plain",
     "max-frames",
     "list-attributes",
     "png-dir",
@@ -168,7 +178,10 @@ def main(argv):
         raise edit_job.EditError(f"the editor at {source} does not list its attributes")
       print("\n".join(names))
       return 0
-    report = edit_job.run_edit(
+    if _COMPARE_PLAIN.value and _EDITOR.value != "s3editor":
+      raise edit_job.EditError("--compare-plain needs --editor s3editor")
+    run = edit_job.run_comparison if _COMPARE_PLAIN.value else edit_job.run_edit
+    report = run(
         checkpoint,
         _INPUT.value,
         _ATTRIBUTE.value,

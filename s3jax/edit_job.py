@@ -198,6 +198,47 @@ def run_edit(
   return report
 
 
+def run_comparison(checkpoint, input, attribute, strength, out, **kwargs) -> dict:  # pylint: disable=redefined-builtin
+  """The S3Editor's edit (``out``), the plain classifier edit of the same encoding
+  (``OUT.plain.mp4``), and ``OUT.comparison.mp4``: input | plain | S3Editor per frame.
+
+  ``kwargs`` as ``run_edit``'s (``editor`` is forced to each side in turn); the second edit
+  reuses the first's VideoEditor and inversion cache, so it only decodes. Returns the
+  S3Editor edit's report with ``plain_report`` and ``comparison`` added."""
+  out = pathlib.Path(out)
+  kwargs.pop("editor", None)
+  if kwargs.get("video_editor") is None:
+    try:
+      kwargs["video_editor"] = editing.VideoEditor(
+          checkpoint,
+          steps=kwargs.get("steps"),
+          chunk=kwargs.get("chunk", 8),
+          cache=kwargs.get("cache", True),
+          progress=kwargs.get("progress", False),
+          reference=kwargs.get("reference", False),
+          renormalize_identity=kwargs.get("renormalize_identity"),
+          paste_space=kwargs.get("paste_space"),
+          align_border=kwargs.get("align_border"),
+          blend=kwargs.get("blend"),
+          alignment=kwargs.get("alignment_mode"),
+      )
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+      raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
+  report = run_edit(checkpoint, input, attribute, strength, out, editor="s3editor", **kwargs)
+  plain_out = out.with_name(out.stem + ".plain.mp4")
+  plain = run_edit(checkpoint, input, attribute, strength, plain_out, editor="classifier", **kwargs)
+  comparison = out.with_name(out.stem + ".comparison.mp4")
+  source = edit_stream.FrameSource(input, max_frames=kwargs.get("max_frames"))
+  with video.VideoWriter(comparison, source.fps) as writer:
+    for frame, a, b in zip(source.frames(), video.iter_frames(plain_out), video.iter_frames(out)):
+      writer.write(video.side_by_side(video.side_by_side(frame, a), b))
+  report = dict(report, plain_report=plain["report_path"], comparison=str(comparison))
+  report_path(out).write_text(
+      json.dumps({k: v for k, v in report.items() if k != "report_path"}, indent=2)
+  )
+  return report
+
+
 def report_path(out) -> pathlib.Path:
   """Where run_edit writes the report for ``out`` (OUT.mp4 -> OUT.report.json)."""
   out = pathlib.Path(out)

@@ -23,7 +23,7 @@ from s3jax.models import editor as E
 from s3jax.checkpointing import Checkpointer
 from s3jax.models.autoencoder import make_dva
 
-from train_helpers import tiny_edit_config
+from train_helpers import random_s3editor, tiny_edit_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -224,6 +224,39 @@ def test_missing_input_and_editor(tiny_checkpoint, tmp_path):
         editor="s3editor",
         s3editor=str(tmp_path / "absent"),
     )
+
+
+def test_compare_plain_writes_input_plain_s3editor(
+    editor, tiny_checkpoint, office_frames, tmp_path
+):
+  """--compare-plain: the S3Editor's edit, the plain edit of the same encoding, and the
+  three-way comparison video (input | plain | S3Editor)."""
+  folder, frames = office_frames
+  s3 = random_s3editor(tmp_path / "s3editor", tiny_checkpoint / "classifier")
+  out = tmp_path / "edited.mp4"
+  report = edit_job.run_comparison(
+      tiny_checkpoint,
+      str(folder),
+      "Smiling",
+      1.5,
+      str(out),
+      s3editor=str(s3),
+      video_editor=editor,
+      metrics=False,
+  )
+  assert report["editor"] == "s3editor" and pathlib.Path(report["plain_report"]).exists()
+  comp, _ = video.read_frames(report["comparison"])
+  plain, _ = video.read_frames(tmp_path / "edited.plain.mp4")
+  s3out, _ = video.read_frames(out)
+  assert len(comp) == len(frames) and comp.shape[2] == 3 * frames.shape[2]
+  w = frames.shape[2]
+  # Its thirds are the plain and S3Editor videos (up to re-encoding), which differ.
+  mad = lambda a, b: np.abs(a.astype(float) - b.astype(float)).mean()  # noqa: E731
+  mid, right = comp[:, :, w : 2 * w], comp[:, :, 2 * w :]
+  assert mad(mid, plain) < 4 and mad(right, s3out) < 4
+  assert mad(mid, plain) < mad(mid, s3out) and mad(right, s3out) < mad(right, plain)
+  assert mad(comp[:, :, :w], frames) < 4
+  assert json.loads(edit_job.report_path(out).read_text())["comparison"] == report["comparison"]
 
 
 def test_no_face_video_is_a_clear_error(editor, tiny_checkpoint, tmp_path):

@@ -23,7 +23,7 @@ from s3jax.checkpointing import Checkpointer
 from s3jax.evaluation import cells, report, sweep
 from s3jax.models.autoencoder import make_dva
 
-from train_helpers import TINY_UNET
+from train_helpers import TINY_UNET, random_s3editor
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_FRAMES = 8
@@ -294,56 +294,11 @@ def test_sweep_writes_outputs_and_resumes(sweep_inputs, tmp_path, monkeypatch):
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-def _s3editor_workdir(directory, clf):
-  """An S3Editor workdir for the sweep's classifier (attributes A and B): its meta and a
-  checkpoint whose transformations are random (so its edit is not the plain one)."""
-  from s3jax.checkpointing import TrainState
-  from s3jax.models import editor as E
-
-  c = loading.load_classifier(clf)
-  stats = E.make_edit_stats(np.asarray(c.weight).T, c.mean, c.std, 2, seed=0)
-  model = E.Editor(2, 3, 2, normalize_output=True)
-  params = model.init(
-      jax.random.key(0),
-      jax.numpy.zeros((1, 128)),
-      jax.numpy.zeros(1, jax.numpy.int32),
-      0.5,
-      stats=stats,
-  )["params"]
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(
-      tree, [x + 0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
-  )
-  hp = dict(
-      num_clusters=2,
-      num_regions=3,
-      neurons_per_region=2,
-      routing="hard",
-      temperature=0.1,
-      normalize_output=True,
-  )
-  targets = np.array([[True, False, False], [False, True, True]])
-  loading.save_editor_meta(
-      directory, ["A", "B"], stats, E.landmark_regions(None, 3), targets, E.MEAN_LANDMARKS_68, hp
-  )
-  state = TrainState(
-      step=jax.numpy.int32(1),
-      params={"editor": params},
-      ema_params={"editor": params},
-      opt_state={},
-  )
-  ck = Checkpointer(directory, async_save=False)
-  ck.save(1, state, force=True)
-  ck.close()
-  return directory
-
-
 def test_sweep_compares_s3editor_with_the_plain_edit(sweep_inputs, tmp_path):
   """config.editors: the same codes edited plainly and by an S3Editor, each row labelled,
   both measured with locality outside the attribute's target regions."""
   root, data_dir, ckpt, clf = sweep_inputs
-  s3 = _s3editor_workdir(tmp_path / "s3ed", clf)
+  s3 = random_s3editor(tmp_path / "s3ed", clf)
   config = _sweep_config(data_dir, ckpt, clf)
   config.editors = ("plain", str(s3))
   config.tensorboard = False

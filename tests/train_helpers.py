@@ -9,9 +9,13 @@ if str(REPO) not in sys.path:  # `configs` is importable from a checkout (also i
   sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import configs  # noqa: E402
+from s3jax import loading  # noqa: E402
+from s3jax.checkpointing import Checkpointer, TrainState  # noqa: E402
+from s3jax.models import editor as E  # noqa: E402
 from s3jax.models import face_encoders  # noqa: E402
 
 
@@ -121,3 +125,46 @@ def random_encoder_variables(seed=0):
       v = r.uniform(-0.1, 0.1, shape)
     leaves.append(v.astype(np.float32))
   return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def random_s3editor(directory, classifier_dir):
+  """An S3Editor workdir over the two attributes of the classifier at ``classifier_dir``
+  (K=2, R=3): its meta and a checkpoint whose transformations are random (so its edit is
+  not the plain one). The first attribute targets region 0, the second regions 1-2."""
+  c = loading.load_classifier(classifier_dir)
+  stats = E.make_edit_stats(np.asarray(c.weight).T, c.mean, c.std, 2, seed=0)
+  model = E.Editor(2, 3, 2, normalize_output=True)
+  params = model.init(
+      jax.random.key(0),
+      jnp.zeros((1, 128)),
+      jnp.zeros(1, jnp.int32),
+      0.5,
+      stats=stats,
+  )["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(
+      tree, [x + 0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
+  hp = dict(
+      num_clusters=2,
+      num_regions=3,
+      neurons_per_region=2,
+      routing="hard",
+      temperature=0.1,
+      normalize_output=True,
+  )
+  targets = np.array([[True, False, False], [False, True, True]])
+  loading.save_editor_meta(
+      directory, list(c.names), stats, E.landmark_regions(None, 3), targets, E.MEAN_LANDMARKS_68, hp
+  )
+  state = TrainState(
+      step=jnp.int32(1),
+      params={"editor": params},
+      ema_params={"editor": params},
+      opt_state={},
+  )
+  ck = Checkpointer(directory, async_save=False)
+  ck.save(1, state, force=True)
+  ck.close()
+  return directory
