@@ -30,10 +30,12 @@ demo-dva: sample-data
 	$(PY) -m s3jax.train --config configs/voxceleb.py:demo --workdir $(DEMO)
 
 demo-classifier: demo-dva
-	$(PY) -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir $(DEMO)/classifier
+	$(PY) -m s3jax.train --config configs/celebahq_classifier.py:demo --workdir $(DEMO)/classifier \
+	    --config.dva_workdir=$(DEMO)
 
 demo-id-standin: sample-data
-	$(PY) -m s3jax.train --config configs/id_standin.py:demo --workdir $(DEMO)/id_standin
+	$(PY) -m s3jax.train --config configs/id_standin.py:demo --workdir $(DEMO)/id_standin \
+	    --config.data.data_dir=$(SAMPLE)
 
 # Train the demo DVA on the embedded sample, then the demo attribute classifier,
 # then edit a held-out sample clip with it (input | edit side by side).
@@ -51,7 +53,7 @@ demo: demo-dva demo-classifier
 demo-s3editor: demo demo-id-standin
 	$(PY) -m s3jax.train --config configs/s3editor.py:demo --workdir $(DEMO)/s3editor \
 	    --config.dva_workdir=$(DEMO) --config.classifier_dir=$(DEMO)/classifier \
-	    --config.idnet_dir=$(DEMO)/id_standin
+	    --config.idnet_dir=$(DEMO)/id_standin --config.data.data_dir=$(SAMPLE)
 	$(PY) -m s3jax.edit --checkpoint $(DEMO) --input $(DEMO)/edit/sample_clip.mp4 \
 	    --attribute Eyes_Open --strength 1.5 --steps 20 --blend feather --compare-plain \
 	    --editor s3editor --s3editor $(DEMO)/s3editor --out $(DEMO)/edit/edited_s3editor.mp4
