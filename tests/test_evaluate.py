@@ -316,6 +316,10 @@ def test_sweep_compares_s3editor_with_the_plain_edit(sweep_inputs, tmp_path):
   assert [(c["method"], c["attribute"]) for c in comp] == [("plain", "A"), ("s3ed", "A")]
   assert comp[1]["locality"] == s3ed["locality_targets"] and comp[1]["n"] == 1
   assert comp[1]["faithfulness"] == s3ed["attr_success"]
+  assert (
+      s3ed["locality_targets_edit"] > 0
+      and comp[1]["locality_edit"] == s3ed["locality_targets_edit"]
+  )
   # Seeds pool into one method with a 95% interval.
   rows2 = [dict(r, method=m) for r in rows if r["method"] == "s3ed" for m in ("s_seed0", "s_seed1")]
   rows2[1]["locality_targets"] += 0.01

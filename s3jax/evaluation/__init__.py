@@ -36,7 +36,8 @@ strength 0 is the DDIM reconstruction. Metrics per cell (mean over the video's f
   [-1, 1] units (0 = nothing changed outside the face);
 * ``locality_targets``: mean |output - input| outside the attribute's target regions
   (nearest-landmark cells of each frame, the S3Editor's part table; NaN for attributes
-  that target everything), the locality S3Editor claims to improve;
+  that target everything), the locality S3Editor claims to improve; ``locality_targets_edit``:
+  the same against the reconstruction's crops (the change the edit alone makes);
 * methods (``config.editors``): 'plain' edits with the classifier direction, an S3Editor
   workdir with its trained transformations, on the same encodings; S3Editor rows are
   labelled ``<checkpoint>+<name>``;

@@ -23,7 +23,13 @@ MS_SSIM_MAX_SCALES = 5
 
 METRICS_RECON = ("ssim", "ms_ssim", "psnr", "mse", "lpips")
 METRICS_ID = ("tl_id", "tg_id", "id_preservation")
-METRICS_EDIT = ("attr_success", "attr_logit_gain", "locality", "locality_targets")
+METRICS_EDIT = (
+    "attr_success",
+    "attr_logit_gain",
+    "locality",
+    "locality_targets",
+    "locality_targets_edit",
+)
 PLAIN = "plain"  # the method of cells edited with the classifier direction alone
 METRICS_TIME = ("sec_per_frame", "sec_per_frame_encode")
 
@@ -232,24 +238,40 @@ def identity_metrics(e_orig: np.ndarray, e_out: np.ndarray) -> dict:
 
 
 class ReconEmbeddings:
-  """Descriptors of the reconstruction of one (checkpoint, video, steps), kept on disk so a
-  resumed sweep need not decode the reconstruction again. Call it to get them."""
+  """Descriptors (and crops) of the reconstruction of one (checkpoint, video, steps), kept on
+  disk so a resumed sweep need not decode the reconstruction again. Call it to get the
+  descriptors; ``crops()`` gives the reconstructed crops."""
 
   def __init__(self, path: pathlib.Path, editor, code):
     self.path, self.editor, self.code, self.value = pathlib.Path(path), editor, code, None
+    self._crops = None
+
+  @property
+  def crops_path(self) -> pathlib.Path:
+    return self.path.with_name(self.path.stem + ".crops.npy")
 
   def store(self, recon_crops) -> None:
     self.value = identity_embeddings(recon_crops, self.editor)
+    self._crops = np.asarray(recon_crops, np.uint8)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     np.save(self.path, self.value)
+    np.save(self.crops_path, self._crops)
+
+  def _load_or_decode(self) -> None:
+    if self.path.exists() and self.crops_path.exists():
+      self.value, self._crops = np.load(self.path), np.load(self.crops_path)
+    else:
+      self.store(self.editor.decode(self.code, self.code.z_id))
 
   def __call__(self) -> np.ndarray:
     if self.value is None:
-      if self.path.exists():
-        self.value = np.load(self.path)
-      else:
-        self.store(self.editor.decode(self.code, self.code.z_id))
+      self._load_or_decode()
     return self.value
+
+  def crops(self) -> np.ndarray:
+    if self._crops is None:
+      self._load_or_decode()
+    return self._crops
 
 
 # ------------------------------------------------------------------------------- attribute
@@ -310,10 +332,13 @@ def run_cell(
   e_out = identity_embeddings(out, editor)
   res.update(identity_metrics(e_orig, e_out))
   res["locality"] = locality(code.crops, out, code.masks)
-  res["locality_targets"] = float("nan")
+  res["locality_targets"] = res["locality_targets_edit"] = float("nan")
   if targets is not None and landmarks_px is not None and not cell.is_recon:
     inside = targets.inside(cell.attribute, landmarks_px, out.shape[1])
     res["locality_targets"] = target_locality(code.crops, out, inside)
+    if e_recon is not None and hasattr(e_recon, "crops"):
+      # Against the reconstruction: the change the edit alone makes (as S3Editor's L_loc).
+      res["locality_targets_edit"] = target_locality(e_recon.crops(), out, inside)
   if cell.is_recon:
     res.update(pixel_metrics(code.crops, out, lpips_fn, int(config.ms_ssim_max_scales)))
     if not code.cache_hit and "invert" in code.timings:

@@ -110,6 +110,7 @@ def markdown_table(agg: Sequence[dict]) -> str:
 COMPARISON_METRICS = {
     # comparison name: sweep metric
     "locality": "locality_targets",
+    "locality_edit": "locality_targets_edit",
     "faithfulness": "attr_success",
     "id_preservation": "id_preservation",
     "tl_id": "tl_id",
@@ -231,7 +232,8 @@ def write_outputs(workdir, rows: Sequence[dict], config=None) -> dict:
         "## Methods compared",
         "",
         "Mean ± 95% interval over videos x seeds. locality: mean |change| outside the "
-        "attribute's target regions (lower is better); faithfulness: attribute success on the "
+        "attribute's target regions (lower is better); locality_edit: the same against the "
+        "reconstruction (the edit's own change); faithfulness: attribute success on the "
         "re-encoded output; id_preservation: cosine to the input (the checkpoint's identity "
         "network, not the one S3Editor trained with); locality_face_mask: outside the face.",
         "",
