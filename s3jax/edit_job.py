@@ -40,6 +40,52 @@ def load_edit_fn(editor: str, checkpoint, classifier_dir=None, s3editor_dir=None
   raise EditError(f"--editor must be classifier or s3editor, got {editor!r}")
 
 
+VIDEO_EDITOR_OPTIONS = (
+    "steps",
+    "chunk",
+    "cache",
+    "progress",
+    "reference",
+    "renormalize_identity",
+    "paste_space",
+    "align_border",
+    "blend",
+    "alignment_mode",
+)
+
+
+def load_video_editor(
+    checkpoint,
+    steps=None,
+    chunk: int = 8,
+    cache: bool = True,
+    progress: bool = False,
+    reference: bool = False,
+    renormalize_identity=None,
+    paste_space=None,
+    align_border=None,
+    blend=None,
+    alignment_mode=None,
+):
+  """The ``editing.VideoEditor`` of ``run_edit``'s options; EditError if the DVA won't load."""
+  try:
+    return editing.VideoEditor(
+        checkpoint,
+        steps=steps,
+        chunk=chunk,
+        cache=cache,
+        progress=progress,
+        reference=reference,
+        renormalize_identity=renormalize_identity,
+        paste_space=paste_space,
+        align_border=align_border,
+        blend=blend,
+        alignment=alignment_mode,
+    )
+  except (FileNotFoundError, ValueError, NotImplementedError) as e:
+    raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
+
+
 def run_edit(
     checkpoint,
     input,
@@ -120,22 +166,19 @@ def run_edit(
   t0 = time.perf_counter()
   if video_editor is None:
     stage(f"loading the DVA from {checkpoint}")
-    try:
-      video_editor = editing.VideoEditor(
-          checkpoint,
-          steps=steps,
-          chunk=chunk,
-          cache=cache,
-          progress=progress,
-          reference=reference,
-          renormalize_identity=renormalize_identity,
-          paste_space=paste_space,
-          align_border=align_border,
-          blend=blend,
-          alignment=alignment_mode,
-      )
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
-      raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
+    video_editor = load_video_editor(
+        checkpoint,
+        steps=steps,
+        chunk=chunk,
+        cache=cache,
+        progress=progress,
+        reference=reference,
+        renormalize_identity=renormalize_identity,
+        paste_space=paste_space,
+        align_border=align_border,
+        blend=blend,
+        alignment_mode=alignment_mode,
+    )
   timings["load_model"] = time.perf_counter() - t0
 
   stage(
@@ -208,22 +251,9 @@ def run_comparison(checkpoint, input, attribute, strength, out, **kwargs) -> dic
   out = pathlib.Path(out)
   kwargs.pop("editor", None)
   if kwargs.get("video_editor") is None:
-    try:
-      kwargs["video_editor"] = editing.VideoEditor(
-          checkpoint,
-          steps=kwargs.get("steps"),
-          chunk=kwargs.get("chunk", 8),
-          cache=kwargs.get("cache", True),
-          progress=kwargs.get("progress", False),
-          reference=kwargs.get("reference", False),
-          renormalize_identity=kwargs.get("renormalize_identity"),
-          paste_space=kwargs.get("paste_space"),
-          align_border=kwargs.get("align_border"),
-          blend=kwargs.get("blend"),
-          alignment=kwargs.get("alignment_mode"),
-      )
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
-      raise EditError(f"cannot load the DVA from {checkpoint}: {e}") from None
+    kwargs["video_editor"] = load_video_editor(
+        checkpoint, **{k: kwargs[k] for k in VIDEO_EDITOR_OPTIONS if k in kwargs}
+    )
   report = run_edit(checkpoint, input, attribute, strength, out, editor="s3editor", **kwargs)
   plain_out = out.with_name(out.stem + ".plain.mp4")
   plain = run_edit(checkpoint, input, attribute, strength, plain_out, editor="classifier", **kwargs)

@@ -347,7 +347,7 @@ def test_frozen_path_equals_finetune_path_without_unet_terms(base_task, prereqs,
   params = _randomised_editor(base_task)
   rng = jax.random.key(7)
   frozen_loss, frozen_m = base_task.loss_fn(params, fr, base_task.frozen, rng)
-  (attr, gamma, _, f_rec), _ = base_task._reference_metrics(base_task.frozen, fr, rng)
+  (attr, gamma, _, f_rec), _ = base_task.reference_metrics(base_task.frozen, fr, rng)
   shared_loss, _ = base_task.loss_fn(params, fr, base_task.frozen, rng, attr, gamma, f_rec)
   ft_params = {"editor": params["editor"], "dva": base_task.frozen["dva"]}
   ft_loss, ft_m = ft.loss_fn(ft_params, fr, ft.frozen, rng)
@@ -427,6 +427,17 @@ def test_held_out_attribute_is_never_trained_and_is_routed_by_nearest_centroid(p
   assert np.all(np.argmax(np.asarray(weights), -1) == mouth)
   with pytest.raises(loading.UnknownAttributeError, match="held out: Big_Lips"):
     edit(z, "Not_An_Attribute", 0.5)
+
+
+def test_bad_sparsity_and_holdout_settings_are_clear_errors(prereqs, tmp_path):
+  cfg = _tiny_config()
+  cfg.sparsity.lam_from = "indices"
+  with pytest.raises(ValueError, match="lam_from must be 'attribution' or 'index'"):
+    _task(prereqs, tmp_path / "a", cfg)
+  cfg = _tiny_config()
+  cfg.editor.holdout_attributes = ("Not_An_Attribute",)
+  with pytest.raises(KeyError, match="holdout_attributes: 'Not_An_Attribute'"):
+    _task(prereqs, tmp_path / "b", cfg)
 
 
 def test_region_map_and_decode_shapes():

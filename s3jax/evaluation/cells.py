@@ -164,10 +164,7 @@ class TargetRegions:
     rol = editor_lib.landmark_regions(None, num_regions)
     names = [n for n in editor_lib.PART_TABLE]
     sets = editor_lib.attribute_target_regions(rol, names, table=editor_lib.PART_TABLE)
-    table = np.zeros((len(names), num_regions), bool)
-    for i, regions in enumerate(sets):
-      table[i, sorted(regions)] = True
-    return cls(rol, names, table)
+    return cls(rol, names, editor_lib.target_table(sets, num_regions))
 
   @classmethod
   def of_editor(cls, directory) -> "TargetRegions":

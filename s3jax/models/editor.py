@@ -441,6 +441,14 @@ def attribute_target_regions(
   return out
 
 
+def target_table(region_sets, num_regions: int) -> np.ndarray:
+  """(attributes, R) bool: row i marks the regions of ``region_sets[i]``."""
+  table = np.zeros((len(region_sets), num_regions), bool)
+  for i, regions in enumerate(region_sets):
+    table[i, sorted(regions)] = True
+  return table
+
+
 def cluster_target_regions(assignments, attr_target_regions, K: Optional[int] = None) -> list:
   """Per cluster, the union of its attributes' target regions."""
   assignments = np.asarray(assignments)

@@ -233,19 +233,16 @@ class S3EditorTask:
         table=E.PART_TABLE,
         min_fraction=float(config.editor.region_min_fraction),
     )
-    self.attr_target_table = np.zeros((len(pool), R), bool)
-    for i, s in enumerate(self.attr_targets):
-      self.attr_target_table[i, sorted(s)] = True
-    self.holdout_target_table = np.zeros((len(holdout), R), bool)
-    for i, s in enumerate(
+    self.attr_target_table = E.target_table(self.attr_targets, R)
+    self.holdout_target_table = E.target_table(
         E.attribute_target_regions(
             self.region_of_landmark,
             holdout,
             table=E.PART_TABLE,
             min_fraction=float(config.editor.region_min_fraction),
-        )
-    ):
-      self.holdout_target_table[i, sorted(s)] = True
+        ),
+        R,
+    )
     assign = np.asarray(self.stats.assignments)
     self.cluster_targets = E.cluster_target_regions(assign, self.attr_targets, self.num_clusters)
 
@@ -533,7 +530,7 @@ class S3EditorTask:
     }
     return loss, metrics
 
-  def _reference_metrics(self, frozen, frames, rng):
+  def reference_metrics(self, frozen, frames, rng):
     """f_rec, plus metrics of the plain classifier edit (T = identity), no gradient."""
     f = frames["image"]
     n = f.shape[0]
@@ -597,7 +594,7 @@ class S3EditorTask:
       )
     else:
       # The same edits and noise as the loss (r_loss's split), so f_rec is shared.
-      (attr, gamma, noise, f_rec), extra = self._reference_metrics(frozen, frames, r_loss)
+      (attr, gamma, noise, f_rec), extra = self.reference_metrics(frozen, frames, r_loss)
       (_, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
           state.params, frames, frozen, r_loss, attr, gamma, f_rec
       )
