@@ -153,7 +153,7 @@ def imagenet_normalize(x01: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 # Building blocks.
 # ----------------------------------------------------------------------------------------
-def _conv(
+def conv2d(
     features: int,
     kernel: int,
     stride: int = 1,
@@ -178,7 +178,8 @@ def _conv(
   )
 
 
-def _bn(*, dtype: Dtype, name: str) -> nn.BatchNorm:
+def batch_norm(*, dtype: Dtype, name: str) -> nn.BatchNorm:
+  """torch BatchNorm2d in eval mode: running statistics (``batch_stats``), eps 1e-5."""
   return nn.BatchNorm(
       use_running_average=True,
       momentum=0.9,
@@ -215,7 +216,7 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = _conv(
+    x = conv2d(
         self.features,
         self.kernel,
         self.stride,
@@ -224,7 +225,7 @@ class ConvBN(nn.Module):
         dtype=self.dtype,
         name="conv",
     )(x)
-    x = _bn(dtype=self.dtype, name="bn")(x)
+    x = batch_norm(dtype=self.dtype, name="bn")(x)
     if self.act == "relu":
       x = nn.relu(x)
     elif self.act == "relu6":
@@ -247,17 +248,17 @@ class BottleneckIRSE(nn.Module):
     if self.in_channels == self.depth:
       shortcut = x[:, :: self.stride, :: self.stride, :]  # MaxPool2d(1, stride)
     else:
-      shortcut = _conv(d, 1, self.stride, dtype=dt, name="shortcut_conv")(x)
-      shortcut = _bn(dtype=dt, name="shortcut_bn")(shortcut)
-    r = _bn(dtype=dt, name="bn0")(x)
-    r = _conv(d, 3, 1, 1, dtype=dt, name="conv1")(r)
+      shortcut = conv2d(d, 1, self.stride, dtype=dt, name="shortcut_conv")(x)
+      shortcut = batch_norm(dtype=dt, name="shortcut_bn")(shortcut)
+    r = batch_norm(dtype=dt, name="bn0")(x)
+    r = conv2d(d, 3, 1, 1, dtype=dt, name="conv1")(r)
     r = PReLU(d, dtype=dt, name="prelu")(r)
-    r = _conv(d, 3, self.stride, 1, dtype=dt, name="conv2")(r)
-    r = _bn(dtype=dt, name="bn2")(r)
+    r = conv2d(d, 3, self.stride, 1, dtype=dt, name="conv2")(r)
+    r = batch_norm(dtype=dt, name="bn2")(r)
     # Squeeze-and-excitation (reduction 16, bias-free 1x1 convs).
     s = jnp.mean(r, axis=(1, 2), keepdims=True)
-    s = nn.relu(_conv(d // 16, 1, dtype=dt, name="se_fc1")(s))
-    s = nn.sigmoid(_conv(d, 1, dtype=dt, name="se_fc2")(s))
+    s = nn.relu(conv2d(d // 16, 1, dtype=dt, name="se_fc1")(s))
+    s = nn.sigmoid(conv2d(d, 1, dtype=dt, name="se_fc2")(s))
     return r * s + shortcut
 
 
@@ -270,16 +271,16 @@ class IRSE50(nn.Module):
   def __call__(self, x):
     dt = self.dtype
     x = x.astype(dt)
-    x = _conv(64, 3, 1, 1, dtype=dt, name="input_conv")(x)
-    x = _bn(dtype=dt, name="input_bn")(x)
+    x = conv2d(64, 3, 1, 1, dtype=dt, name="input_conv")(x)
+    x = batch_norm(dtype=dt, name="input_bn")(x)
     x = PReLU(64, dtype=dt, name="input_prelu")(x)
     for i, (cin, depth, stride) in enumerate(IRSE50_UNITS):
       x = BottleneckIRSE(cin, depth, stride, dtype=dt, name=f"body_{i}")(x)
-    x = _bn(dtype=dt, name="output_bn")(x)
+    x = batch_norm(dtype=dt, name="output_bn")(x)
     # Dropout is a no-op in eval; torch's Flatten is channel-major (NCHW).
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     x = nn.Dense(512, dtype=dt, param_dtype=jnp.float32, name="output_linear")(x)
-    x = _bn(dtype=dt, name="output_bn1d")(x)
+    x = batch_norm(dtype=dt, name="output_bn1d")(x)
     x = x.astype(jnp.float32)
     return x / jnp.linalg.norm(x, axis=1, keepdims=True)
 
@@ -348,13 +349,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     dt = self.dtype
-    r = _conv(self.out_channels, 3, self.stride, 1, dtype=dt, name="conv1")(x)
-    r = nn.relu(_bn(dtype=dt, name="bn1")(r))
-    r = _conv(self.out_channels, 3, 1, 1, dtype=dt, name="conv2")(r)
-    r = _bn(dtype=dt, name="bn2")(r)
+    r = conv2d(self.out_channels, 3, self.stride, 1, dtype=dt, name="conv1")(x)
+    r = nn.relu(batch_norm(dtype=dt, name="bn1")(r))
+    r = conv2d(self.out_channels, 3, 1, 1, dtype=dt, name="conv2")(r)
+    r = batch_norm(dtype=dt, name="bn2")(r)
     if self.in_channels != self.out_channels or self.stride != 1:
-      x = _conv(self.out_channels, 1, self.stride, dtype=dt, name="downsample_conv")(x)
-      x = _bn(dtype=dt, name="downsample_bn")(x)
+      x = conv2d(self.out_channels, 1, self.stride, dtype=dt, name="downsample_conv")(x)
+      x = batch_norm(dtype=dt, name="downsample_bn")(x)
     return nn.relu(x + r)
 
 
@@ -364,8 +365,8 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, x):
     dt = self.dtype
-    x = _conv(64, 7, 2, 3, dtype=dt, name="conv1")(x)
-    x = nn.relu(_bn(dtype=dt, name="bn1")(x))
+    x = conv2d(64, 7, 2, 3, dtype=dt, name="conv1")(x)
+    x = nn.relu(batch_norm(dtype=dt, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     feats, cin = [], 64
     for li, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
@@ -385,8 +386,8 @@ class AttentionRefinement(nn.Module):
     dt = self.dtype
     feat = ConvBN(self.out_channels, 3, 1, 1, dtype=dt, name="conv")(x)
     a = jnp.mean(feat, axis=(1, 2), keepdims=True)
-    a = _conv(self.out_channels, 1, dtype=dt, name="conv_atten")(a)
-    a = nn.sigmoid(_bn(dtype=dt, name="bn_atten")(a))
+    a = conv2d(self.out_channels, 1, dtype=dt, name="conv_atten")(a)
+    a = nn.sigmoid(batch_norm(dtype=dt, name="bn_atten")(a))
     return feat * a
 
 
@@ -420,8 +421,8 @@ class FeatureFusion(nn.Module):
         jnp.concatenate([fsp, fcp], axis=-1)
     )
     a = jnp.mean(feat, axis=(1, 2), keepdims=True)
-    a = nn.relu(_conv(self.out_channels // 4, 1, dtype=dt, name="conv1")(a))
-    a = nn.sigmoid(_conv(self.out_channels, 1, dtype=dt, name="conv2")(a))
+    a = nn.relu(conv2d(self.out_channels // 4, 1, dtype=dt, name="conv1")(a))
+    a = nn.sigmoid(conv2d(self.out_channels, 1, dtype=dt, name="conv2")(a))
     return feat * a + feat
 
 
@@ -433,7 +434,7 @@ class BiSeNetOutput(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = ConvBN(self.mid_channels, 3, 1, 1, dtype=self.dtype, name="conv")(x)
-    return _conv(self.num_classes, 1, dtype=self.dtype, name="conv_out")(x)
+    return conv2d(self.num_classes, 1, dtype=self.dtype, name="conv_out")(x)
 
 
 class BiSeNet(nn.Module):

@@ -54,7 +54,9 @@ class EncoderKeyError(KeyError):
 # ----------------------------------------------------------------------------------------
 # Layout tables: (torch module prefix, flax module path, kind).
 # ----------------------------------------------------------------------------------------
-def _irse50_layout() -> Iterator[tuple[str, tuple[str, ...], str]]:
+def irse50_body_layout() -> Iterator[tuple[str, tuple[str, ...], str]]:
+  """(torch module, flax module path, kind) of IR-SE50's input layer and 24 body units: the
+  ArcFace net's and e4e's (``porting.e4e_keys``) share them."""
   yield "input_layer.0", ("input_conv",), "conv"
   yield "input_layer.1", ("input_bn",), "bn"
   yield "input_layer.2", ("input_prelu",), "prelu"
@@ -70,6 +72,10 @@ def _irse50_layout() -> Iterator[tuple[str, tuple[str, ...], str]]:
     yield f"{t}.res_layer.4", (f, "bn2"), "bn"
     yield f"{t}.res_layer.5.fc1", (f, "se_fc1"), "conv"
     yield f"{t}.res_layer.5.fc2", (f, "se_fc2"), "conv"
+
+
+def _irse50_layout() -> Iterator[tuple[str, tuple[str, ...], str]]:
+  yield from irse50_body_layout()
   yield "output_layer.0", ("output_bn",), "bn"
   yield "output_layer.3", ("output_linear",), "dense"
   yield "output_layer.4", ("output_bn1d",), "bn"
