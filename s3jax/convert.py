@@ -7,9 +7,11 @@
   python -m s3jax.convert import-classifier --src last.ckpt --out runs/classifier_official
 
 The subcommand is the first argument:
-  parity  runs the golden checks whose files are in --golden (unet_tiny_*, ddim_tiny_io.npz,
-          encoders_*; golden/edit's edit_io.npz: the reference's classifier edit, jax only)
-          and prints one JSON line per output.
+  parity  runs the golden checks whose files are in --golden (golden/dva: unet_tiny_*,
+          ddim_tiny_io.npz, encoders_*; golden/edit: edit_io.npz, the reference's classifier
+          edit; golden/stit: the StyleGAN2 generator and its NVIDIA pickle, e4e, the latent
+          editor, stitching tuning) and prints one JSON line per output ("ok": true|false).
+          Checks without a torch backend (edit, stit) run for jax only.
   export  writes the DVA of an s3jax workdir under the reference's key names: .pt, .pth or
           .safetensors (--ema: the EMA weights), or a Lightning .ckpt (--lightning: both sets).
           --step picks the checkpoint step (default: the newest). Prints one JSON line.
@@ -34,8 +36,11 @@ from ml_collections import config_flags
 
 from s3jax.checkpointing import CheckpointShapeError
 from s3jax.models.autoencoder import LND_DIM
+from s3jax.parity import e4e as parity_e4e
 from s3jax.parity import edit as parity_edit
 from s3jax.parity import encoders as parity_encoders
+from s3jax.parity import latent_edit as parity_latent_edit
+from s3jax.parity import stylegan2 as parity_stylegan2
 from s3jax.parity import unet as parity_unet
 from s3jax.porting import classifier as classifier_import
 from s3jax.porting import dva_checkpoint
@@ -118,11 +123,14 @@ _WEIGHTS = flags.DEFINE_enum(
 )
 
 # (module with `check(golden_dir, backend)`, trigger file): a check runs when its trigger file
-# is in the golden directory.
+# is in the golden directory, for the backends in the module's BACKENDS.
 PARITY_CHECKS = (
     (parity_unet, "unet_tiny_io.npz"),
     (parity_encoders, "encoders_io.npz"),
     (parity_edit, "edit_io.npz"),
+    (parity_stylegan2, "stylegan2_ada_tiny_io.npz"),
+    (parity_e4e, "e4e_tiny_io.npz"),
+    (parity_latent_edit, "latent_edit_io.npz"),
 )
 
 # Errors that mean "these files cannot be converted": one line on stderr, exit status 2.
@@ -157,6 +165,9 @@ def run_parity() -> int:
     if not (golden / trigger).exists():
       continue
     for backend in backends:
+      if backend not in module.BACKENDS:
+        print(f"note: {module.__name__} has no {backend} backend; skipped", file=sys.stderr)
+        continue
       try:
         rows = module.check(golden, backend=backend)
       except Exception as e:  # report and keep going with the other checks

@@ -421,6 +421,9 @@ def check_checkpoints(d: pathlib.Path) -> list[dict]:
   return rows
 
 
+BACKENDS = ("jax",)
+
+
 def check(golden_dir, backend: str = "jax", *, ddim_frames=None, t_values=None) -> list[dict]:
   """Run the edit golden checks (set A, set B, checkpoints); rows as the module docstring.
 

@@ -88,6 +88,9 @@ def compare(outputs: dict[str, Any], io: dict[str, Any]) -> list[dict]:
   return rows
 
 
+BACKENDS = ("jax", "torch")
+
+
 def check(golden_dir, backend: str = "jax") -> list[dict]:
   """Run the encoders on ``encoders_io.npz['x']`` and compare with the golden outputs."""
   golden_dir = pathlib.Path(golden_dir)

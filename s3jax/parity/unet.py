@@ -132,6 +132,9 @@ def _torch_runner(cfg_json, sd):
   return eps, invert, sample
 
 
+BACKENDS = ("jax", "torch")
+
+
 def check(golden_dir, backend: str = "jax") -> list[dict]:
   """Run the UNet/DDIM golden checks; rows are dict(name, rel_err, tol, ok)."""
   if backend not in ("jax", "torch"):
