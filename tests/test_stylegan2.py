@@ -18,6 +18,7 @@ from s3jax.parity.unet import rel_err
 from s3jax.porting import stylegan2_keys as keys
 from s3jax.porting.state_dict import StateDictError, load_state_dict
 from s3jax.porting.unet_keys import KeyMismatchError
+from train_helpers import random_generator_state_dict
 
 SHARED = pathlib.Path(
     os.environ.get("S3JAX_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared")
@@ -110,15 +111,8 @@ def micro():
       channel_max=4,
       conv_clamp=256,
   )
-  # random numpy weights through the key table (a jitted init spends ~15 s compiling RNG ops)
+  sd = random_generator_state_dict(config)
   rng = np.random.default_rng(0)
-  sd = {}
-  for key, (_, _, _, shape) in keys.key_table(config).items():
-    sd[key] = rng.standard_normal(shape).astype(np.float32)
-    if key.endswith("resample_filter"):
-      sd[key] = sg.setup_filter(config.resample_filter)
-    elif key.endswith(("noise_strength", "affine.bias")):
-      sd[key] = np.abs(sd[key]) + 0.1
   variables = keys.variables_from_state_dict(sd, config)
   ws = rng.standard_normal((2, config.num_ws, config.w_dim)).astype(np.float32)
   return config, variables, ws

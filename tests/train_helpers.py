@@ -168,3 +168,21 @@ def random_s3editor(directory, classifier_dir):
   ck.save(1, state, force=True)
   ck.close()
   return directory
+
+
+def random_generator_state_dict(config, seed: int = 0) -> dict:
+  """A stylegan2 ``G.state_dict()`` with random weights for ``config`` (numpy: a jitted init
+  spends ~15 s compiling RNG ops). Buffers are as constructed; affine biases and noise
+  strengths positive, as trained ones are."""
+  from s3jax.models import stylegan2  # noqa: PLC0415
+  from s3jax.porting import stylegan2_keys  # noqa: PLC0415
+
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for key, (_, _, _, shape) in stylegan2_keys.key_table(config).items():
+    sd[key] = rng.standard_normal(shape).astype(np.float32)
+    if key.endswith("resample_filter"):
+      sd[key] = stylegan2.setup_filter(config.resample_filter)
+    elif key.endswith(("noise_strength", "affine.bias")):
+      sd[key] = np.abs(sd[key]) + 0.1
+  return sd

@@ -23,6 +23,7 @@ running statistics (``batch_stats``); the parameter names follow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -171,3 +172,10 @@ class Encoder4Editing(nn.Module):
 def w_plus(codes: jax.Array, latent_avg: jax.Array) -> jax.Array:
   """pSp's W+: ``codes + latent_avg``, latent_avg (n_styles, 512) added row by row."""
   return codes + jnp.asarray(latent_avg, codes.dtype)[None]
+
+
+@functools.lru_cache(maxsize=4)
+def jitted_encoder(config: E4EConfig, return_features: bool = False):
+  """``jit(Encoder4Editing(config).apply)``: codes, or (codes, {'c1', 'c2', 'c3'})."""
+  model = Encoder4Editing(config)
+  return jax.jit(functools.partial(model.apply, return_features=return_features))

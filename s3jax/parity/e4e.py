@@ -13,14 +13,12 @@ infers from the state dict. There is no PyTorch twin of e4e, so ``backend`` is '
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 
-import jax
 import numpy as np
 
-from s3jax.models.e4e import INPUT_SIZE, STYLE_DIM, E4EConfig, Encoder4Editing, w_plus
+from s3jax.models.e4e import INPUT_SIZE, STYLE_DIM, E4EConfig, jitted_encoder, w_plus
 from s3jax.parity.unet import rel_row
 from s3jax.porting.e4e_keys import load_e4e
 
@@ -30,17 +28,10 @@ TOL = 1e-5
 FEATURE_MEANS = ("c1_mean_hw", "c2_mean_hw", "c3_mean_hw")
 
 
-@functools.lru_cache(maxsize=2)
-def jitted_forward(config: E4EConfig):
-  """``jit(Encoder4Editing(config).apply)`` returning (codes, {'c1', 'c2', 'c3'})."""
-  model = Encoder4Editing(config)
-  return jax.jit(functools.partial(model.apply, return_features=True))
-
-
 def run_jax(config: E4EConfig, variables, latent_avg, x_nchw) -> dict[str, np.ndarray]:
   """e4e outputs in the golden layout (NCHW features, channel-wise spatial means)."""
   x = np.ascontiguousarray(np.asarray(x_nchw, np.float32).transpose(0, 2, 3, 1))
-  codes, feats = jitted_forward(config)(variables, x)
+  codes, feats = jitted_encoder(config, return_features=True)(variables, x)
   out = {"codes": np.asarray(codes), "w_plus": np.asarray(w_plus(codes, latent_avg))}
   for name in ("c1", "c2", "c3"):
     out[f"{name}_mean_hw"] = np.asarray(feats[name]).mean(axis=(1, 2))
