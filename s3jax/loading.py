@@ -321,6 +321,12 @@ def load_editor(directory, step: Optional[int] = None, ema: bool = True) -> Edit
   The edit is ``T_k(denorm(norm(z_id) + strength * d_a))`` with the run's
   directions, clusters and routing (L2-normalised when the run was). The
   function carries ``.attributes`` (the pool) and ``.step``.
+
+  A GAN-backbone run (``s3editor_gan``; its hparams hold ``latent_shape``
+  ``(num_ws, w_dim)``) edits W+: ``edit_fn(w_plus (N, num_ws, w_dim), attribute,
+  strength) -> (N, num_ws, w_dim)``, ``T_k(w + strength * d_a)`` on the flattened W+ with
+  ``d_a`` the attribute's direction on every layer (strength in STIT's units: its
+  InterFaceGAN edit ``w + (factor / 2) * d`` is strength = factor / 2).
   """
   d = pathlib.Path(directory)
   meta = load_editor_meta(d)
@@ -353,20 +359,30 @@ def load_editor(directory, step: Optional[int] = None, ema: bool = True) -> Edit
     # the cluster of the nearest centroid).
     return editor.apply({"params": params}, z, a, s, stats=stats)
 
+  latent_shape = tuple(int(v) for v in hp.get("latent_shape", ()))
+
   def edit_fn(z_id, attribute: str, strength: float):
     z = jnp.asarray(z_id, jnp.float32)
+    if latent_shape:  # W+ (N, num_ws, w_dim): the transformations act on it flattened
+      if z.shape[1:] != latent_shape:
+        want = ", ".join(str(v) for v in latent_shape)
+        raise ValueError(f"this editor edits (N, {want}) latents (W+), got {z.shape}")
+      z = z.reshape(z.shape[0], -1)
     if attribute in names:
-      return apply(z, jnp.int32(names.index(attribute)), jnp.float32(strength))
-    if attribute in held:
+      out = apply(z, jnp.int32(names.index(attribute)), jnp.float32(strength))
+    elif attribute in held:
       direction = jnp.asarray(meta["holdout_directions"][held.index(attribute)])
-      return apply(z, direction, jnp.float32(strength))
-    raise UnknownAttributeError(
-        f"unknown attribute {attribute!r}; the S3Editor's pool: {', '.join(names)}"
-        + (f"; held out: {', '.join(held)}" if held else "")
-    )
+      out = apply(z, direction, jnp.float32(strength))
+    else:
+      raise UnknownAttributeError(
+          f"unknown attribute {attribute!r}; the S3Editor's pool: {', '.join(names)}"
+          + (f"; held out: {', '.join(held)}" if held else "")
+      )
+    return out.reshape(out.shape[0], *latent_shape) if latent_shape else out
 
   edit_fn.attributes = tuple(names)
   edit_fn.held_out = tuple(held)
+  edit_fn.latent_shape = latent_shape  # () for z_id; (num_ws, w_dim) for a GAN run's W+
   edit_fn.step = step
   edit_fn.params = params
   return edit_fn

@@ -1,4 +1,4 @@
-"""Trains s3jax models. One entry point, four trainers (`config.trainer`: dva | classifier | id_standin | s3editor).
+"""Trains s3jax models. One entry point, five trainers (`config.trainer`: dva | classifier | id_standin | s3editor | s3editor_gan).
 
   python -m s3jax.train --config configs/voxceleb.py --workdir runs/dva
   python -m s3jax.train --config configs/voxceleb.py:demo --workdir runs/demo

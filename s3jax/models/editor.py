@@ -778,6 +778,54 @@ def group_off_target_share(pixel_change, inside, cluster, num_clusters):
   return jnp.where(total > 0, off / jnp.where(total > 0, total, 1.0), jnp.nan)
 
 
+def measure_group_attribution(
+    editor_params,
+    z,
+    attr,
+    gamma,
+    *,
+    stats: EditStats,
+    decode_fn: Callable,
+    region_map,
+    targets,
+    num_groups: int,
+    neurons_per_group: int,
+    normalize_output: bool,
+    previous_lam,
+    lam_in: float,
+    lam_out: float,
+    threshold: float = 0.5,
+):
+  """One attribution measurement, whatever decodes the edit (the DVA, a GAN generator).
+
+  Decodes the hard-routed edit of every row of ``z`` and the same edit with each neuron group
+  of its ``T_k`` switched off (:func:`group_ablations`), one ``decode_fn(x (B, D)) -> images
+  (B, H, W, C)`` call per variant (``lax.map``: memory of one variant). ``region_map`` (B, H, W)
+  holds each pixel's landmark region, ``targets`` (A, R) the attribute -> target-region table.
+  Returns ``{'table': (K, G, R) group_attribution, 'off_share': (K, G), 'lam': (K * G,)}``
+  with the lambda of :func:`attribution_lambda` (``previous_lam`` where nothing was measured).
+  """
+  x_hat, x_without, act = group_ablations(
+      editor_params,
+      z,
+      attr,
+      gamma,
+      stats=stats,
+      num_groups=num_groups,
+      neurons_per_group=neurons_per_group,
+      normalize_output=normalize_output,
+  )
+  decoded = jax.lax.map(decode_fn, jnp.concatenate([x_hat[None], x_without]))
+  change = jnp.mean(jnp.abs(decoded[:1] - decoded[1:]), axis=-1)  # (G, B, H, W)
+  inside = jnp.asarray(targets)[attr[:, None, None], region_map]
+  cluster = jnp.take(jnp.asarray(stats.assignments), attr)
+  k_total = int(jnp.shape(stats.centroids)[0])
+  share = group_off_target_share(change, inside, cluster, k_total)
+  lam = attribution_lambda(share, previous_lam, lam_in, lam_out, threshold)
+  table = group_attribution(change, region_map, act, cluster, k_total, num_groups)
+  return {"table": table, "off_share": share, "lam": lam}
+
+
 def attribution_lambda(off_share, previous, lam_in, lam_out, threshold=0.5):
   """Per-group lambda from measured off-target shares, (K, G) -> (K * G,) in group-id order.
 

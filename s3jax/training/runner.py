@@ -5,12 +5,14 @@ from s3jax.training.classifier import ClassifierTask
 from s3jax.training.dva import DVATask
 from s3jax.training.id_standin import IdStandinTask
 from s3jax.training.s3editor import S3EditorTask
+from s3jax.training.s3editor_gan import S3EditorGanTask
 
 TASKS = {
     "dva": DVATask,
     "classifier": ClassifierTask,
     "id_standin": IdStandinTask,
     "s3editor": S3EditorTask,
+    "s3editor_gan": S3EditorGanTask,
 }
 
 

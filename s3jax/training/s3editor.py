@@ -56,7 +56,19 @@ from s3jax.training.dva import flatten_frames
 
 BATCH_KEYS = ("image", "mask", "z_id", "z_lnd", "landmarks")
 
-__all__ = ["Prereqs", "load_prerequisites", "S3EditorTask"]
+__all__ = [
+    "Prereqs",
+    "load_prerequisites",
+    "S3EditorTask",
+    "EditorTaskBase",
+    "draw_edits",
+    "attribution_edits",
+    "make_group_spec",
+    "editor_ema_fn",
+    "sparsity_metrics",
+    "sparsity_summary",
+    "attribution_table_image",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -134,8 +146,162 @@ def load_prerequisites(config) -> Prereqs:
 
 
 # ---------------------------------------------------------------------------
-# Pieces of the step
+# Pieces every S3Editor task shares (the DVA one here, the GAN one in s3editor_gan)
 # ---------------------------------------------------------------------------
+
+
+def draw_edits(rng, n: int, num_attributes: int, strength_min: float, strength_max: float):
+  """Pseudo-edits: a uniform attribute of the pool and gamma = +-U(min, max), each sign p=1/2."""
+  r_a, r_m, r_s = jax.random.split(rng, 3)
+  attr = jax.random.randint(r_a, (n,), 0, num_attributes)
+  mag = jax.random.uniform(r_m, (n,), minval=float(strength_min), maxval=float(strength_max))
+  sign = jnp.where(jax.random.bernoulli(r_s, 0.5, (n,)), 1.0, -1.0)
+  return attr, sign * mag
+
+
+def attribution_edits(rng, n: int, assignments, strength_min: float, strength_max: float):
+  """`n` pseudo-edits per cluster (rows k*n ... k*n+n-1 use attributes of cluster k)."""
+  assign = np.asarray(assignments)
+  num_clusters = int(assign.max()) + 1
+  members = [np.flatnonzero(assign == k) for k in range(num_clusters)]
+  width = max(len(m) for m in members)
+  table = np.stack([np.resize(m, width) for m in members])  # (K, width), cycled
+  counts = np.array([len(m) for m in members])
+  r_a, r_g = jax.random.split(rng)
+  pick = jax.random.randint(r_a, (num_clusters, n), 0, counts[:, None])
+  attr = jnp.take_along_axis(jnp.asarray(table), pick, axis=1).reshape(-1)
+  _, gamma = draw_edits(r_g, num_clusters * n, len(assign), strength_min, strength_max)
+  return attr, gamma
+
+
+def make_group_spec(sparsity_config, editor: E.Editor, abstract_params, cluster_targets):
+  """``(lam_from, GroupSpec)`` of an Editor's neuron groups, from the ``sparsity`` block.
+
+  ``lam_from='index'``: lam_in on each cluster's target regions, lam_out elsewhere;
+  ``'attribution'``: every group starts at lam_in and the measurement raises the lambda of the
+  malicious ones (group_info's on_target keeps the index reading, for the comparison metrics).
+  """
+  lam_from = str(sparsity_config.lam_from)
+  if lam_from not in ("attribution", "index"):
+    raise ValueError(f"sparsity.lam_from must be 'attribution' or 'index', got {lam_from!r}")
+  spec = E.group_spec_for_editor(
+      abstract_params,
+      editor.region_of_neuron(),
+      float(sparsity_config.lam_in),
+      float(sparsity_config.lam_out),
+      cluster_targets,
+  )
+  if lam_from == "attribution":
+    spec = dataclasses.replace(
+        spec, group_lam=np.full(spec.num_groups, float(sparsity_config.lam_in))
+    )
+  return lam_from, spec
+
+
+def editor_ema_fn(group_spec):
+  """``apply_gradients``'s ema_fn: the EMA gets the exact sparsity pattern of the params."""
+  return lambda ema, params: optim.zero_groups_like(ema, params, group_spec)
+
+
+def sparsity_metrics(params, group_lam, group_spec, num_clusters: int) -> dict:
+  """Per-step scalars: zero groups (all, on/off target, per cluster) and the lambdas."""
+  zero = (optim.group_norms(params, group_spec) == 0).astype(jnp.float32)
+  info = group_spec.group_info
+  on = np.array([g["on_target"] for g in info])
+  cl = np.array([g["cluster"] for g in info])
+  m = {
+      "zero_groups": jnp.sum(zero),
+      "zero_groups_on_target": jnp.sum(zero * on),
+      "zero_groups_off_target": jnp.sum(zero * (~on)),
+      "group_lam_mean": jnp.mean(group_lam),
+      "group_lam_max": jnp.max(group_lam),
+  }
+  for k in range(num_clusters):
+    m[f"zero_groups_c{k}"] = jnp.sum(zero * (cl == k))
+  return m
+
+
+def sparsity_summary(
+    state, group_spec, assignments, pool_names, cluster_targets, lam_from, last_attribution, step
+):
+  """``sparsity.json``'s content (without ``eval``) and the attribution table image (or None).
+
+  ``state``: the train state (params ``{'editor': ...}``); ``last_attribution``: the host copy
+  of the latest measurement (``{'table', 'off_share', 'step'}``) or None.
+  """
+  assign = np.asarray(assignments)
+  num_clusters = int(assign.max()) + 1
+  params = jax.device_get(state.params)
+  rep = optim.sparsity_report(params, group_spec)
+  lam = np.asarray(jax.device_get(optim.group_lam_of(state.opt_state)))
+  used = E.attribute_regions_used(params, group_spec, assign, pool_names)
+  summary = {
+      "step": int(step),
+      "num_groups": rep["num_groups"],
+      "num_zero": rep["num_zero"],
+      "per_cluster": {str(k): v for k, v in rep["per_cluster"].items()},
+      "cluster_attributes": {
+          str(k): [a for a, c in zip(pool_names, assign) if int(c) == k]
+          for k in range(num_clusters)
+      },
+      "cluster_target_regions": {
+          str(k): sorted(int(r) for r in s) for k, s in enumerate(cluster_targets)
+      },
+      "attribute_regions_used": {a: list(r) for a, r in used.items()},
+      "lam_from": lam_from,
+      "group_lam": lam.reshape(num_clusters, -1).tolist(),
+  }
+  image = None
+  if last_attribution is not None:
+    a = last_attribution
+    summary["attribution"] = {
+        "step": a["step"],
+        "what": (
+            "[k][g][r]: mean change of region r's pixels (decoded as in training) when"
+            " neuron group g of T_k is switched off, per unit of the group's mean"
+            " activation, over pseudo-edits routed to k"
+        ),
+        "table": np.asarray(a["table"]).tolist(),
+        "off_target_share": np.where(
+            np.isnan(a["off_share"]), None, np.asarray(a["off_share"])
+        ).tolist(),
+    }
+    image = attribution_table_image(np.asarray(a["table"]))
+  return summary, image
+
+
+class EditorTaskBase:
+  """The schedule every S3Editor task shares: before a step, when due, measure the attribution
+  and put its lambdas into the optimizer state; then the task's jitted step.
+
+  A subclass sets ``config`` (with ``sparsity.attribution_every``), ``lam_from``, ``frozen``,
+  ``_jit_step(state, batch, frozen)`` and ``_attribution_jit(params, batch, frozen,
+  previous_lam, step) -> {'table', 'off_share', 'lam'}``.
+  """
+
+  last_attribution = None  # host copy of the latest measurement, for sparsity.json
+  _last_out = None  # (state returned by train_step, its step): no device sync per step
+
+  def train_step(self, state, batch):
+    """One jitted step; first, when due, re-measure the attribution and set the lambdas."""
+    if self._last_out is not None and state is self._last_out[0]:
+      step = self._last_out[1]
+    else:
+      step = int(jax.device_get(state.step))
+    every = int(self.config.sparsity.attribution_every)
+    if self.lam_from == "attribution" and every > 0 and step > 0 and step % every == 0:
+      state = self.update_attribution(state, batch, step)
+    new_state, metrics = self._jit_step(state, batch, self.frozen)
+    self._last_out = (new_state, step + 1)
+    return new_state, metrics
+
+  def update_attribution(self, state, batch, step: int):
+    """Measure the K x G x R table on `batch` and put the resulting lambdas into the state."""
+    out = self._attribution_jit(
+        state.params, batch, self.frozen, optim.group_lam_of(state.opt_state), step
+    )
+    self.last_attribution = dict(jax.device_get(out), step=int(step))
+    return state.replace(opt_state=optim.with_group_lam(state.opt_state, out["lam"]))
 
 
 # ---------------------------------------------------------------------------
@@ -143,7 +309,7 @@ def load_prerequisites(config) -> Prereqs:
 # ---------------------------------------------------------------------------
 
 
-class S3EditorTask:
+class S3EditorTask(EditorTaskBase):
   """The S3Editor trainer task for ``s3jax.training.loop.train``.
 
   Args:
@@ -256,23 +422,9 @@ class S3EditorTask:
         normalize_output=bool(config.editor.normalize_output),
     )
     abstract_params = jax.eval_shape(self._init_params, self.rng)
-    self.lam_from = str(config.sparsity.lam_from)
-    if self.lam_from not in ("attribution", "index"):
-      raise ValueError(f"sparsity.lam_from must be 'attribution' or 'index', got {self.lam_from!r}")
-    self.group_spec = E.group_spec_for_editor(
-        abstract_params,
-        self.editor.region_of_neuron(),
-        float(config.sparsity.lam_in),
-        float(config.sparsity.lam_out),
-        self.cluster_targets,
+    self.lam_from, self.group_spec = make_group_spec(
+        config.sparsity, self.editor, abstract_params, self.cluster_targets
     )
-    if self.lam_from == "attribution":
-      # Every group starts at lam_in; measurement raises the lambda of the malicious ones.
-      # (group_info's on_target keeps the index reading, for the comparison metrics.)
-      self.group_spec = dataclasses.replace(
-          self.group_spec,
-          group_lam=np.full(self.group_spec.num_groups, float(config.sparsity.lam_in)),
-      )
     self.tx = self._make_tx()
 
     frozen = {
@@ -309,8 +461,6 @@ class S3EditorTask:
     self._attribution_jit = jax.jit(
         self._measure_attribution, out_shardings=state_lib.replicated(mesh)
     )
-    self.last_attribution = None  # host copy of the latest measurement, for sparsity.json
-    self._last_out = None  # (state returned by train_step, its step): no device sync per step
     if jax.process_index() == 0:
       self.write_meta()
 
@@ -343,40 +493,10 @@ class S3EditorTask:
     local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
     return input_pipeline.to_global_arrays(local, self.mesh)
 
-  def train_step(self, state, batch):
-    """One jitted step; first, when due, re-measure the attribution and set the lambdas."""
-    if self._last_out is not None and state is self._last_out[0]:
-      step = self._last_out[1]
-    else:
-      step = int(jax.device_get(state.step))
-    every = int(self.config.sparsity.attribution_every)
-    if self.lam_from == "attribution" and every > 0 and step > 0 and step % every == 0:
-      state = self.update_attribution(state, batch, step)
-    new_state, metrics = self._jit_step(state, batch, self.frozen)
-    self._last_out = (new_state, step + 1)
-    return new_state, metrics
-
-  # -- attribution: which regions each neuron group moves ----------------------
-  def update_attribution(self, state, batch, step: int):
-    """Measure the K x G x R table on `batch` and put the resulting lambdas into the state."""
-    out = self._attribution_jit(
-        state.params, batch, self.frozen, optim.group_lam_of(state.opt_state), step
-    )
-    self.last_attribution = dict(jax.device_get(out), step=int(step))
-    return state.replace(opt_state=optim.with_group_lam(state.opt_state, out["lam"]))
-
   def attribution_edits(self, rng, n: int):
     """`n` pseudo-edits per cluster (rows k*n ... k*n+n-1 use attributes of cluster k)."""
-    assign = np.asarray(self.stats.assignments)
-    members = [np.flatnonzero(assign == k) for k in range(self.num_clusters)]
-    width = max(len(m) for m in members)
-    table = np.stack([np.resize(m, width) for m in members])  # (K, width), cycled
-    counts = np.array([len(m) for m in members])
-    r_a, r_g = jax.random.split(rng)
-    pick = jax.random.randint(r_a, (self.num_clusters, n), 0, counts[:, None])
-    attr = jnp.take_along_axis(jnp.asarray(table), pick, axis=1).reshape(-1)
-    _, gamma = self.draw_edits(r_g, self.num_clusters * n)
-    return attr, gamma
+    st = self.config.strength
+    return attribution_edits(rng, n, self.stats.assignments, st.min, st.max)
 
   def _measure_attribution(self, params, batch, frozen, previous_lam, step):
     cfg = self.config
@@ -387,49 +507,32 @@ class S3EditorTask:
     rng = jax.random.fold_in(jax.random.fold_in(self.rng, step), 1)
     r_edit, r_noise = jax.random.split(rng)
     attr, gamma = self.attribution_edits(r_edit, n)
-    st = frozen["stats"]
-    x_hat, x_without, act = E.group_ablations(
+    dva_params = params["dva"] if self.finetune else frozen["dva"]
+    noise = jax.random.normal(r_noise, rows["image"].shape)
+    # One decode per variant (the full edit, then each group off), all from the same x_t.
+    return E.measure_group_attribution(
         params["editor"],
         rows["z_id"],
         attr,
         gamma,
-        stats=st,
+        stats=frozen["stats"],
+        decode_fn=lambda z: self._decode(dva_params, rows, z, noise),
+        region_map=E.region_map(rows["landmarks"], frozen["rol"], rows["image"].shape[1]),
+        targets=frozen["targets"],
         num_groups=g_total,
         neurons_per_group=int(cfg.editor.neurons_per_region),
         normalize_output=bool(cfg.editor.normalize_output),
+        previous_lam=previous_lam,
+        lam_in=float(cfg.sparsity.lam_in),
+        lam_out=float(cfg.sparsity.lam_out),
+        threshold=float(cfg.sparsity.attribution_threshold),
     )
-    dva_params = params["dva"] if self.finetune else frozen["dva"]
-    noise = jax.random.normal(r_noise, rows["image"].shape)
-    # One decode per variant (the full edit, then each group off), all from the same x_t.
-    decoded = jax.lax.map(
-        lambda z: self._decode(dva_params, rows, z, noise),
-        jnp.concatenate([x_hat[None], x_without]),
-    )
-    change = jnp.mean(jnp.abs(decoded[:1] - decoded[1:]), axis=-1)  # (G, rows, H, W)
-    regmap = E.region_map(rows["landmarks"], frozen["rol"], change.shape[-1])
-    inside = frozen["targets"][attr[:, None, None], regmap]
-    cluster = jnp.take(jnp.asarray(st.assignments), attr)
-    share = E.group_off_target_share(change, inside, cluster, k_total)
-    lam = E.attribution_lambda(
-        share,
-        previous_lam,
-        float(cfg.sparsity.lam_in),
-        float(cfg.sparsity.lam_out),
-        float(cfg.sparsity.attribution_threshold),
-    )
-    table = E.group_attribution(change, regmap, act, cluster, k_total, g_total)
-    return {"table": table, "off_share": share, "lam": lam}
 
   # -- the loss ------------------------------------------------------------------
   def draw_edits(self, rng, n):
     """Uniform attribute of the pool and gamma = +-U(min, max)."""
-    r_a, r_m, r_s = jax.random.split(rng, 3)
-    attr = jax.random.randint(r_a, (n,), 0, len(self.pool_names))
-    mag = jax.random.uniform(
-        r_m, (n,), minval=float(self.config.strength.min), maxval=float(self.config.strength.max)
-    )
-    sign = jnp.where(jax.random.bernoulli(r_s, 0.5, (n,)), 1.0, -1.0)
-    return attr, sign * mag
+    st = self.config.strength
+    return draw_edits(rng, n, len(self.pool_names), st.min, st.max)
 
   def _eps_fn(self, dva_params, train=False, rngs=None):
     def eps_fn(x, t, z_face):
@@ -604,33 +707,21 @@ class S3EditorTask:
         metrics["loss"],
         self.tx,
         cfg.ema_decay,
-        # The EMA gets the exact sparsity pattern of the params.
-        ema_fn=lambda ema, params: optim.zero_groups_like(ema, params, self.group_spec),
+        ema_fn=editor_ema_fn(self.group_spec),
     )
     metrics = dict(
         metrics,
         **extra,
-        **self._sparsity_metrics(new_state.params, optim.group_lam_of(new_state.opt_state)),
+        **sparsity_metrics(
+            new_state.params,
+            optim.group_lam_of(new_state.opt_state),
+            self.group_spec,
+            self.num_clusters,
+        ),
         **tail,
         lr=optim.learning_rate_at(cfg.optim, state.step),
     )
     return new_state, metrics
-
-  def _sparsity_metrics(self, params, group_lam):
-    zero = (optim.group_norms(params, self.group_spec) == 0).astype(jnp.float32)
-    info = self.group_spec.group_info
-    on = np.array([g["on_target"] for g in info])
-    cl = np.array([g["cluster"] for g in info])
-    m = {
-        "zero_groups": jnp.sum(zero),
-        "zero_groups_on_target": jnp.sum(zero * on),
-        "zero_groups_off_target": jnp.sum(zero * (~on)),
-        "group_lam_mean": jnp.mean(group_lam),
-        "group_lam_max": jnp.max(group_lam),
-    }
-    for k in range(self.num_clusters):
-      m[f"zero_groups_c{k}"] = jnp.sum(zero * (cl == k))
-    return m
 
   # -- evaluation and sample grids -----------------------------------------
   def evaluate(self, editor_params, frames, attr, gamma, seed: int = 0, dva_params=None):
@@ -757,53 +848,21 @@ class S3EditorTask:
     grid = images.make_grid(np.asarray(jax.device_get(rows)))
     ev = jax.device_get(self.evaluate(params, frames, attr, gamma, dva_params=dva_params))
     scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
-    rep = optim.sparsity_report(jax.device_get(state.params), self.group_spec)
-    lam = np.asarray(jax.device_get(optim.group_lam_of(state.opt_state)))
-    used = E.attribute_regions_used(
-        jax.device_get(state.params),
+    summary, attribution_image = sparsity_summary(
+        state,
         self.group_spec,
-        np.asarray(self.stats.assignments),
+        self.stats.assignments,
         self.pool_names,
+        self.cluster_targets,
+        self.lam_from,
+        self.last_attribution,
+        step,
     )
-    summary = {
-        "step": int(step),
-        "num_groups": rep["num_groups"],
-        "num_zero": rep["num_zero"],
-        "per_cluster": {str(k): v for k, v in rep["per_cluster"].items()},
-        "cluster_attributes": {
-            str(k): [
-                a
-                for a, c in zip(self.pool_names, np.asarray(self.stats.assignments))
-                if int(c) == k
-            ]
-            for k in range(self.num_clusters)
-        },
-        "cluster_target_regions": {
-            str(k): sorted(int(r) for r in s) for k, s in enumerate(self.cluster_targets)
-        },
-        "attribute_regions_used": {a: list(r) for a, r in used.items()},
-        "eval": scalars,
-        "sample_attributes": [self.pool_names[i] for i in attr],
-        "sample_strength": float(gamma[0]),
-        "lam_from": self.lam_from,
-        "group_lam": lam.reshape(self.num_clusters, -1).tolist(),
-    }
-    attribution_image = None
-    if self.last_attribution is not None:
-      a = self.last_attribution
-      summary["attribution"] = {
-          "step": a["step"],
-          "what": (
-              "[k][g][r]: mean change of region r's pixels (decoded as in training) when"
-              " neuron group g of T_k is switched off, per unit of the group's mean"
-              " activation, over pseudo-edits routed to k"
-          ),
-          "table": np.asarray(a["table"]).tolist(),
-          "off_target_share": np.where(
-              np.isnan(a["off_share"]), None, np.asarray(a["off_share"])
-          ).tolist(),
-      }
-      attribution_image = attribution_table_image(np.asarray(a["table"]))
+    summary.update(
+        eval=scalars,
+        sample_attributes=[self.pool_names[i] for i in attr],
+        sample_strength=float(gamma[0]),
+    )
     if jax.process_index() == 0:
       writer.write_scalars(step, scalars)
       writer.write_images(step, {"samples/frame_recon_plain_edit_T_edit": grid[None]})
@@ -816,9 +875,9 @@ class S3EditorTask:
       logging.info(
           "s3editor step %d: zero groups %d/%d per cluster %s; %s",
           step,
-          rep["num_zero"],
-          rep["num_groups"],
-          [v["zero"] for v in rep["per_cluster"].values()],
+          summary["num_zero"],
+          summary["num_groups"],
+          [v["zero"] for v in summary["per_cluster"].values()],
           " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
       )
 
