@@ -40,6 +40,7 @@ from s3jax.parity import e4e as parity_e4e
 from s3jax.parity import edit as parity_edit
 from s3jax.parity import encoders as parity_encoders
 from s3jax.parity import latent_edit as parity_latent_edit
+from s3jax.parity import stitching as parity_stitching
 from s3jax.parity import stylegan2 as parity_stylegan2
 from s3jax.parity import unet as parity_unet
 from s3jax.porting import classifier as classifier_import
@@ -131,6 +132,7 @@ PARITY_CHECKS = (
     (parity_stylegan2, "stylegan2_ada_tiny_io.npz"),
     (parity_e4e, "e4e_tiny_io.npz"),
     (parity_latent_edit, "latent_edit_io.npz"),
+    (parity_stitching, "stitching_tuning_io.npz"),
 )
 
 # Errors that mean "these files cannot be converted": one line on stderr, exit status 2.

@@ -8,6 +8,9 @@ r"""Edit a face in a video with a trained DVA.
       [--reference] [--[no]renormalize-identity] [--paste-space frame|crop] \
       [--align-border reflect|constant] [--alignment default|reference]
   python -m s3jax.edit --checkpoint runs/demo --list-attributes
+  python -m s3jax.edit --backbone stylegan2 --generator G.pkl --encoder e4e.pt \
+      --direction smile.npy --strength 2 --input VIDEO --out OUT.mp4 \
+      [--pti-epochs N] [--stitch-steps N] [--outer-mask-dilation PX] [--blend hard|feather]
 
 Steps: align (dlib, STIT-smoothed FFHQ quads) -> per-frame z_lnd and the averaged
 z_id (dlib or the official encoders, as the checkpoint was trained) -> batched DDIM
@@ -31,6 +34,12 @@ on the frames as they are read (OpenCV's decode, which equals PIL's on JPEG), no
 dlib's own JPEG decode as the reference does; on JPEG frames that can move them by a few
 pixels (VideoEditor.encode(detect_frames=editing.dlib_decoded_frames(...)) removes it).
 
+--backbone stylegan2 is STIT's edit (s3jax.gan.video_edit): the same alignment, e4e pivots,
+PTI of one generator over all frames, the InterFaceGAN edit w + strength/2 * direction,
+stitching tuning of every frame at once, paste-back inside STIT's mask, and the same report
+with TL-ID/TG-ID. The generator is an NVIDIA network pickle (read without running its code),
+or a .pt/.safetensors state dict with a .json of its init kwargs beside it.
+
 Exit status 0 on success, 1 on a user error (unknown attribute, no face in the
 video, missing file, ...), with a one-line message and no traceback.
 """
@@ -48,8 +57,38 @@ import jax
 
 from s3jax import edit_job, editing
 
+_BACKBONE = flags.DEFINE_enum(
+    "backbone",
+    "dva",
+    ["dva", "stylegan2"],
+    "dva: a Diffusion Video Autoencoder (--checkpoint); stylegan2: STIT's edit (--generator, "
+    "--encoder, --direction).",
+)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "DVA workdir (config.json + checkpoints/), e.g. runs/demo."
+)
+_GENERATOR = flags.DEFINE_string(
+    "generator",
+    None,
+    "stylegan2: the generator: NVIDIA network pickle (G_ema, e.g. ffhq.pkl) or a state dict "
+    "(.pt/.safetensors/.npz) with its init kwargs in a .json beside it.",
+)
+_ENCODER = flags.DEFINE_string(
+    "encoder", None, "stylegan2: the e4e checkpoint (pSp layout, e.g. e4e_ffhq_encode.pt)."
+)
+_DIRECTION = flags.DEFINE_string(
+    "direction", None, "stylegan2: an InterFaceGAN W direction .npy (STIT's layout: row 0 is used)."
+)
+_PTI_EPOCHS = flags.DEFINE_integer(
+    "pti-epochs", None, "stylegan2: PTI epochs over the frames (default STIT's; 0: no PTI)."
+)
+_STITCH_STEPS = flags.DEFINE_integer(
+    "stitch-steps", None, "stylegan2: stitching-tuning Adam steps (default STIT's 100; 0: none)."
+)
+_OUTER_MASK_DILATION = flags.DEFINE_integer(
+    "outer-mask-dilation",
+    None,
+    "stylegan2: the stitching border in generator pixels (default 50 at 1024 px, scaled).",
 )
 _INPUT = flags.DEFINE_string("input", None, "Input video file or folder of frames.")
 _ATTRIBUTE = flags.DEFINE_string("attribute", None, "Attribute to edit (see --list-attributes).")
@@ -148,6 +187,9 @@ for _name in (
     "renormalize-identity",
     "paste-space",
     "align-border",
+    "pti-epochs",
+    "stitch-steps",
+    "outer-mask-dilation",
 ):
   flags.DEFINE_alias(_name.replace("-", "_"), _name)
 
@@ -161,6 +203,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if _BACKBONE.value == "stylegan2":
+    return run_gan()
   checkpoint = _CHECKPOINT.value
   try:
     if checkpoint is None:
@@ -221,6 +265,49 @@ def main(argv):
   )
   if report["passthrough"]:
     print(f"frames left unedited (no face, long gap): {report['passthrough']}")
+  return 0
+
+
+def run_gan() -> int:
+  """--backbone stylegan2: STIT's edit."""
+  from s3jax.gan import video_edit  # the GAN stack loads only for this backbone
+
+  defaults = video_edit.GANEditSettings()
+  settings = video_edit.GANEditSettings(
+      pti_epochs=defaults.pti_epochs if _PTI_EPOCHS.value is None else _PTI_EPOCHS.value,
+      stitch_steps=defaults.stitch_steps if _STITCH_STEPS.value is None else _STITCH_STEPS.value,
+      frames_per_chunk=_CHUNK.value,
+      outer_mask_dilation=_OUTER_MASK_DILATION.value,
+      blend=_BLEND.value or defaults.blend,
+      progress=_PROGRESS.value,
+  )
+  try:
+    if settings.blend not in ("hard", "feather"):
+      raise edit_job.EditError("--blend must be hard or feather with --backbone stylegan2")
+    report = edit_job.run_gan_edit(
+        _INPUT.value,
+        _DIRECTION.value,
+        _STRENGTH.value,
+        _OUT.value,
+        _GENERATOR.value,
+        _ENCODER.value,
+        settings=settings,
+        side_by_side=_SIDE_BY_SIDE.value,
+        max_frames=_MAX_FRAMES.value,
+        png_dir=_PNG_DIR.value,
+        metrics=_METRICS.value,
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+        on_stage=_print_stage if _PROGRESS.value else None,
+    )
+  except edit_job.EditError as e:
+    print(f"s3jax.edit: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  ident = report.get("identity") or {}
+  print(
+      f"wrote {report['output']} ({report['num_frames']} frames) in "
+      f"{report['timings_s']['total']:.1f}s; TL-ID {ident.get('tl_id')}, TG-ID "
+      f"{ident.get('tg_id')}; report {report['report_path']}"
+  )
   return 0
 
 

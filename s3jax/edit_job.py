@@ -10,7 +10,9 @@ import pathlib
 import time
 from typing import Callable, Optional
 
-from s3jax import alignment, edit_stream, editing, loading, video
+import numpy as np
+
+from s3jax import alignment, edit_stream, editing, images, loading, video
 
 
 class EditError(Exception):
@@ -277,3 +279,117 @@ def report_path(out) -> pathlib.Path:
       if out.suffix == ".mp4"
       else out.with_name(out.name + ".report.json")
   )
+
+
+def run_gan_edit(
+    input,  # pylint: disable=redefined-builtin
+    direction,
+    strength: float,
+    out,
+    generator,
+    encoder,
+    settings=None,
+    side_by_side: bool = False,
+    max_frames: Optional[int] = None,
+    png_dir: Optional[str] = None,
+    metrics: bool = True,
+    command: Optional[str] = None,
+    on_stage: Optional[Callable[[str], None]] = None,
+    video_editor=None,
+) -> dict:
+  """STIT's edit of a video file on a StyleGAN2 generator (``gan.video_edit``): the video,
+  OUT.report.json, optionally OUT.side_by_side.mp4 (input | edit) and PNGs. Raises EditError
+  on user errors. ``video_editor``: a loaded ``GANVideoEditor`` to reuse (its settings hold).
+  """
+  from s3jax.gan import video_edit  # the GAN stack loads only for --backbone stylegan2
+
+  t_start = time.perf_counter()
+  for flag, value in (("--generator", generator), ("--encoder", encoder)):
+    if video_editor is None and (not value or not pathlib.Path(value).exists()):
+      raise EditError(f"{flag} {value!r}: no such file")
+  if not input or not pathlib.Path(input).exists():
+    raise EditError(f"--input {input}: no such video file or frame folder")
+  if not out:
+    raise EditError("--out is required")
+  if not direction:
+    raise EditError("--direction is required with --backbone stylegan2 (an InterFaceGAN .npy)")
+
+  def stage(msg):
+    logging.info("%s", msg)
+    if on_stage is not None:
+      on_stage(msg)
+
+  timings = {}
+  try:
+    d = video_edit.read_direction(direction)
+    source = edit_stream.FrameSource(input, max_frames=max_frames)
+    frames = list(source.frames())
+    if video_editor is None:
+      stage(f"loading the generator {generator} and the encoder {encoder}")
+      t0 = time.perf_counter()
+      video_editor = video_edit.GANVideoEditor(generator, encoder, settings)
+      timings["load_model"] = time.perf_counter() - t0
+    s = video_editor.settings
+    stage(
+        f"editing {input} ({len(frames)} frames): {pathlib.Path(direction).name} x {strength} "
+        f"on StyleGAN2 {video_editor.size} px, PTI {s.pti_epochs} epochs, stitching tuning "
+        f"{s.stitch_steps} steps"
+    )
+    res = video_editor.edit(frames, d, strength, timings)
+  except alignment.NoFaceError as e:
+    raise EditError(f"{input}: {e}") from None
+  except (video.VideoReadError, video_edit.GANEditError, ValueError, FileNotFoundError) as e:
+    raise EditError(str(e)) from None
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  edited = res["frames"]
+  video.write_video(out, edited, source.fps)
+  extra = {}
+  if side_by_side:
+    sbs = out.with_name(out.stem + ".side_by_side.mp4")
+    video.write_side_by_side(sbs, frames, edited, source.fps)
+    extra["side_by_side"] = str(sbs)
+  if png_dir:
+    pathlib.Path(png_dir).mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(edited):
+      images.save_png(pathlib.Path(png_dir) / f"{i:05d}.png", f)
+    extra["png_dir"] = str(png_dir)
+  identity = None
+  if metrics:
+    t0 = time.perf_counter()
+    identity = video_editor.identity_report(frames, edited, res["aligned"], res["frame_indices"])
+    timings["metrics"] = time.perf_counter() - t0
+  timings["total"] = time.perf_counter() - t_start
+  aligned = res["aligned"]
+  losses = res["stitch_losses"]
+  report = {
+      "command": command,
+      "input": str(input),
+      "output": str(out),
+      "num_frames": len(frames),
+      "frame_size": [int(frames[0].shape[1]), int(frames[0].shape[0])],
+      "fps": float(source.fps),
+      "direction": str(direction),
+      "strength": float(strength),
+      "edit": "w + strength/2 * direction (STIT's InterFaceGAN factor)",
+      **video_editor.info(),
+      "passthrough": [int(i) for i in aligned.passthrough],
+      "alignment": aligned.report,
+      "identity": identity,
+      "pti_loss_first_last": None
+      if res["pti_losses"] is None
+      else [
+          float(np.mean(res["pti_losses"]["loss"][0])),
+          float(np.mean(res["pti_losses"]["loss"][-1])),
+      ],
+      "stitching_border_loss_first_last": None
+      if losses is None
+      else [float(np.mean(losses["border"][:, 0])), float(np.mean(losses["border"][:, -1]))],
+      "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
+      **extra,
+  }
+  rpath = report_path(out)
+  rpath.write_text(json.dumps(editing.jsonable(report), indent=2))
+  report["report_path"] = str(rpath)
+  stage(f"wrote {out} and {rpath}")
+  return report

@@ -1,0 +1,1 @@
+"""StyleGAN-based video editing (STIT): stitching tuning and pivotal tuning of a StyleGAN2."""
