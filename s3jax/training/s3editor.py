@@ -276,10 +276,12 @@ class EditorTaskBase:
 
   A subclass sets ``config`` (with ``sparsity.attribution_every``), ``lam_from``, ``frozen``,
   ``_jit_step(state, batch, frozen)`` and ``_attribution_jit(params, batch, frozen,
-  previous_lam, step) -> {'table', 'off_share', 'lam'}``.
+  previous_lam, step) -> {'table', 'off_share', 'lam'}``; ``write_report`` also needs
+  ``group_spec``, ``stats``, ``pool_names``, ``cluster_targets`` and ``workdir``.
   """
 
   last_attribution = None  # host copy of the latest measurement, for sparsity.json
+  grid_name = "rows"  # TensorBoard name of the sample grid: what its rows show
   _last_out = None  # (state returned by train_step, its step): no device sync per step
 
   def train_step(self, state, batch):
@@ -303,10 +305,45 @@ class EditorTaskBase:
     self.last_attribution = dict(jax.device_get(out), step=int(step))
     return state.replace(opt_state=optim.with_group_lam(state.opt_state, out["lam"]))
 
+  # ---------------------------------------------------------------------------
+  # The task
+  # ---------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------
-# The task
-# ---------------------------------------------------------------------------
+  def write_report(self, state, step, writer, grid, scalars, attr, gamma):
+    """The sample grid (TensorBoard ``samples/<grid_name>`` and ``samples/step_N.png``),
+    the eval scalars, the attribution image and ``sparsity.json``, and one log line."""
+    summary, attribution_image = sparsity_summary(
+        state,
+        self.group_spec,
+        self.stats.assignments,
+        self.pool_names,
+        self.cluster_targets,
+        self.lam_from,
+        self.last_attribution,
+        step,
+    )
+    summary.update(
+        eval=scalars,
+        sample_attributes=[self.pool_names[i] for i in attr],
+        sample_strength=float(gamma[0]),
+    )
+    if jax.process_index() != 0:
+      return
+    writer.write_scalars(step, scalars)
+    writer.write_images(step, {f"samples/{self.grid_name}": grid[None]})
+    images.save_png(self.workdir / "samples" / f"step_{step:07d}.png", grid)
+    if attribution_image is not None:
+      writer.write_images(step, {"sparsity/attribution_k_rows_g_by_r": attribution_image[None]})
+    (self.workdir / "sparsity.json").write_text(json.dumps(summary, indent=2))
+    logging.info(
+        "%s step %d: zero groups %d/%d per cluster %s; %s",
+        self.config.trainer,
+        step,
+        summary["num_zero"],
+        summary["num_groups"],
+        [v["zero"] for v in summary["per_cluster"].values()],
+        " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
+    )
 
 
 class S3EditorTask(EditorTaskBase):
@@ -320,6 +357,8 @@ class S3EditorTask(EditorTaskBase):
     prereqs: optional :class:`Prereqs` (default: :func:`prepare_prerequisites`).
     mean_landmarks: optional (68, 2) mean layout in [0, 1] (default: from the data).
   """
+
+  grid_name = "frame_recon_plain_edit_T_edit"
 
   def __init__(
       self,
@@ -848,38 +887,7 @@ class S3EditorTask(EditorTaskBase):
     grid = images.make_grid(np.asarray(jax.device_get(rows)))
     ev = jax.device_get(self.evaluate(params, frames, attr, gamma, dva_params=dva_params))
     scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
-    summary, attribution_image = sparsity_summary(
-        state,
-        self.group_spec,
-        self.stats.assignments,
-        self.pool_names,
-        self.cluster_targets,
-        self.lam_from,
-        self.last_attribution,
-        step,
-    )
-    summary.update(
-        eval=scalars,
-        sample_attributes=[self.pool_names[i] for i in attr],
-        sample_strength=float(gamma[0]),
-    )
-    if jax.process_index() == 0:
-      writer.write_scalars(step, scalars)
-      writer.write_images(step, {"samples/frame_recon_plain_edit_T_edit": grid[None]})
-      path = self.workdir / "samples" / f"step_{step:07d}.png"
-      images.save_png(path, grid)
-      logging.info("wrote sample grid %s", path)
-      if attribution_image is not None:
-        writer.write_images(step, {"sparsity/attribution_k_rows_g_by_r": attribution_image[None]})
-      (self.workdir / "sparsity.json").write_text(json.dumps(summary, indent=2))
-      logging.info(
-          "s3editor step %d: zero groups %d/%d per cluster %s; %s",
-          step,
-          summary["num_zero"],
-          summary["num_groups"],
-          [v["zero"] for v in summary["per_cluster"].values()],
-          " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
-      )
+    self.write_report(state, step, writer, grid, scalars, attr, gamma)
 
   # -- metadata for load_editor -----------------------------------------------
   def write_meta(self):

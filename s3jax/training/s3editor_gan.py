@@ -40,8 +40,6 @@ See docs/s3editor.md, "S3Editor on the GAN backbone", for the choices and measur
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import pathlib
 from typing import Any, Callable, Optional
 
@@ -63,7 +61,6 @@ from s3jax.training.s3editor import (
     editor_ema_fn,
     make_group_spec,
     sparsity_metrics,
-    sparsity_summary,
 )
 
 __all__ = [
@@ -304,6 +301,8 @@ class S3EditorGanTask(EditorTaskBase):
       here); when given, it is L_faith and the direction term is only reported
       (``faith_direction``).
   """
+
+  grid_name = "base_plain_edit_T_edit"
 
   def __init__(
       self,
@@ -649,37 +648,7 @@ class S3EditorGanTask(EditorTaskBase):
     rows, ev = self.evaluate(state.ema_params["editor"], np.arange(n), attr, gamma)
     scalars = {f"eval/{k}": v for k, v in ev.items()}
     grid = images.make_grid(np.asarray(jax.device_get(rows)))
-    summary, attribution_image = sparsity_summary(
-        state,
-        self.group_spec,
-        self.stats.assignments,
-        self.pool_names,
-        self.cluster_targets,
-        self.lam_from,
-        self.last_attribution,
-        step,
-    )
-    summary.update(
-        eval=scalars,
-        sample_attributes=[self.pool_names[i] for i in attr],
-        sample_strength=float(gamma[0]),
-    )
-    if jax.process_index() == 0:
-      writer.write_scalars(step, scalars)
-      writer.write_images(step, {"samples/base_plain_edit_T_edit": grid[None]})
-      path = self.workdir / "samples" / f"step_{step:07d}.png"
-      images.save_png(path, grid)
-      if attribution_image is not None:
-        writer.write_images(step, {"sparsity/attribution_k_rows_g_by_r": attribution_image[None]})
-      (self.workdir / "sparsity.json").write_text(json.dumps(summary, indent=2))
-      logging.info(
-          "s3editor_gan step %d: zero groups %d/%d per cluster %s; %s",
-          step,
-          summary["num_zero"],
-          summary["num_groups"],
-          [v["zero"] for v in summary["per_cluster"].values()],
-          " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
-      )
+    self.write_report(state, step, writer, grid, scalars, attr, gamma)
 
   # -- metadata for load_editor -----------------------------------------------------
   def write_meta(self):
