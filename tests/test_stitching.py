@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from s3jax import optim
 from s3jax.gan import stitching
 from s3jax.models import stylegan2
 from s3jax.parity import stitching as parity
@@ -210,7 +211,7 @@ def test_torch_adam_matches_torch():
   grads = [r.standard_normal(64).astype(np.float32) * s for s in (1.0, 1e-3, 1e-7, 5.0)]
   tp = torch.nn.Parameter(torch.as_tensor(p0.copy()))
   topt = torch.optim.Adam([tp], lr=3e-4)
-  opt = stitching.torch_adam(3e-4)
+  opt = optim.torch_adam(3e-4)
   p, state = jnp.asarray(p0), opt.init(jnp.asarray(p0))
   for g in grads:
     tp.grad = torch.as_tensor(g)

@@ -43,8 +43,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from s3jax import metrics
-from s3jax.gan.stitching import generator_synthesis, torch_adam
+from s3jax import metrics, optim
+from s3jax.gan.stitching import generator_synthesis
 from s3jax.models import stylegan2
 
 PTI_LR = 3e-5
@@ -112,7 +112,7 @@ class PivotalTuner:
     self.mesh = pti_mesh(self.frames_per_step, mesh)
     self._repl = NamedSharding(self.mesh, P())
     self._batch = NamedSharding(self.mesh, P(None, tuple(self.mesh.axis_names)))
-    self.optimizer = torch_adam(lr, b1=b1, b2=PTI_ADAM_B2, eps=PTI_ADAM_EPS)
+    self.optimizer = optim.torch_adam(lr, b1=b1, b2=PTI_ADAM_B2, eps=PTI_ADAM_EPS)
     lp = metrics.lpips_params(LPIPS_NET) if lpips_params is None else lpips_params
     self.lpips_params = jax.device_put(lp, self._repl)
     self.buffers = jax.device_put(variables["buffers"], self._repl)

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from s3jax import optim
 from s3jax.models import stylegan2
 from s3jax.models.face_encoders import resize_bilinear_align_corners
 
@@ -137,48 +138,9 @@ def stitching_loss(image, crop, edited, border_mask, content_mask, content_loss_
   return border + content_loss_lambda * content, (border, content)
 
 
-class TorchAdamState(NamedTuple):
-  count: jax.Array  # int32 step count
-  mu: Any
-  nu: Any
-
-
-def torch_adam(
-    lr: float, b1: float = ADAM_B1, b2: float = ADAM_B2, eps: float = ADAM_EPS
-) -> optax.GradientTransformation:
-  """`torch.optim.Adam(lr, betas=(b1, b2), eps)` (no weight decay) with torch's arithmetic.
-
-  The math is `optax.adam(lr, b1, b2, eps, eps_root=0)`'s, but optax forms the bias
-  corrections as `1 - b**t` in float32, where 0.999 is not representable: `1 - b2**t` is then
-  off by ~1.3e-5 relative at every step, so every Adam step is ~6.4e-6 larger than torch's.
-  That bias alone took the golden `content_loss_steps` (a difference of nearly equal images)
-  to 1.4e-5 relative, over the 1e-5 limit, and `tuned` to 3.7e-6. Here `1 - b**t =
-  -expm1(t * log b)` with `log b` taken in float64 (accurate to float32 rounding), and the
-  update is torch's: `p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)`.
-  """
-  log_b1, log_b2 = float(np.log(b1)), float(np.log(b2))
-
-  def init_fn(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-    return TorchAdamState(jnp.zeros([], jnp.int32), zeros(), zeros())
-
-  def update_fn(grads, state, params=None):
-    del params
-    count = state.count + 1
-    mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, grads)  # lerp_
-    nu = jax.tree.map(lambda v, g: v * b2 + g * g * (1 - b2), state.nu, grads)
-    t = count.astype(jnp.float32)
-    step_size = lr / -jnp.expm1(t * log_b1)
-    bc2_sqrt = jnp.sqrt(-jnp.expm1(t * log_b2))
-    updates = jax.tree.map(lambda m, v: -step_size * (m / (jnp.sqrt(v) / bc2_sqrt + eps)), mu, nu)
-    return updates, TorchAdamState(count, mu, nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def stitching_optimizer(lr: float = STITCHING_LR) -> optax.GradientTransformation:
   """`optimize_border`'s optimizer: torch.optim.Adam(lr) with its defaults."""
-  return torch_adam(lr)
+  return optim.torch_adam(lr, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
 
 
 # ----------------------------------------------------------------------------------------
