@@ -2,8 +2,6 @@
 
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,6 +11,7 @@ from s3jax import metrics
 from s3jax.gan import pti
 from s3jax.models import stylegan2
 from s3jax.parity import stitching as parity
+from train_helpers import start_with_fake_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -120,21 +119,7 @@ def two_device_main(out_path):
 @pytest.mark.slow
 def test_two_device_mesh_matches_one_device(stit_dir, tuner2, tmp_path):
   out = tmp_path / "two_devices.npz"
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
-      S3JAX_STIT_DIR=str(stit_dir),
-  )
-  code = "import sys, test_pti; test_pti.two_device_main(sys.argv[1])"
-  proc = subprocess.Popen(
-      [sys.executable, "-c", code, str(out)],
-      env=env,
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  proc = start_with_fake_devices("test_pti", "two_device_main", out, S3JAX_STIT_DIR=stit_dir)
   try:
     _, _, w, targets = frames(stit_dir)
     one = tuner2.tune(w, targets, progress=False)

@@ -3,8 +3,6 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,6 +12,7 @@ from s3jax import optim
 from s3jax.gan import stitching
 from s3jax.models import stylegan2
 from s3jax.parity import stitching as parity
+from train_helpers import start_with_fake_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 5  # as the golden run: the one-frame program is then the parity check's (cached)
@@ -151,22 +150,13 @@ def two_device_main(out_path):
 @pytest.mark.slow
 def test_two_device_mesh_matches_one_device(stit_dir, batched, tmp_path):
   out = tmp_path / "two_devices.npz"
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
-      S3JAX_STIT_DIR=str(stit_dir),
-  )
-  code = "import sys, test_stitching; test_stitching.two_device_main(sys.argv[1])"
-  proc = subprocess.run(
-      [sys.executable, "-c", code, str(out)],
-      env=env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = start_with_fake_devices("test_stitching", "two_device_main", out, S3JAX_STIT_DIR=stit_dir)
+  try:
+    _, err = proc.communicate(timeout=900)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-3000:]
   with np.load(out) as z:
     assert int(z["devices"]) == 2 and int(z["chunk"]) == 4
     assert rel(z["images"], batched["images"]) <= SAME_TOL

@@ -186,3 +186,25 @@ def random_generator_state_dict(config, seed: int = 0) -> dict:
     elif key.endswith(("noise_strength", "affine.bias")):
       sd[key] = np.abs(sd[key]) + 0.1
   return sd
+
+
+def start_with_fake_devices(module: str, function: str, out, devices: int = 2, **env_extra):
+  """Starts ``tests/<module>.<function>(out)`` in a subprocess that sees ``devices`` fake CPU
+  devices (XLA_FLAGS must be set before jax is imported); returns the ``Popen``."""
+  import os  # noqa: PLC0415
+
+  env = dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+      **{k: str(v) for k, v in env_extra.items()},
+  )
+  code = f"import sys, {module}; {module}.{function}(sys.argv[1])"
+  return subprocess.Popen(
+      [sys.executable, "-c", code, str(out)],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
