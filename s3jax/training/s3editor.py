@@ -345,6 +345,35 @@ class EditorTaskBase:
         " ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
     )
 
+  def meta_hparams(self) -> dict:
+    """What ``load_editor`` rebuilds the Editor from (a task adds its backbone's)."""
+    return {
+        "num_clusters": self.num_clusters,
+        "num_regions": int(self.config.editor.num_regions),
+        "neurons_per_region": int(self.config.editor.neurons_per_region),
+        "routing": str(self.config.editor.routing),
+        "temperature": float(self.config.editor.temperature),
+        # the GAN task's config has no such field: its T never normalises (it overrides)
+        "normalize_output": bool(self.config.editor.get("normalize_output", False)),
+        "sources": self.prereqs.sources,
+        "id_standin_report": self.prereqs.id_report,
+    }
+
+  def write_meta(self):
+    """``editor_meta.npz`` for ``loading.load_editor``."""
+    loading.save_editor_meta(
+        self.workdir,
+        self.pool_names,
+        self.stats,
+        self.region_of_landmark,
+        self.attr_target_table,
+        self.mean_landmarks,
+        self.meta_hparams(),
+        holdout_names=self.holdout_names,
+        holdout_directions=self.holdout_directions,
+        holdout_targets=self.holdout_target_table,
+    )
+
 
 class S3EditorTask(EditorTaskBase):
   """The S3Editor trainer task for ``s3jax.training.loop.train``.
@@ -888,31 +917,6 @@ class S3EditorTask(EditorTaskBase):
     ev = jax.device_get(self.evaluate(params, frames, attr, gamma, dva_params=dva_params))
     scalars = {f"eval/{k}": float(v) for k, v in ev.items()}
     self.write_report(state, step, writer, grid, scalars, attr, gamma)
-
-  # -- metadata for load_editor -----------------------------------------------
-  def write_meta(self):
-    hp = {
-        "num_clusters": self.num_clusters,
-        "num_regions": int(self.config.editor.num_regions),
-        "neurons_per_region": int(self.config.editor.neurons_per_region),
-        "routing": str(self.config.editor.routing),
-        "temperature": float(self.config.editor.temperature),
-        "normalize_output": bool(self.config.editor.normalize_output),
-        "sources": self.prereqs.sources,
-        "id_standin_report": self.prereqs.id_report,
-    }
-    loading.save_editor_meta(
-        self.workdir,
-        self.pool_names,
-        self.stats,
-        self.region_of_landmark,
-        self.attr_target_table,
-        self.mean_landmarks,
-        hp,
-        holdout_names=self.holdout_names,
-        holdout_directions=self.holdout_directions,
-        holdout_targets=self.holdout_target_table,
-    )
 
 
 def attribution_table_image(table, cell: int = 8):

@@ -651,29 +651,11 @@ class S3EditorGanTask(EditorTaskBase):
     self.write_report(state, step, writer, grid, scalars, attr, gamma)
 
   # -- metadata for load_editor -----------------------------------------------------
-  def write_meta(self):
-    hp = {
-        "num_clusters": self.num_clusters,
-        "num_regions": int(self.config.editor.num_regions),
-        "neurons_per_region": int(self.config.editor.neurons_per_region),
-        "routing": str(self.config.editor.routing),
-        "temperature": float(self.config.editor.temperature),
-        "normalize_output": False,
-        "backbone": "stylegan2",
-        "latent_shape": [self.num_ws, self.w_dim],
-        "generator": self.gen_config.to_init_kwargs(),
-        "sources": self.prereqs.sources,
-        "id_standin_report": self.prereqs.id_report,
-    }
-    loading.save_editor_meta(
-        self.workdir,
-        self.pool_names,
-        self.stats,
-        self.region_of_landmark,
-        self.attr_target_table,
-        self.mean_landmarks,
-        hp,
-        holdout_names=self.holdout_names,
-        holdout_directions=self.holdout_directions,
-        holdout_targets=self.holdout_target_table,
+  def meta_hparams(self) -> dict:
+    return dict(
+        super().meta_hparams(),
+        normalize_output=False,
+        backbone="stylegan2",
+        latent_shape=[self.num_ws, self.w_dim],
+        generator=self.gen_config.to_init_kwargs(),
     )
