@@ -135,11 +135,15 @@ class FrameSource:
       f = self.version_dir / f"{name}-{split}.{fmt}-{i:05d}-of-{len(lengths):05d}"
       self._shards.append((str(f), start, n))
       start += n
+    # Opened here, on the constructing thread, before any prefetch thread runs:
+    # TFDS's import swaps builtins.__import__ process-wide while it runs, so an
+    # import on another thread meanwhile (orbax restoring a checkpoint, say) gets
+    # an etils LazyModule instead of the real object.
+    self._open()
 
   def _open(self):
     if self._tfds is None:
-      # grain's prefetch threads open sources concurrently; TFDS's lazy imports
-      # deadlock when two threads trigger them at once, so opening is serialised.
+      # Serialised: TFDS's lazy imports deadlock when two threads trigger them at once.
       with _OPEN_LOCK:
         if self._tfds is None:
           # Lazy: importing TFDS costs seconds, and worker processes reopen sources.
@@ -155,6 +159,10 @@ class FrameSource:
     d["_tfds"] = None
     d.pop("_features", None)
     return d
+
+  def __setstate__(self, d):
+    self.__dict__.update(d)
+    self._open()  # On the unpickling thread, for the reason given in __init__.
 
   def __len__(self) -> int:
     return self._len
