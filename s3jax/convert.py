@@ -10,8 +10,11 @@ The subcommand is the first argument:
   parity  runs the golden checks whose files are in --golden (golden/dva: unet_tiny_*,
           ddim_tiny_io.npz, encoders_*; golden/edit: edit_io.npz, the reference's classifier
           edit; golden/stit: the StyleGAN2 generator and its NVIDIA pickle, e4e, the latent
-          editor, stitching tuning) and prints one JSON line per output ("ok": true|false).
-          Checks without a torch backend (edit, stit) run for jax only.
+          editor, stitching tuning; golden/ipfacediff: the SD-1.x UNet, VAE, CLIP text encoder
+          and tokenizer, DDIM inversion and the whole TokenFlow-PnP edit, in float32 and, in a
+          subprocess with x64, float64; its torch backend is our PyTorch twin of the
+          reference's procedure on diffusers modules) and prints one JSON line per output
+          ("ok": true|false). Checks without a torch backend (edit, stit) run for jax only.
   export  writes the DVA of an s3jax workdir under the reference's key names: .pt, .pth or
           .safetensors (--ema: the EMA weights), or a Lightning .ckpt (--lightning: both sets).
           --step picks the checkpoint step (default: the newest). Prints one JSON line.
@@ -39,6 +42,8 @@ from s3jax.models.autoencoder import LND_DIM
 from s3jax.parity import e4e as parity_e4e
 from s3jax.parity import edit as parity_edit
 from s3jax.parity import encoders as parity_encoders
+from s3jax.parity import ipfacediff as parity_ipfacediff
+from s3jax.parity import ipfacediff_torch as parity_ipfacediff_torch
 from s3jax.parity import latent_edit as parity_latent_edit
 from s3jax.parity import stitching as parity_stitching
 from s3jax.parity import stylegan2 as parity_stylegan2
@@ -133,6 +138,8 @@ PARITY_CHECKS = (
     (parity_e4e, "e4e_tiny_io.npz"),
     (parity_latent_edit, "latent_edit_io.npz"),
     (parity_stitching, "stitching_tuning_io.npz"),
+    (parity_ipfacediff, "io_f64.npz"),
+    (parity_ipfacediff_torch, "io_f64.npz"),
 )
 
 # Errors that mean "these files cannot be converted": one line on stderr, exit status 2.

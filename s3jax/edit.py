@@ -8,9 +8,15 @@ r"""Edit a face in a video with a trained DVA.
       [--reference] [--[no]renormalize-identity] [--paste-space frame|crop] \
       [--align-border reflect|constant] [--alignment default|reference]
   python -m s3jax.edit --checkpoint runs/demo --list-attributes
+  python -m s3jax.edit --checkpoint runs/demo --clip DIR --clip-prompt "face with a beard" \
+      [--clip-source-prompt face] [--clip-iterations 2000] --strength 1 --input VIDEO --out OUT.mp4
   python -m s3jax.edit --backbone stylegan2 --generator G.pkl --encoder e4e.pt \
       --direction smile.npy --strength 2 --input VIDEO --out OUT.mp4 \
       [--pti-epochs N] [--stitch-steps N] [--outer-mask-dilation PX] [--blend hard|feather]
+  python -m s3jax.edit --method ipfacediff --sd SD_DIR --prompt "a man with a beard" \
+      --source-prompt "a man" --input VIDEO --out OUT.mp4 [--steps 50] [--inversion-steps 500] \
+      [--guidance-scale 7.5] [--pnp-f-t 0.8] [--pnp-attn-t 0.5] [--tokenflow-batch 8] \
+      [--negative-prompt TEXT] [--seed 1] [--whole-frame]
 
 Steps: align (dlib, STIT-smoothed FFHQ quads) -> per-frame z_lnd and the averaged
 z_id (dlib or the official encoders, as the checkpoint was trained) -> batched DDIM
@@ -40,6 +46,14 @@ stitching tuning of every frame at once, paste-back inside STIT's mask, and the 
 with TL-ID/TG-ID. The generator is an NVIDIA network pickle (read without running its code),
 or a .pt/.safetensors state dict with a .json of its init kwargs beside it.
 
+--method ipfacediff is IP-FaceDiff's text edit (s3jax.sd.video_edit): the same alignment (or
+--whole-frame), DDIM inversion of the crops under --source-prompt, TokenFlow-PnP under
+--prompt (keyframes with extended attention, nearest-neighbour propagation, PnP injection,
+classifier-free guidance: jitted scans), paste-back inside the face hull, and the same report
+with TL-ID/TG-ID. --sd is a diffusers-layout Stable Diffusion 1.x folder (unet/, vae/,
+text_encoder/, tokenizer/, scheduler/), e.g. IP-FaceDiff's identity_model or
+CompVis/stable-diffusion-v1-4 downloaded beforehand.
+
 Exit status 0 on success, 1 on a user error (unknown attribute, no face in the
 video, missing file, ...), with a one-line message and no traceback.
 """
@@ -57,6 +71,63 @@ import jax
 
 from s3jax import edit_job, editing
 
+_METHOD = flags.DEFINE_enum(
+    "method",
+    "dva",
+    ["dva", "stit", "ipfacediff"],
+    "dva: a DVA latent edit (--backbone picks DVA or StyleGAN2); stit: STIT's StyleGAN2 edit "
+    "(= --backbone stylegan2); ipfacediff: IP-FaceDiff's text edit on Stable Diffusion (--sd, "
+    "--prompt, --source-prompt).",
+)
+_SD = flags.DEFINE_string(
+    "sd", None, "ipfacediff: a diffusers-layout Stable Diffusion 1.x folder (unet/, vae/, ...)."
+)
+_PROMPT = flags.DEFINE_string("prompt", None, "ipfacediff: the edit prompt.")
+_SOURCE_PROMPT = flags.DEFINE_string(
+    "source-prompt", "", "ipfacediff: the prompt describing the input (the inversion prompt)."
+)
+_NEGATIVE_PROMPT = flags.DEFINE_string(
+    "negative-prompt", None, "ipfacediff: the unconditional prompt (default TokenFlow's)."
+)
+_INVERSION_STEPS = flags.DEFINE_integer(
+    "inversion-steps", None, "ipfacediff: DDIM inversion steps (default 500, TokenFlow's)."
+)
+_GUIDANCE_SCALE = flags.DEFINE_float(
+    "guidance-scale", None, "ipfacediff: classifier-free guidance scale (default 7.5)."
+)
+_PNP_F_T = flags.DEFINE_float(
+    "pnp-f-t", None, "ipfacediff: share of the steps with conv-feature injection (default 0.8)."
+)
+_PNP_ATTN_T = flags.DEFINE_float(
+    "pnp-attn-t", None, "ipfacediff: share of the steps with Q/K injection (default 0.5)."
+)
+_TOKENFLOW_BATCH = flags.DEFINE_integer(
+    "tokenflow-batch", None, "ipfacediff: frames per TokenFlow batch, one keyframe each (8)."
+)
+_CLIP_PROMPT = flags.DEFINE_string(
+    "clip-prompt",
+    None,
+    "dva: edit by text instead of an attribute: z_id is optimised with the DVA reference's "
+    "directional CLIP loss (editing_CLIP.py) towards this prompt; --strength is its scale.",
+)
+_CLIP_SOURCE_PROMPT = flags.DEFINE_string(
+    "clip-source-prompt", "face", "dva CLIP edit: the prompt describing the input."
+)
+_CLIP_DIR = flags.DEFINE_string(
+    "clip", None, "dva CLIP edit: a transformers-layout CLIP folder (config.json + weights)."
+)
+_CLIP_ITERATIONS = flags.DEFINE_integer(
+    "clip-iterations",
+    None,
+    "dva CLIP edit: Adam iterations on z_id (default 2000, the reference's).",
+)
+_SEED = flags.DEFINE_integer("seed", None, "ipfacediff: the keyframe draws' seed (default 1).")
+_WHOLE_FRAME = flags.DEFINE_bool(
+    "whole-frame",
+    False,
+    "ipfacediff: edit the whole frame resized to the model's resolution (the reference's "
+    "input) instead of the aligned face crop pasted back.",
+)
 _BACKBONE = flags.DEFINE_enum(
     "backbone",
     "dva",
@@ -190,6 +261,17 @@ for _name in (
     "pti-epochs",
     "stitch-steps",
     "outer-mask-dilation",
+    "source-prompt",
+    "negative-prompt",
+    "inversion-steps",
+    "guidance-scale",
+    "pnp-f-t",
+    "pnp-attn-t",
+    "tokenflow-batch",
+    "whole-frame",
+    "clip-prompt",
+    "clip-source-prompt",
+    "clip-iterations",
 ):
   flags.DEFINE_alias(_name.replace("-", "_"), _name)
 
@@ -203,7 +285,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  if _BACKBONE.value == "stylegan2":
+  if _METHOD.value == "ipfacediff":
+    return run_text()
+  if _BACKBONE.value == "stylegan2" or _METHOD.value == "stit":
     return run_gan()
   checkpoint = _CHECKPOINT.value
   try:
@@ -225,6 +309,16 @@ def main(argv):
     if _COMPARE_PLAIN.value and _EDITOR.value != "s3editor":
       raise edit_job.EditError("--compare-plain needs --editor s3editor")
     run = edit_job.run_comparison if _COMPARE_PLAIN.value else edit_job.run_edit
+    clip_kwargs = {}
+    if _CLIP_PROMPT.value:
+      if _COMPARE_PLAIN.value:
+        raise edit_job.EditError("--clip-prompt and --compare-plain do not go together")
+      clip_kwargs = dict(
+          clip_prompt=_CLIP_PROMPT.value,
+          clip_source_prompt=_CLIP_SOURCE_PROMPT.value,
+          clip_dir=_CLIP_DIR.value,
+          clip_iterations=_CLIP_ITERATIONS.value,
+      )
     report = run(
         checkpoint,
         _INPUT.value,
@@ -251,6 +345,7 @@ def main(argv):
         paste_space=_PASTE_SPACE.value,
         align_border=_ALIGN_BORDER.value,
         alignment_mode=_ALIGNMENT.value,
+        **clip_kwargs,
     )
   except edit_job.EditError as e:
     print(f"s3jax.edit: error: {e}", file=sys.stderr)
@@ -281,16 +376,62 @@ def run_gan() -> int:
       blend=_BLEND.value or defaults.blend,
       progress=_PROGRESS.value,
   )
+  if settings.blend not in ("hard", "feather"):
+    return fail("--blend must be hard or feather with --backbone stylegan2")
+  return run_in_memory_job(
+      edit_job.run_gan_edit,
+      settings,
+      _INPUT.value,
+      _DIRECTION.value,
+      _STRENGTH.value,
+      _OUT.value,
+      _GENERATOR.value,
+      _ENCODER.value,
+  )
+
+
+def run_text() -> int:
+  """--method ipfacediff: IP-FaceDiff's text edit."""
+  from s3jax.sd import video_edit  # the SD stack loads only for this method
+
+  chosen = {
+      "n_inversion_steps": _INVERSION_STEPS.value,
+      "n_timesteps": _STEPS.value,
+      "guidance_scale": _GUIDANCE_SCALE.value,
+      "pnp_f_t": _PNP_F_T.value,
+      "pnp_attn_t": _PNP_ATTN_T.value,
+      "batch_size": _TOKENFLOW_BATCH.value,
+      "negative_prompt": _NEGATIVE_PROMPT.value,
+      "seed": _SEED.value,
+      "blend": _BLEND.value,
+  }
+  settings = video_edit.TextEditSettings(
+      whole_frame=_WHOLE_FRAME.value,
+      progress=_PROGRESS.value,
+      **{k: v for k, v in chosen.items() if v is not None},
+  )
+  return run_in_memory_job(
+      edit_job.run_text_edit,
+      settings,
+      _INPUT.value,
+      _PROMPT.value,
+      _SOURCE_PROMPT.value,
+      _OUT.value,
+      _SD.value,
+  )
+
+
+def fail(message: str) -> int:
+  print(f"s3jax.edit: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def run_in_memory_job(job, settings, *args) -> int:
+  """``edit_job.run_gan_edit`` / ``run_text_edit`` with the shared output flags; prints the
+  summary line, or the user error (exit status 1)."""
   try:
-    if settings.blend not in ("hard", "feather"):
-      raise edit_job.EditError("--blend must be hard or feather with --backbone stylegan2")
-    report = edit_job.run_gan_edit(
-        _INPUT.value,
-        _DIRECTION.value,
-        _STRENGTH.value,
-        _OUT.value,
-        _GENERATOR.value,
-        _ENCODER.value,
+    report = job(
+        *args,
         settings=settings,
         side_by_side=_SIDE_BY_SIDE.value,
         max_frames=_MAX_FRAMES.value,
@@ -300,8 +441,7 @@ def run_gan() -> int:
         on_stage=_print_stage if _PROGRESS.value else None,
     )
   except edit_job.EditError as e:
-    print(f"s3jax.edit: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    return fail(str(e))
   ident = report.get("identity") or {}
   print(
       f"wrote {report['output']} ({report['num_frames']} frames) in "

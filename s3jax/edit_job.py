@@ -4,6 +4,7 @@ does not grow with the video's length (``edit_stream``). `python -m s3jax.edit` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pathlib
@@ -115,8 +116,16 @@ def run_edit(
     paste_space: Optional[str] = None,
     align_border: Optional[str] = None,
     alignment_mode: Optional[str] = None,
+    clip_prompt: Optional[str] = None,
+    clip_source_prompt: Optional[str] = None,
+    clip_dir: Optional[str] = None,
+    clip_iterations: Optional[int] = None,
 ) -> dict:
   """The whole edit of a video file; returns the report. Raises EditError on user errors.
+
+  With ``clip_prompt`` the edit is the DVA reference's CLIP edit (``clip_edit``): z_id is
+  optimised towards ``clip_prompt`` from ``clip_source_prompt`` with the CLIP model in
+  ``clip_dir`` (transformers layout) on the first edited frame; ``strength`` is its --scale.
 
   ``video_editor``: an existing ``editing.VideoEditor`` to reuse (tests, sweeps); its
   options then hold, except ``blend`` and ``paste_space`` when given.
@@ -137,8 +146,8 @@ def run_edit(
     raise EditError(f"--input {input}: no such video file or frame folder")
   if not out:
     raise EditError("--out is required")
-  if not attribute:
-    raise EditError("--attribute is required (see --list-attributes)")
+  if not attribute and not clip_prompt:
+    raise EditError("--attribute (see --list-attributes) or --clip-prompt is required")
   try:  # bad option values are user errors, before anything loads
     editing.resolve_options(
         reference,
@@ -151,15 +160,15 @@ def run_edit(
     )
   except ValueError as e:
     raise EditError(str(e)) from None
-  edit_fn, names, source = load_edit_fn(editor, checkpoint, classifier, s3editor)
+  if clip_prompt:
+    if not clip_dir or not pathlib.Path(clip_dir).is_dir():
+      raise EditError(f"--clip {clip_dir!r}: no such directory (a transformers-layout CLIP)")
+    edit_fn, names, source, attribute = None, None, str(clip_dir), "clip"
+  else:
+    edit_fn, names, source = load_edit_fn(editor, checkpoint, classifier, s3editor)
   if names is not None and attribute not in names:
     raise EditError(f"unknown attribute {attribute!r}; valid attributes: {', '.join(names)}")
-
-  def stage(msg):
-    logging.info("%s", msg)
-    if on_stage is not None:
-      on_stage(msg)
-
+  stage = stage_printer(on_stage)
   try:
     frames = edit_stream.FrameSource(input, max_frames=max_frames)
   except (video.VideoReadError, ValueError) as e:
@@ -196,6 +205,18 @@ def run_edit(
     extra["side_by_side"] = str(sbs)
   if png_dir:
     extra["png_dir"] = str(pathlib.Path(png_dir))
+  if clip_prompt:
+    edit_fn = clip_edit_fn(
+        video_editor,
+        frames,
+        clip_dir,
+        clip_prompt,
+        clip_source_prompt,
+        clip_iterations,
+        cache_dir,
+        stage,
+    )
+    extra["clip"] = edit_fn.report
   try:
     report = edit_stream.edit_stream(
         video_editor,
@@ -236,11 +257,32 @@ def run_edit(
           **extra,
       }
   )
-  rpath = report_path(out)
-  rpath.write_text(json.dumps(report, indent=2))
-  report["report_path"] = str(rpath)
-  stage(f"wrote {out} and {rpath}")
-  return report
+  return write_report(report, out, stage)
+
+
+def clip_edit_fn(
+    video_editor, frames, clip_dir, prompt, source_prompt, iterations, cache_dir, stage
+):
+  """The ``clip_edit.CLIPEditFn`` of a streamed video: encode (cached, so the edit reuses
+  it), then optimise z_id on the first edited frame."""
+  from s3jax import clip_edit  # CLIP loads only for --clip-prompt
+
+  try:
+    stage(f"optimising z_id towards {prompt!r} with CLIP from {clip_dir}")
+    clip_editor = clip_edit.CLIPEditor(
+        clip_dir,
+        prompt,
+        source_prompt or "face",
+        settings=clip_edit.clip_settings(iterations=iterations, lr=None),
+    )
+    code = edit_stream.encode_stream(video_editor, frames, cache_dir)
+    first = int(code.frame_indices[0])
+    first_frame = next(itertools.islice(frames.frames(), first, None))
+    return clip_editor.edit_fn_for_video(video_editor, code, first_frame=first_frame)
+  except alignment.NoFaceError as e:
+    raise EditError(f"{frames.path}: {e}") from None
+  except (FileNotFoundError, ValueError) as e:
+    raise EditError(f"CLIP edit: {e}") from None
 
 
 def run_comparison(checkpoint, input, attribute, strength, out, **kwargs) -> dict:  # pylint: disable=redefined-builtin
@@ -281,6 +323,69 @@ def report_path(out) -> pathlib.Path:
   )
 
 
+def write_edited_video(out, frames, edited, fps, side_by_side=False, png_dir=None) -> dict:
+  """OUT.mp4, optionally OUT.side_by_side.mp4 (input | edit) and PNGs; -> the report's paths."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  video.write_video(out, edited, fps)
+  extra = {}
+  if side_by_side:
+    sbs = out.with_name(out.stem + ".side_by_side.mp4")
+    video.write_side_by_side(sbs, frames, edited, fps)
+    extra["side_by_side"] = str(sbs)
+  if png_dir:
+    pathlib.Path(png_dir).mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(edited):
+      images.save_png(pathlib.Path(png_dir) / f"{i:05d}.png", f)
+    extra["png_dir"] = str(png_dir)
+  return extra
+
+
+def write_report(report: dict, out, stage) -> dict:
+  """OUT.report.json; returns ``report`` with its ``report_path``."""
+  rpath = report_path(out)
+  rpath.write_text(json.dumps(editing.jsonable(report), indent=2))
+  report["report_path"] = str(rpath)
+  stage(f"wrote {out} and {rpath}")
+  return report
+
+
+def stage_printer(on_stage):
+  """A stage logger that also calls ``on_stage`` (the CLI's progress lines) when given."""
+
+  def stage(msg):
+    logging.info("%s", msg)
+    if on_stage is not None:
+      on_stage(msg)
+
+  return stage
+
+
+def in_memory_report(
+    video_editor, res, frames, source, input, out, command, side_by_side, png_dir, metrics, timings
+):  # pylint: disable=redefined-builtin
+  """Write the video (and side-by-side, PNGs) of an in-memory edit's ``res`` and measure its
+  identity (the editor's ``identity_report``, timed into ``timings["metrics"]``);
+  -> (the report's shared fields, the written extras)."""
+  edited = res["frames"]
+  extra = write_edited_video(out, frames, edited, source.fps, side_by_side, png_dir)
+  identity = None
+  if metrics:
+    t0 = time.perf_counter()
+    identity = video_editor.identity_report(frames, edited, res["aligned"], res["frame_indices"])
+    timings["metrics"] = time.perf_counter() - t0
+  report = {
+      "command": command,
+      "input": str(input),
+      "output": str(out),
+      "num_frames": len(frames),
+      "frame_size": [int(frames[0].shape[1]), int(frames[0].shape[0])],
+      "fps": float(source.fps),
+      "identity": identity,
+  }
+  return report, extra
+
+
 def run_gan_edit(
     input,  # pylint: disable=redefined-builtin
     direction,
@@ -314,11 +419,7 @@ def run_gan_edit(
   if not direction:
     raise EditError("--direction is required with --backbone stylegan2 (an InterFaceGAN .npy)")
 
-  def stage(msg):
-    logging.info("%s", msg)
-    if on_stage is not None:
-      on_stage(msg)
-
+  stage = stage_printer(on_stage)
   timings = {}
   try:
     d = video_edit.read_direction(direction)
@@ -340,56 +441,122 @@ def run_gan_edit(
     raise EditError(f"{input}: {e}") from None
   except (video.VideoReadError, video_edit.GANEditError, ValueError, FileNotFoundError) as e:
     raise EditError(str(e)) from None
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  edited = res["frames"]
-  video.write_video(out, edited, source.fps)
-  extra = {}
-  if side_by_side:
-    sbs = out.with_name(out.stem + ".side_by_side.mp4")
-    video.write_side_by_side(sbs, frames, edited, source.fps)
-    extra["side_by_side"] = str(sbs)
-  if png_dir:
-    pathlib.Path(png_dir).mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(edited):
-      images.save_png(pathlib.Path(png_dir) / f"{i:05d}.png", f)
-    extra["png_dir"] = str(png_dir)
-  identity = None
-  if metrics:
-    t0 = time.perf_counter()
-    identity = video_editor.identity_report(frames, edited, res["aligned"], res["frame_indices"])
-    timings["metrics"] = time.perf_counter() - t0
-  timings["total"] = time.perf_counter() - t_start
+  report, extra = in_memory_report(
+      video_editor,
+      res,
+      frames,
+      source,
+      input,
+      out,
+      command,
+      side_by_side,
+      png_dir,
+      metrics,
+      timings,
+  )
   aligned = res["aligned"]
   losses = res["stitch_losses"]
-  report = {
-      "command": command,
-      "input": str(input),
-      "output": str(out),
-      "num_frames": len(frames),
-      "frame_size": [int(frames[0].shape[1]), int(frames[0].shape[0])],
-      "fps": float(source.fps),
-      "direction": str(direction),
-      "strength": float(strength),
-      "edit": "w + strength/2 * direction (STIT's InterFaceGAN factor)",
-      **video_editor.info(),
-      "passthrough": [int(i) for i in aligned.passthrough],
-      "alignment": aligned.report,
-      "identity": identity,
-      "pti_loss_first_last": None
-      if res["pti_losses"] is None
-      else [
-          float(np.mean(res["pti_losses"]["loss"][0])),
-          float(np.mean(res["pti_losses"]["loss"][-1])),
-      ],
-      "stitching_border_loss_first_last": None
-      if losses is None
-      else [float(np.mean(losses["border"][:, 0])), float(np.mean(losses["border"][:, -1]))],
-      "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
-      **extra,
-  }
-  rpath = report_path(out)
-  rpath.write_text(json.dumps(editing.jsonable(report), indent=2))
-  report["report_path"] = str(rpath)
-  stage(f"wrote {out} and {rpath}")
-  return report
+  report.update(
+      {
+          "direction": str(direction),
+          "strength": float(strength),
+          "edit": "w + strength/2 * direction (STIT's InterFaceGAN factor)",
+          **video_editor.info(),
+          "passthrough": [int(i) for i in aligned.passthrough],
+          "alignment": aligned.report,
+          "pti_loss_first_last": None
+          if res["pti_losses"] is None
+          else [
+              float(np.mean(res["pti_losses"]["loss"][0])),
+              float(np.mean(res["pti_losses"]["loss"][-1])),
+          ],
+          "stitching_border_loss_first_last": None
+          if losses is None
+          else [float(np.mean(losses["border"][:, 0])), float(np.mean(losses["border"][:, -1]))],
+          **extra,
+      }
+  )
+  timings["total"] = time.perf_counter() - t_start
+  report["timings_s"] = {k: round(float(v), 4) for k, v in timings.items()}
+  return write_report(report, out, stage)
+
+
+def run_text_edit(
+    input,  # pylint: disable=redefined-builtin
+    prompt: str,
+    source_prompt: str,
+    out,
+    sd_dir,
+    settings=None,
+    side_by_side: bool = False,
+    max_frames: Optional[int] = None,
+    png_dir: Optional[str] = None,
+    metrics: bool = True,
+    command: Optional[str] = None,
+    on_stage: Optional[Callable[[str], None]] = None,
+    video_editor=None,
+) -> dict:
+  """IP-FaceDiff's text edit of a video file on Stable Diffusion (``sd.video_edit``): the
+  video, OUT.report.json, optionally OUT.side_by_side.mp4 (input | edit) and PNGs. Raises
+  EditError on user errors. ``video_editor``: a loaded ``TextVideoEditor`` to reuse.
+  """
+  from s3jax.sd import video_edit  # the SD stack loads only for --method ipfacediff
+
+  t_start = time.perf_counter()
+  if video_editor is None and (not sd_dir or not pathlib.Path(sd_dir).is_dir()):
+    raise EditError(f"--sd {sd_dir!r}: no such directory (a diffusers-layout SD model)")
+  if not input or not pathlib.Path(input).exists():
+    raise EditError(f"--input {input}: no such video file or frame folder")
+  if not out:
+    raise EditError("--out is required")
+  if not prompt:
+    raise EditError("--prompt is required with --method ipfacediff")
+  source_prompt = source_prompt or ""
+  stage = stage_printer(on_stage)
+  timings = {}
+  try:
+    source = edit_stream.FrameSource(input, max_frames=max_frames)
+    frames = list(source.frames())
+    if video_editor is None:
+      stage(f"loading Stable Diffusion from {sd_dir}")
+      t0 = time.perf_counter()
+      video_editor = video_edit.TextVideoEditor(sd_dir, settings)
+      timings["load_model"] = time.perf_counter() - t0
+    s = video_editor.settings
+    stage(
+        f"editing {input} ({len(frames)} frames): {source_prompt!r} -> {prompt!r} at "
+        f"{video_editor.size} px, {s.n_inversion_steps} inversion / {s.n_timesteps} edit steps, "
+        f"TokenFlow batch {s.batch_size}"
+    )
+    res = video_editor.edit(frames, prompt, source_prompt, timings)
+  except alignment.NoFaceError as e:
+    raise EditError(f"{input}: {e}") from None
+  except (video.VideoReadError, video_edit.TextEditError, ValueError, FileNotFoundError) as e:
+    raise EditError(str(e)) from None
+  report, extra = in_memory_report(
+      video_editor,
+      res,
+      frames,
+      source,
+      input,
+      out,
+      command,
+      side_by_side,
+      png_dir,
+      metrics,
+      timings,
+  )
+  aligned = res["aligned"]
+  report.update(
+      {
+          "prompt": prompt,
+          "source_prompt": source_prompt,
+          **video_editor.info(),
+          "passthrough": [] if aligned is None else [int(i) for i in aligned.passthrough],
+          "alignment": None if aligned is None else aligned.report,
+          **extra,
+      }
+  )
+  timings["total"] = time.perf_counter() - t_start
+  report["timings_s"] = {k: round(float(v), 4) for k, v in timings.items()}
+  return write_report(report, out, stage)

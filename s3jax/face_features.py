@@ -17,7 +17,7 @@ import cv2
 import dlib
 import numpy as np
 
-from s3jax import alignment
+from s3jax import alignment, metrics
 
 __all__ = [
     "get_face_recognizer",
@@ -30,6 +30,7 @@ __all__ = [
     "Z_ID_DIM",
     "Z_LND_DIM",
     "resize_crops",
+    "video_identity_report",
 ]
 
 Z_ID_DIM = 128
@@ -91,6 +92,30 @@ def dlib_descriptor(crops_uint8, landmarks_crop=None, normalize: bool = True) ->
 def identity_embeddings(crops, landmarks_crop=None) -> np.ndarray:
   """L2-normalised identity embeddings (dlib descriptor) for the ID metrics."""
   return dlib_descriptor(crops, landmarks_crop=landmarks_crop, normalize=True)
+
+
+def video_identity_report(original_frames, edited_frames, aligned, frame_indices) -> dict:
+  """TL-ID / TG-ID of an edited video normalised by the input's (STIT 4.2), with dlib.
+
+  Both videos are cropped with the same smoothed quads (``aligned``, an ``AlignResult``), over
+  the edited ``frame_indices`` that have a detected face.
+  """
+  idx = [i for i in frame_indices if aligned.has_face[i]]
+  if len(idx) < 2:
+    return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
+
+  def embeddings(frames):
+    crops = [alignment.crop_from_quad(frames[i], aligned.quads[i], 256) for i in idx]
+    return identity_embeddings(np.stack(crops))
+
+  e_orig, e_edit = embeddings(original_frames), embeddings(edited_frames)
+  return {
+      "tl_id": float(metrics.tl_id_normalised(e_edit, e_orig)),
+      "tg_id": float(metrics.tg_id_normalised(e_edit, e_orig)),
+      "identity_preservation": float(metrics.identity_preservation(e_edit, e_orig)),
+      "embedding": "dlib descriptor (128-d), the edited frames re-cropped with the smoothed quads",
+      "num_frames": len(idx),
+  }
 
 
 def z_lnd_from_landmarks(landmarks_crop, size: int = 256) -> np.ndarray:

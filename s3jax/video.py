@@ -31,6 +31,7 @@ __all__ = [
     "write_side_by_side",
     "paste_back",
     "BLEND_DEFAULTS",
+    "blend_band",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -276,6 +277,14 @@ BLEND_DEFAULTS = {
     "poisson": {"dilate": 6.0, "blur": 0.0},
 }
 BLEND_DEFAULTS["residual"] = BLEND_DEFAULTS["feather"]  # feather's band, over the edit's change
+BLEND_CROP_SIZE = 256  # the crop size BLEND_DEFAULTS' pixel counts are meant for
+
+
+def blend_band(blend: str, crop_size: int) -> dict:
+  """``paste_back``'s dilate/blur (crop pixels) for ``blend`` at ``crop_size``: the defaults
+  scaled from 256 px crops, so the band covers the same share of the face at any size."""
+  scale = crop_size / BLEND_CROP_SIZE
+  return {k: v * scale for k, v in BLEND_DEFAULTS[blend].items()}
 
 
 def _disc(radius: int):

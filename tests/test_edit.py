@@ -385,3 +385,48 @@ def test_encode_aligned_matches_encode(editor, office_frames):
   assert "invert" in aligned.timings
   with pytest.raises(ValueError, match="z_lnd"):
     editor.encode_aligned(code.crops, lnd, code.z_id_frames, code.z_lnd[:, :5])
+
+
+@pytest.mark.slow
+def test_clip_prompt_edit_runs_on_the_dva(editor, office_frames, tiny_checkpoint, tmp_path):
+  """--clip-prompt: the DVA reference's CLIP edit through run_edit, with a tiny random CLIP."""
+  from s3jax.porting import sd_vae_clip_keys
+  from s3jax.sd import clip as clip_lib
+  from test_sd_finetune import CLIP_CONFIG, random_params, write_byte_level_tokenizer
+
+  clip_dir = tmp_path / "clip"
+  write_byte_level_tokenizer(clip_dir)  # a CLIP folder holds its vocab.json and merges.txt
+  abstract = jax.eval_shape(lambda: clip_lib.init_params(CLIP_CONFIG, jax.random.key(0)))
+  sd_vae_clip_keys.save_clip_dir(clip_dir, random_params(abstract, 4), CLIP_CONFIG)
+  folder, frames = office_frames
+  out = tmp_path / "clip_edit.mp4"
+  report = edit_job.run_edit(
+      tiny_checkpoint,
+      str(folder),
+      None,
+      1.0,
+      str(out),
+      video_editor=editor,
+      cache_dir=str(tmp_path / "cache"),
+      clip_prompt="face with a beard",
+      clip_source_prompt="face",
+      clip_dir=str(clip_dir),
+      clip_iterations=3,
+  )
+  written, _ = video.read_frames(out)
+  assert written.shape == frames.shape
+  rep = json.loads(edit_job.report_path(out).read_text())
+  assert rep["attribute"] == "clip" and rep["editor_source"] == str(clip_dir)
+  assert rep["clip"]["settings"]["iterations"] == 3 and rep["clip"]["delta_norm"] > 0
+  assert all(np.isfinite(v) for v in rep["clip"]["last"].values())
+  with pytest.raises(edit_job.EditError, match="--clip"):
+    edit_job.run_edit(
+        tiny_checkpoint,
+        str(folder),
+        None,
+        1.0,
+        str(tmp_path / "x.mp4"),
+        video_editor=editor,
+        clip_prompt="face with a beard",
+        clip_dir=str(tmp_path / "no_clip"),
+    )

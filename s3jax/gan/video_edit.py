@@ -29,13 +29,12 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from s3jax import alignment, face_features, gan_edit, images, metrics, video
+from s3jax import alignment, face_features, gan_edit, images, video
 from s3jax.gan import pti, stitching
 from s3jax.models import e4e, stylegan2
 from s3jax.porting import e4e_keys, stylegan2_keys
 
 MASK_SOURCE = "landmark hull (face_features.hull_mask, for_video=False) standing in for BiSeNet"
-ID_EMBEDDING = "dlib descriptor (128-d), the edited frames re-cropped with the smoothed quads"
 
 
 class GANEditError(ValueError):
@@ -171,22 +170,9 @@ class GANVideoEditor:
 
   def identity_report(self, original_frames, edited_frames, aligned, frame_indices) -> dict:
     """TL-ID / TG-ID of the edited video normalised by the input's (STIT 4.2), dlib."""
-    idx = [i for i in frame_indices if aligned.has_face[i]]
-    if len(idx) < 2:
-      return {"tl_id": None, "tg_id": None, "note": "needs at least 2 frames with a face"}
-
-    def embs(frames):
-      crops = [alignment.crop_from_quad(frames[i], aligned.quads[i], 256) for i in idx]
-      return face_features.identity_embeddings(np.stack(crops))
-
-    e_orig, e_edit = embs(original_frames), embs(edited_frames)
-    return {
-        "tl_id": float(metrics.tl_id_normalised(e_edit, e_orig)),
-        "tg_id": float(metrics.tg_id_normalised(e_edit, e_orig)),
-        "identity_preservation": float(metrics.identity_preservation(e_edit, e_orig)),
-        "embedding": ID_EMBEDDING,
-        "num_frames": len(idx),
-    }
+    return face_features.video_identity_report(
+        original_frames, edited_frames, aligned, frame_indices
+    )
 
   def info(self) -> dict:
     s = self.settings

@@ -6,6 +6,7 @@ from s3jax.training.dva import DVATask
 from s3jax.training.id_standin import IdStandinTask
 from s3jax.training.s3editor import S3EditorTask
 from s3jax.training.s3editor_gan import S3EditorGanTask
+from s3jax.training.sd_finetune import SDFinetuneTask
 
 TASKS = {
     "dva": DVATask,
@@ -13,6 +14,7 @@ TASKS = {
     "id_standin": IdStandinTask,
     "s3editor": S3EditorTask,
     "s3editor_gan": S3EditorGanTask,
+    "sd_finetune": SDFinetuneTask,
 }
 
 

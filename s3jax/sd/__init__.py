@@ -1,0 +1,1 @@
+"""Stable Diffusion 1.x in Flax: UNet, VAE, CLIP, tokenizer, DDIM and TokenFlow-PnP (IP-FaceDiff)."""
