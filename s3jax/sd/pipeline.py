@@ -1,4 +1,4 @@
-"""A Stable Diffusion 1.x model bundle and IP-FaceDiff's video edit (DDIM inversion + TokenFlow-PnP).
+"""Stable Diffusion 1.x model bundle and IP-FaceDiff's video edit (DDIM inversion, TokenFlow-PnP).
 
 `StableDiffusion.load(dir)` reads either layout:
 - diffusers: `unet/{config.json, diffusion_pytorch_model.safetensors}`, `vae/` (same names),

@@ -122,8 +122,8 @@ def warn_if_uneven(mesh: Optional[Mesh], n: int, chunk: Optional[int], what: str
 
 def map_chunks(fn, xs, chunk: Optional[int], constrain=lambda tree: tree):
   """fn (batched over a leading axis) applied to `xs` `chunk` rows at a time under lax.map
-  (all at once when chunk is None); a remainder runs as one more call. Exact: the rows are
-  independent."""
+  (all at once when chunk is None); a remainder runs as one more call. The rows are
+  independent, so there are no seams; only float rounding depends on the batch size."""
   n = jax.tree.leaves(xs)[0].shape[0]
   run = lambda part: constrain(fn(constrain(part)))  # noqa: E731
   if chunk is None or chunk >= n:
@@ -211,7 +211,7 @@ def ddim_path(
 
   unet_fn(x (n,h,w,c), t int32 scalar, context (n,L,C)) -> eps; x (N,h,w,c); cond (1,L,C)
   (no guidance). Each step evaluates eps at path["t"] and moves x from ᾱ = path["a_from"] to
-  path["a_to"] (`scheduler.ddim_move`); the result is written to slot path["slot"] of a buffer of
+  path["a_to"] (`s3jax.sd.scheduler.ddim_move`); the result is written to slot path["slot"] of a buffer of
   n_saved latents plus one scratch slot, in place. Frames run `frame_chunk` at a time (all at
   once by default); `mesh` shards them. Returns (final x, saved (n_saved, N,h,w,c)).
   """
