@@ -66,3 +66,31 @@ def test_user_errors(tmp_path):
   assert bad.returncode == 1 and "cannot load Stable Diffusion" in bad.stderr, bad.stderr[-2000:]
   assert "Traceback" not in bad.stderr
   assert not (tmp_path / "o.mp4").exists()
+
+
+def test_blend_band_scales_with_the_crop_size():
+  from s3jax.sd.video_edit import pad_to_multiple, to_uint8_floor
+
+  assert video.blend_band("feather", 256) == video.BLEND_DEFAULTS["feather"]
+  assert video.blend_band("feather", 32) == {"dilate": 1.5, "blur": 0.375}
+  padded = pad_to_multiple(np.arange(5)[:, None], 4)
+  assert padded[:, 0].tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+  assert to_uint8_floor(np.array([0.0, 0.999, 1.0, 1.5])).tolist() == [0, 254, 255, 255]
+
+
+@pytest.mark.slow
+def test_whole_frame_mode_edits_every_pixel_at_the_input_size():
+  from s3jax.sd import video_edit
+
+  frames, _ = video.read_frames(CLIP, max_frames=4, resize_width=96)
+  settings = video_edit.TextEditSettings(
+      n_inversion_steps=20, n_timesteps=10, batch_size=4, whole_frame=True
+  )
+  editor = video_edit.TextVideoEditor(SD, settings)
+  res = editor.edit(list(frames), "a man with blonde hair", "a man talking")
+  out = np.stack(res["frames"])
+  assert out.shape == frames.shape and out.dtype == np.uint8
+  assert res["aligned"] is None and res["crops"].shape == (4, 32, 32, 3)
+  # The whole frame comes from the model: the corners change too.
+  assert np.abs(out.astype(np.int16) - frames.astype(np.int16))[:, :8, :8].mean() > 1
+  assert editor.identity_report(frames, out, None, [0, 1, 2, 3])["tl_id"] is None
