@@ -11,6 +11,9 @@ import statistics
 import sys
 import time
 
+# Dense bf16 FLOP/s of one H100 SXM5: the H100 projections of every benchmark divide by it.
+H100_BF16_PEAK = 989.4e12
+
 
 def set_cpu_threads(threads: int) -> None:
   """Pins XLA's and OpenMP's CPU thread pools; call before jax or torch is imported."""

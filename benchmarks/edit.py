@@ -110,7 +110,7 @@ from s3jax.torch_twin.unet import from_state_dict  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 torch.set_num_interop_threads(1)
-H100_BF16_PEAK = 989.4e12  # dense bf16 TFLOP/s, H100 SXM5
+H100_BF16_PEAK = bench_util.H100_BF16_PEAK
 UTILISATION = 0.5
 BASELINE = (
     "the reference procedure = editing_classifier.py of gmkim-ai/Diffusion-Video-Autoencoders "

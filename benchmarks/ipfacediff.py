@@ -87,7 +87,7 @@ from s3jax.torch_twin import tokenflow as twin  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 torch.set_num_interop_threads(1)
-H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s, H100 SXM5
+H100_BF16_PEAK = bench_util.H100_BF16_PEAK
 PROMPT = "a man with blonde hair"  # the golden run's prompts
 SOURCE_PROMPT = "a man talking"
 # The reference's defaults (SPEC 8): TokenFlow's config_pnp.yaml and preprocess.py.

@@ -74,7 +74,7 @@ from s3jax.torch_twin.stylegan2 import from_state_dict  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 torch.set_num_interop_threads(1)
-H100_BF16_PEAK = 989.4e12  # dense bf16 TFLOP/s, H100 SXM5
+H100_BF16_PEAK = bench_util.H100_BF16_PEAK
 UTILISATION = 0.5
 # The FFHQ generator STIT loads (ffhq.pkl's G_ema; golden README section 1).
 FFHQ_INIT_KWARGS = dict(
