@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s3jax.sd import vae  # the layers both SD networks share: conv, Upsample
+
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 TRANSFORMER_GROUP_NORM_EPS = 1e-6  # Transformer2DModel's GroupNorm
@@ -291,7 +293,7 @@ def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
 
 
 def conv3x3(features: int, dtype, name: str, stride: int = 1) -> nn.Conv:
-  return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+  return vae.conv(features, name, dtype, stride=stride)
 
 
 class ResnetBlock(nn.Module):
@@ -442,16 +444,6 @@ class Downsample(nn.Module):
     return conv3x3(self.features, self.dtype, "conv", stride=2)(x)
 
 
-class Upsample(nn.Module):
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
-    return conv3x3(self.features, self.dtype, "conv")(x)
-
-
 class DownBlock(nn.Module):
   """CrossAttnDownBlock2D / DownBlock2D; returns (h, skips, records)."""
 
@@ -533,7 +525,7 @@ class UpBlock(nn.Module):
         if record is not None:
           records[path] = record
     if i < len(cfg.block_out_channels) - 1:
-      h = Upsample(out_channels, self.dtype, name="upsamplers_0")(h)
+      h = vae.Upsample(out_channels, self.dtype, name="upsamplers_0")(h)
     return h, records
 
 
