@@ -15,6 +15,14 @@ import time
 H100_BF16_PEAK = 989.4e12
 
 
+def tokenflow_unet_evaluations(frames: int, batch_size: int, inversion_steps: int, steps: int):
+  """UNet sample-evaluations of one IP-FaceDiff edit: inversion N per step; the edit per step
+  3 n_kf (keyframe pass, 3 branches) + 3 N (batch passes), n_kf = N // B."""
+  inversion = inversion_steps * frames
+  edit = steps * (3 * (frames // batch_size) + 3 * frames)
+  return {"inversion": inversion, "edit": edit, "total": inversion + edit}
+
+
 def set_cpu_threads(threads: int) -> None:
   """Pins XLA's and OpenMP's CPU thread pools; call before jax or torch is imported."""
   os.environ["XLA_FLAGS"] = (

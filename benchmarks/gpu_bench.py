@@ -1,4 +1,4 @@
-"""One prepared GPU benchmark: the paper-size DVA train step, the 256 px edit, remat, compiles.
+"""One prepared GPU benchmark: IP-FaceDiff at SD-1.4 size, the paper DVA train step and edit, remat.
 
     bash benchmarks/gpu.sh [--out benchmarks/results/gpu.json] [--budget-s 420]
     bash benchmarks/gpu.sh --dry-run --out /tmp/gpu_dry.json   # CPU, tiny sizes (CI runs this)
@@ -8,7 +8,14 @@ timeout), in this order, which is also the priority when time runs short:
 1. env: the backend (a GPU, unless --dry-run; otherwise a clear error and exit 2), the device
    kind and memory limit, the project's imports, and a matmul ceiling (bf16 and f32 at JAX's
    default precision, 8192^3) to hold the peak table against.
-2. train_bfloat16: the paper DVA train step (configs/voxceleb.py, 256 px; the real
+2. ipfacediff_bfloat16: the IP-FaceDiff edit (`StableDiffusion.edit_video`: VAE encode, DDIM
+   inversion scan, TokenFlow-PnP edit scan with CFG, VAE decode) at SD-1.4's UNet/VAE/text
+   sizes with random weights, bf16 compute (the reference runs fp16), 512 px, 16 frames, B 8,
+   10 inversion + 5 edit steps; inversion, edit and VAE timed apart after a first (compiling)
+   call, then extrapolated linearly in UNet sample-evaluations to the reference's defaults
+   (40 frames, 500 inversion + 50 edit steps), next to benchmarks/ipfacediff.py's FLOP-based
+   H100 projection. The tokenizer is read from --sd-tokenizer (vocab.json + merges.txt).
+3. train_bfloat16: the paper DVA train step (configs/voxceleb.py, 256 px; the real
    `DVATask.train_step`: two noises, L1 + masked x0 regulariser, backward, clip, Adam, EMA,
    finite guard) at the largest batch that fits: compile at one item (2 frames), read XLA's
    compiled memory analysis, compile again at the largest batch it predicts fits under
@@ -16,14 +23,14 @@ timeout), in this order, which is also the priority when time runs short:
    compiles), an out-of-memory guard at the first step. Images/s (median over rounds of
    back-to-back steps), FLOPs per step from XLA's `cost_analysis()`, MFU, peak device memory,
    compile times.
-3. edit_float32: frames/s of one edit of 16 frames of 256 px at 100 DDIM steps (inversion,
+4. edit_float32: frames/s of one edit of 16 frames of 256 px at 100 DDIM steps (inversion,
    N-1 UNet calls, + decoding, N calls) on the paper UNet: `diffusion.ddim_scan` over
    `diffusion.ddim_constants(steps, kind, pad=True)`, one compiled program for both
    directions, as the editor runs it. float32 is what a checkpoint of the default config
    edits in.
-4. remat_bfloat16: item 2's step with `model.remat=True` at item 2's batch: peak device memory,
-   XLA temp bytes, FLOPs and images/s against item 2.
-5. train_float32 (sized from item 2's bytes per item), then edit_bfloat16.
+5. remat_bfloat16: item 3's step with `model.remat=True` at item 3's batch: peak device memory,
+   XLA temp bytes, FLOPs and images/s against item 3.
+6. train_float32 (sized from item 3's bytes per item), then edit_bfloat16.
 Weights come from a host RNG and the Adam moments start at zero: speed does not depend on the
 values, and nothing is read or downloaded. A global time budget (--budget-s) guards the run:
 each item may use its share of the budget (ITEMS) within what is left and is killed past it;
@@ -95,6 +102,7 @@ DRY_RUN_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expen
 # items are the first to be skipped.
 ITEMS = (
     ("env", "env", None, 0.10, 20),
+    ("ipfacediff_bfloat16", "ipfacediff", "bfloat16", 0.45, 90),
     ("train_bfloat16", "train", "bfloat16", 0.40, 90),
     ("edit_float32", "edit", "float32", 0.20, 45),
     ("remat_bfloat16", "remat", "bfloat16", 0.25, 60),
@@ -130,6 +138,16 @@ def parse(argv=None):
   p.add_argument("--train-steps", type=int, default=None, help="timed steps (12; 4 dry)")
   p.add_argument("--edit-frames", type=int, default=None, help="frames per edit call (16; 2)")
   p.add_argument("--edit-steps", type=int, default=None, help="DDIM steps (100; 10 dry)")
+  p.add_argument(
+      "--sd-tokenizer",
+      default=str(ROOT.parent / "shared" / "golden" / "ipfacediff" / "tokenizer"),
+      help="a CLIP tokenizer dir (vocab.json, merges.txt) for the ipfacediff item's prompts",
+  )
+  p.add_argument(
+      "--sd-configs",
+      default=str(ROOT.parent / "shared" / "golden" / "ipfacediff"),
+      help="--dry-run only: the dir of the tiny SD configs (unet/vae/text_encoder_config.json)",
+  )
   p.add_argument(
       "--headroom",
       type=float,
@@ -244,6 +262,9 @@ def flat_figures(result: dict) -> dict:
     for k in ("frames_per_s", "mfu", "compile_s"):
       if k in run:
         out[f"edit_{dtype}_{k}"] = run[k]
+  for k in ("frames_per_s", "mfu", "reference_defaults_extrapolated_s", "compile_s"):
+    if k in result.get("ipfacediff", {}):
+      out[f"ipfacediff_{k}"] = result["ipfacediff"][k]
   remat = result.get("remat", {})
   for k in ("peak_bytes_ratio", "temp_bytes_ratio", "flops_ratio", "images_per_s_ratio"):
     if k in remat:
@@ -265,6 +286,15 @@ def headline(result: dict) -> dict:
     if run.get("frames_per_s"):
       what = f"edit {short[dtype]}, {run['image_size']} px, {run['steps']} steps"
       out[f"{what}: frames/s (inversion + decoding)"] = run["frames_per_s"]
+  sd = result.get("ipfacediff", {})
+  if sd.get("frames_per_s"):
+    what = f"IP-FaceDiff bf16, {sd['frames']} frames {sd['image_size']} px"
+    out[f"{what}: frames/s ({sd['inversion_steps']} inv + {sd['steps']} edit steps)"] = sd[
+        "frames_per_s"
+    ]
+    out[
+        f"IP-FaceDiff, 40 frames {sd['image_size']} px, 500 inv + 50 edit steps: s (extrapolated)"
+    ] = sd["reference_defaults_extrapolated_s"]
   remat = result.get("remat", {})
   if remat.get("peak_bytes_ratio"):
     what = "remat/no remat, " + ("same batch" if remat["same_batch"] else "batches differ")
@@ -322,6 +352,8 @@ def compile_times(result: dict) -> dict:
   out = {}
   runs = [(f"train_{d}", r) for d, r in result.get("train", {}).items()]
   runs += [(f"edit_{d}", r) for d, r in result.get("edit", {}).items()]
+  if "ipfacediff" in result:
+    runs.append(("ipfacediff_bfloat16", result["ipfacediff"]))
   if "run" in result.get("remat", {}):
     runs.append(("train_bfloat16_remat", result["remat"]["run"]))
   for name, run in runs:
@@ -374,6 +406,8 @@ def parent(args) -> int:
       edit_frames=args.edit_frames,
       edit_steps=args.edit_steps,
       f32_precision=args.f32_precision,
+      sd_tokenizer=str(pathlib.Path(args.sd_tokenizer).resolve()),
+      sd_configs=str(pathlib.Path(args.sd_configs).resolve()),
   )
   peaks = None
   for name, kind, dtype, share, min_s in ITEMS:
@@ -424,6 +458,9 @@ def parent(args) -> int:
     elif kind == "edit":
       add_mfu(out, peaks, dtype, args.f32_precision)
       result["edit"][dtype] = out
+    elif kind == "ipfacediff":
+      add_mfu(out, peaks, dtype, args.f32_precision)
+      result["ipfacediff"] = out
     else:
       result["remat"] = remat_comparison(result["train"]["bfloat16"], out, peaks, args)
     if "error" in out or "incomplete" in out:
@@ -528,6 +565,19 @@ def compiled_costs(compiled) -> dict:
       fields["argument_bytes"] + fields["output_bytes"] - fields["alias_bytes"]
   ) + fields["temp_bytes"]
   return fields
+
+
+def lowered_flops(lowered, compile_if_missing: bool = True):
+  """(FLOPs, source) of a lowered program: the unoptimised HLO's analysis, or, where the backend
+  gives none for it (jax 0.11's GPU returns None), the compiled program's; (None, why) else."""
+  cost = lowered.cost_analysis()
+  source = "lowered.cost_analysis()"
+  if cost is None and compile_if_missing:
+    cost, source = lowered.compile().cost_analysis(), "compiled.cost_analysis()"
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or "flops" not in cost:
+    return None, "no cost analysis from this backend"
+  return float(cost["flops"]), source
 
 
 def items_that_fit(points, memory_budget: float, multiple: int, max_items: int) -> int:
@@ -880,16 +930,149 @@ def edit_worker(spec, rec):
   def denoise(p, x, t, zf):
     return model.apply({"params": p}, x, t, zf, method="denoise")
 
-  cost = jax.jit(denoise).lower(params, x0, t, zf).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  unet_flops = float(cost["flops"])
+  unet_flops, source = lowered_flops(jax.jit(denoise).lower(params, x0, t, zf))
   rec.put(
+      unet_forward_flops_source=source,
       unet_forward_flops_per_frame=unet_flops / frames,
       achieved_tflops=unet_flops * calls / total / 1e12,
   )
 
 
-WORKERS = {"env": env_worker, "train": train_worker, "edit": edit_worker}
+# The reference's defaults (TokenFlow's config_pnp.yaml): what the ipfacediff item extrapolates to.
+SD_REFERENCE = dict(frames=40, batch_size=8, inversion_steps=500, steps=50)
+# The measured run: 512 px; dry: the tiny golden configs at their 32 px.
+SD_RUN = dict(frames=16, batch_size=8, inversion_steps=10, steps=5)
+SD_DRY_RUN = dict(frames=16, batch_size=8, inversion_steps=4, steps=2)
+
+
+def ipfacediff_worker(spec, rec):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from s3jax.sd import clip as sd_clip
+  from s3jax.sd import tokenflow as sd_tokenflow
+  from s3jax.sd import unet as sd_unet
+  from s3jax.sd import vae as sd_vae
+  from s3jax.sd.pipeline import StableDiffusion
+
+  if spec["dry_run"]:
+    d = pathlib.Path(spec["sd_configs"])
+    read = lambda name: json.loads((d / name).read_text())  # noqa: E731
+    configs = (
+        sd_unet.SDUNetConfig.from_diffusers(read("unet_config.json")),
+        sd_vae.VAEConfig.from_diffusers(read("vae_config.json")),
+        sd_clip.CLIPTextConfig.from_transformers(read("text_encoder_config.json")),
+    )
+    run = SD_DRY_RUN
+  else:  # SD-1.4's sizes: UNet 320/640/1280/1280 cross 768, the SD VAE, CLIP ViT-L/14 text
+    configs = (
+        sd_unet.SDUNetConfig(),
+        sd_vae.VAEConfig(),
+        sd_clip.CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768
+        ),
+    )
+    run = SD_RUN
+  t0 = time.perf_counter()
+  sd = StableDiffusion.random(*configs, tokenizer_dir=spec["sd_tokenizer"])
+  sd.dtype = jnp.dtype(spec["dtype"])
+  # Params live on the device once (numpy params would be copied over at every call).
+  sd.unet_params, sd.vae_params, sd.text_params = jax.device_put(
+      (sd.unet_params, sd.vae_params, sd.text_params)
+  )
+  size, n, b = sd.resolution, run["frames"], run["batch_size"]
+  counts = bench_util.tokenflow_unet_evaluations(**run)
+  rec.put(
+      dtype=spec["dtype"],
+      image_size=size,
+      random_weights_s=time.perf_counter() - t0,
+      unet_params=int(sum(np.size(x) for x in jax.tree.leaves(sd.unet_params))),
+      unet_sample_evaluations=counts,
+      **run,
+  )
+  frames = np.random.default_rng(0).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+  settings = dict(
+      n_inversion_steps=run["inversion_steps"], n_timesteps=run["steps"], batch_size=b, seed=0
+  )
+  prompts = ("a man with blonde hair", "a man talking")
+
+  def timed(fn):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+  # The first call compiles every program (encode, text, inversion scan, edit scan, decode).
+  edited, first_s = timed(lambda: sd.edit_video(frames, *prompts, **settings))
+  rec.put(first_call_s=first_s, output_finite=bool(np.isfinite(edited).all()))
+  _, total_s = timed(lambda: sd.edit_video(frames, *prompts, **settings))
+  x0, encode_s = timed(lambda: sd.encode_frames(frames))
+  cond = sd.text_embeds([prompts[1]])
+  timesteps = sd.scheduler.timesteps(run["steps"])
+  (_, saved), invert_s = timed(lambda: sd.invert(x0, cond, run["inversion_steps"], timesteps))
+  _, decode_s = timed(lambda: sd.decode_latents(x0))
+  edit_s = max(total_s - invert_s - encode_s - decode_s, 0.0)
+  per_inversion_eval = invert_s / counts["inversion"]
+  per_edit_eval = edit_s / counts["edit"]
+  ref = bench_util.tokenflow_unet_evaluations(**SD_REFERENCE)
+  vae_per_frame = (encode_s + decode_s) / n
+  extrapolated = dict(
+      inversion=ref["inversion"] * per_inversion_eval,
+      edit=ref["edit"] * per_edit_eval,
+      vae=SD_REFERENCE["frames"] * vae_per_frame,
+  )
+  extrapolated["total"] = sum(extrapolated.values())
+  peak, peak_source = peak_bytes()
+  rec.put(
+      compile_s=first_s - total_s,
+      compile_attempts=[
+          dict(label="whole edit (first call - second)", lower_s=0.0, compile_s=first_s - total_s)
+      ],
+      total_s=total_s,
+      frames_per_s=n / total_s,
+      encode_s=encode_s,
+      invert_s=invert_s,
+      edit_s=edit_s,
+      decode_s=decode_s,
+      ms_per_unet_eval=dict(inversion=1e3 * per_inversion_eval, edit=1e3 * per_edit_eval),
+      reference_defaults=dict(SD_REFERENCE, unet_sample_evaluations=ref),
+      reference_defaults_extrapolated_s=extrapolated["total"],
+      reference_defaults_extrapolated=extrapolated,
+      peak_bytes=peak,
+      peak_bytes_source=peak_source,
+  )
+  # MFU: the plain UNet's FLOPs per sample x the inversion's evaluations / its time. Where the
+  # backend has no analysis of the lowered program, benchmarks/ipfacediff.py's recorded figure
+  # for the SD-1.4 UNet at 64x64 latents stands in (compiling a UNet here costs ~30 s).
+  lat = size // sd.vae_scale_factor
+  apply = jax.jit(sd_tokenflow.unet_apply(sd.unet_module()))
+  lowered = apply.lower(
+      jax.eval_shape(lambda: sd.unet_params),
+      jax.ShapeDtypeStruct((1, lat, lat, 4), jnp.float32),
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct((1, 77, configs[2].hidden_size), jnp.float32),
+  )
+  per_sample_flops, source = lowered_flops(lowered, compile_if_missing=False)
+  recorded = ROOT / "benchmarks" / "results" / "ipfacediff.json"
+  if per_sample_flops is None and not spec["dry_run"] and recorded.exists():
+    projection = json.loads(recorded.read_text())["h100_projection"]
+    per_sample_flops = projection["flops"]["unet_plain_per_sample"]
+    source = f"{recorded.relative_to(ROOT)} (h100_projection.flops.unet_plain_per_sample)"
+  if per_sample_flops is not None:
+    rec.put(
+        unet_flops_per_sample=per_sample_flops,
+        unet_flops_source=source,
+        achieved_tflops=per_sample_flops * counts["inversion"] / invert_s / 1e12,
+        achieved_tflops_basis="inversion: plain-UNet FLOPs x sample-evaluations / inversion time",
+    )
+
+
+WORKERS = {
+    "env": env_worker,
+    "train": train_worker,
+    "edit": edit_worker,
+    "ipfacediff": ipfacediff_worker,
+}
 
 
 def worker(spec: dict) -> int:

@@ -160,7 +160,9 @@ def timing(golden: pathlib.Path) -> dict:
       "keyframes_per_step": n_kf,
       "inversion_steps": ARGS.inversion_steps,
       "edit_steps": ARGS.steps,
-      "unet_sample_evaluations": unet_evaluations(n, b, ARGS.inversion_steps, ARGS.steps),
+      "unet_sample_evaluations": bench_util.tokenflow_unet_evaluations(
+          n, b, ARGS.inversion_steps, ARGS.steps
+      ),
       "ours_first_call_s": first_s["ours"],
       "ours_compile_s (first call - median, excluded)": first_s["ours"] - ours_s,
       "reference_first_call_s": first_s["reference"],
@@ -175,13 +177,6 @@ def timing(golden: pathlib.Path) -> dict:
           np.abs(outputs["ours"] - outputs["reference"]).max()
       ),
   }
-
-
-def unet_evaluations(n: int, b: int, inversion_steps: int, steps: int) -> dict:
-  """UNet sample-evaluations of one edit: inversion N per step, edit 3 n_kf + 3N per step."""
-  inversion = inversion_steps * n
-  edit = steps * (3 * (n // b) + 3 * n)
-  return {"inversion": inversion, "edit": edit, "total": inversion + edit}
 
 
 def cost_flops(fn, *args) -> float:
@@ -252,7 +247,9 @@ def projection() -> dict:
       vae_params,
       f32(1, lat, lat, 4),
   )
-  counts = unet_evaluations(n, b, REFERENCE["inversion_steps"], REFERENCE["steps"])
+  counts = bench_util.tokenflow_unet_evaluations(
+      n, b, REFERENCE["inversion_steps"], REFERENCE["steps"]
+  )
   inversion = counts["inversion"] * per_sample
   edit_tokenflow = REFERENCE["steps"] * (keyframe_flops + (n // b) * batch_flops)
   edit_plain_basis = counts["edit"] * per_sample

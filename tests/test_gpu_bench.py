@@ -73,6 +73,19 @@ def check_dry_run(r):
       assert positive(run[key]), (dtype, key, run.get(key))
     assert run["unet_calls_per_frame"] == 2 * r["settings"]["edit_steps"] - 1
     assert run["output_finite"] is True
+  sd = r["ipfacediff"]  # the IP-FaceDiff edit at the golden tiny configs, extrapolated
+  for key in ("frames_per_s", "compile_s", "invert_s", "edit_s", "achieved_tflops", "mfu"):
+    assert positive(sd[key]), (key, sd.get(key))
+  assert sd["output_finite"] is True and sd["dtype"] == "bfloat16"
+  assert sd["unet_sample_evaluations"] == gpu_bench.bench_util.tokenflow_unet_evaluations(
+      **gpu_bench.SD_DRY_RUN
+  )
+  parts = sd["reference_defaults_extrapolated"]
+  assert sd["reference_defaults_extrapolated_s"] == pytest.approx(
+      parts["inversion"] + parts["edit"] + parts["vae"]
+  )
+  # 500 x 40 inversion evaluations vs 4 x 16 measured: the extrapolation scales by 312.5.
+  assert parts["inversion"] == pytest.approx(sd["invert_s"] * 20000 / 64)
   remat = r["remat"]
   assert remat["run"]["remat"] is True
   assert remat["images_per_step"] == r["train"]["bfloat16"]["images_per_step"]
@@ -81,14 +94,20 @@ def check_dry_run(r):
   assert positive(remat["run"]["mfu"]) and positive(remat["run"]["hfu"])
   # Every compiled program has its compile time; the headline figures are all there.
   names = " ".join(r["compile_times_s"])
-  for program in ("train_bfloat16", "train_float32", "train_bfloat16_remat", "edit_float32"):
+  for program in (
+      "train_bfloat16",
+      "train_float32",
+      "train_bfloat16_remat",
+      "edit_float32",
+      "ipfacediff_bfloat16",
+  ):
     assert program in names, names
   assert all(positive(v["compile_s"]) for v in r["compile_times_s"].values())
   assert all(v is None or positive(v) for v in r["figures"].values()), r["figures"]
   assert positive(r["figures"]["train_bfloat16_mfu"])
   assert positive(r["figures"]["edit_float32_frames_per_s"])
   # The labelled figures benchmarks/run_all.py puts in its table, and what they are against.
-  assert len(r["headline"]) == 8 and all(positive(v) for v in r["headline"].values())
+  assert len(r["headline"]) == 10 and all(positive(v) for v in r["headline"].values())
   assert "MFU against its dense peak" in r["baseline"]
   assert r["elapsed_s"] < r["budget_s"]
 
