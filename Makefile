@@ -65,12 +65,17 @@ demo-s3editor: demo demo-id-standin
 	@sed -n '/## Methods compared/,$$p' $(DEMO)/s3editor/eval/summary.md
 	@echo "S3Editor demo outputs: $(DEMO)/edit/edited_s3editor.comparison.mp4, $(DEMO)/s3editor/comparison.json"
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist, a file's tests stay in one
+# worker so its module fixtures compile once); 0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # Skips the tests marked `slow` (> ~15 s each); CI runs everything (`make test`).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -55,6 +55,8 @@ EXTRAS = {
     # Everything the tests import beyond install_requires, plus the formatter test_style runs.
     "test": [
         "pytest==9.2.0",
+        # `make test` runs the suite in 2 worker processes (one per core: compiles overlap).
+        "pytest-xdist==3.8.0",
         "torch==2.13.0",
         # Oracles of the Flax SD-1.x / CLIP modules (tests/test_sd_*.py); never imported by s3jax.
         "diffusers==0.42.1",
