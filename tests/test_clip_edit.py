@@ -18,7 +18,7 @@ from s3jax.models.editor import l2_normalize
 from s3jax.porting import sd_vae_clip_keys
 from s3jax.sd import clip as clip_lib
 
-from test_sd_finetune import CLIP_CONFIG, random_params, write_byte_level_tokenizer
+from sd_helpers import CLIP_CONFIG, random_params, write_byte_level_tokenizer
 from train_helpers import tiny_edit_config
 
 SIZE = 32

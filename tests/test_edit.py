@@ -392,7 +392,7 @@ def test_clip_prompt_edit_runs_on_the_dva(editor, office_frames, tiny_checkpoint
   """--clip-prompt: the DVA reference's CLIP edit through run_edit, with a tiny random CLIP."""
   from s3jax.porting import sd_vae_clip_keys
   from s3jax.sd import clip as clip_lib
-  from test_sd_finetune import CLIP_CONFIG, random_params, write_byte_level_tokenizer
+  from sd_helpers import CLIP_CONFIG, random_params, write_byte_level_tokenizer
 
   clip_dir = tmp_path / "clip"
   write_byte_level_tokenizer(clip_dir)  # a CLIP folder holds its vocab.json and merges.txt

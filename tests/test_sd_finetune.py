@@ -2,9 +2,8 @@
 models: the loss goes down, resume is exact, the export loads, the identity and directional CLIP
 terms run; plus the recipe's pieces (AdamW against torch, the reference's EMA, captions).
 
-The tiny Stable Diffusion (1-level UNet, 2-level VAE, 1-layer text encoder) and CLIP get random
-numpy weights from their abstract shapes (nothing compiled to make them); the tokenizer is a
-byte-level CLIP vocabulary written here (no merges), so nothing under ../shared is needed.
+The tiny Stable Diffusion (1-level UNet, 2-level VAE, 1-layer text encoder), CLIP and byte-level
+tokenizer come from tests/sd_helpers.py, so nothing under ../shared is needed.
 """
 
 import json
@@ -22,131 +21,14 @@ from s3jax.models import face_encoders, id_standin
 from s3jax.porting import encoder_keys, sd_vae_clip_keys
 from s3jax.sd import clip as clip_lib
 from s3jax.sd import pipeline
-from s3jax.sd import unet as unet_lib
-from s3jax.sd import vae as vae_lib
-from s3jax.sd.scheduler import SDScheduler
-from s3jax.sd.tokenizer import CLIPTokenizer
 from s3jax.training import loop
 from s3jax.training import sd_finetune as F
 from s3jax.training import state as state_lib
 
 from safetensors import numpy as safetensors_np
+from sd_helpers import BOS, CLIP_CONFIG, EOS, SIZE, random_params, tiny_sd, write_byte_level_tokenizer
 
-SIZE = 32
 STEPS = 16  # the straight run; the split run stops at STEPS // 2 and resumes
-BOS, EOS = 512, 513  # the byte-level vocabulary's special tokens
-
-
-# ---------------------------------------------------------------------------
-# Tiny models
-# ---------------------------------------------------------------------------
-def byte_characters() -> list:
-  """GPT-2 / CLIP's printable stand-in character of each of the 256 bytes, in vocab order."""
-  bs = (
-      list(range(ord("!"), ord("~") + 1))
-      + list(range(ord("¡"), ord("¬") + 1))
-      + list(range(ord("®"), ord("ÿ") + 1))
-  )
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
-def write_byte_level_tokenizer(directory) -> pathlib.Path:
-  """A CLIP tokenizer dir without merges: the 256 bytes, the same with `</w>`, bos 512, eos 513."""
-  d = pathlib.Path(directory)
-  d.mkdir(parents=True, exist_ok=True)
-  chars = byte_characters()
-  vocab = {c: i for i, c in enumerate(chars)}
-  vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-  vocab.update({"<|startoftext|>": BOS, "<|endoftext|>": EOS})
-  (d / "vocab.json").write_text(json.dumps(vocab))
-  (d / "merges.txt").write_text("#version: 0.2\n")
-  return d
-
-
-def random_params(abstract, seed: int):
-  """Random float32 numpy params of an abstract tree: kernels N(0, 1/fan_in), norm scales 1,
-  biases 0, anything else N(0, 0.02^2)."""
-  r = np.random.default_rng(seed)
-  flat, tree = jax.tree_util.tree_flatten_with_path(abstract)
-  leaves = []
-  for path, a in flat:
-    name = str(getattr(path[-1], "key", path[-1]))
-    shape = tuple(a.shape)
-    if name == "kernel":
-      v = r.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-    elif name == "scale":
-      v = np.ones(shape)
-    elif name == "bias":
-      v = np.zeros(shape)
-    else:
-      v = 0.02 * r.standard_normal(shape)
-    leaves.append(np.asarray(v, np.float32))
-  return jax.tree_util.tree_unflatten(tree, leaves)
-
-
-TEXT_CONFIG = clip_lib.CLIPTextConfig(
-    vocab_size=514,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    bos_token_id=BOS,
-    eos_token_id=EOS,
-    pad_token_id=EOS,
-    projection_dim=16,
-)
-CLIP_CONFIG = clip_lib.CLIPConfig(
-    text=TEXT_CONFIG,
-    vision=clip_lib.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=8,
-        projection_dim=16,
-    ),
-    projection_dim=16,
-)
-
-
-def tiny_sd(tokenizer_dir) -> pipeline.StableDiffusion:
-  unet_config = unet_lib.SDUNetConfig(
-      block_out_channels=(16,),  # one level (cross-attention down, mid and up): compiles fast
-      layers_per_block=1,
-      down_block_types=("CrossAttnDownBlock2D",),
-      up_block_types=("CrossAttnUpBlock2D",),
-      cross_attention_dim=TEXT_CONFIG.hidden_size,
-      attention_head_dim=2,
-      norm_num_groups=8,
-      sample_size=SIZE // 2,
-  )
-  vae_config = vae_lib.VAEConfig(
-      block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=SIZE
-  )
-  text_abstract = jax.eval_shape(
-      lambda: clip_lib.CLIPTextModel(TEXT_CONFIG).init(
-          jax.random.key(0), jnp.zeros((1, 77), jnp.int32)
-      )["params"]
-  )
-  vae_abstract = jax.eval_shape(lambda: vae_lib.init_params(vae_config, jax.random.key(0)))
-  return pipeline.StableDiffusion(
-      unet_config=unet_config,
-      unet_params=random_params(unet_lib.abstract_params(unet_config), 1),
-      vae_config=vae_config,
-      vae_params=random_params(vae_abstract, 2),
-      text_config=TEXT_CONFIG,
-      text_params=random_params(text_abstract, 3),
-      tokenizer=CLIPTokenizer.from_dir(tokenizer_dir),
-      scheduler=SDScheduler(),
-      tokenizer_dir=pathlib.Path(tokenizer_dir),
-  )
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +169,65 @@ def test_identity_and_clip_terms(assets, sample_data_32, tmp_path):
   assert 0 <= m["l_id"] <= 2 and 0 <= m["l_dir"] <= 2
   np.testing.assert_allclose(m["loss"], m["mse"] + 0.5 * m["l_id"] + 0.25 * m["l_dir"], rtol=1e-5)
   assert m["finite"] == 1.0 and int(state.step) == 1
+
+
+FSDP_STEPS = 3
+
+
+def fsdp_main(out):
+  """Run in a subprocess that sees 2 fake CPU devices: FSDP_STEPS train steps of the same batches
+  with mesh fsdp=2 and with pure data parallelism (data=2, fsdp=1), on a UNet wide enough (128
+  channels: its 3x3 kernels pass `state.param_sharding`'s size floor) for FSDP to split it.
+  Writes out/result.json: each run's losses and where its parameters live."""
+  out = pathlib.Path(out)
+  spec = json.loads((out / "spec.json").read_text())
+  tokenizer = write_byte_level_tokenizer(out / "tokenizer")
+  pipeline.save_sd_dir(out / "sd", tiny_sd(tokenizer, unet_channels=128))
+  (out / "captions.json").write_text(pathlib.Path(spec["captions"]).read_text())
+  runs = {}
+  for fsdp in (1, 2):
+    config = tiny_config({"root": out, "data": spec["data"]}, total_steps=FSDP_STEPS)
+    config.mesh.fsdp = fsdp
+    mesh = state_lib.make_mesh(config.mesh)
+    task = F.SDFinetuneTask(config, mesh, out / f"fsdp{fsdp}")
+    state = task.init_state()
+    mse = []
+    for _ in range(FSDP_STEPS):
+      state, metrics = task.train_step(state, task.global_batch(next(task.data_iterator)))
+      mse.append(float(metrics["mse"]))
+    params = jax.tree.leaves(state.params)
+    split = [x for x in params if "fsdp" in str(x.sharding.spec)]
+    runs[fsdp] = dict(
+        mesh=dict(mesh.shape),
+        mse=mse,
+        params=len(params),
+        split=len(split),
+        split_bytes=sum(x.nbytes for x in split),
+        split_bytes_on_device0=sum(x.addressable_shards[0].data.nbytes for x in split),
+        adam_split=sum("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state)),
+    )
+  (out / "result.json").write_text(json.dumps(runs))
+
+
+@pytest.mark.slow  # a subprocess compiles the SD train step twice on 2 fake devices
+def test_fsdp2_splits_the_unet_and_matches_data_parallel(assets, tmp_path):
+  from train_helpers import start_with_fake_devices  # noqa: PLC0415
+
+  spec = {"data": str(assets["data"]), "captions": str(assets["root"] / "captions.json")}
+  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  proc = start_with_fake_devices("test_sd_finetune", "fsdp_main", tmp_path, devices=2)
+  stdout, stderr = proc.communicate(timeout=900)
+  assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+  runs = json.loads((tmp_path / "result.json").read_text())
+  dp, fsdp = runs["1"], runs["2"]
+  assert dp["mesh"] == {"data": 2, "fsdp": 1} and fsdp["mesh"] == {"data": 1, "fsdp": 2}
+  assert dp["split"] == 0 and dp["adam_split"] == 0
+  # The big kernels are split: device 0 holds half of each, and Adam's moments follow them.
+  assert fsdp["split"] > 0 and fsdp["adam_split"] >= 2 * fsdp["split"]
+  assert fsdp["split_bytes_on_device0"] * 2 == fsdp["split_bytes"]
+  # The same losses as data parallelism, to float32 reduction-order noise.
+  np.testing.assert_allclose(fsdp["mse"], dp["mse"], rtol=2e-5)
+  assert len(set(dp["mse"])) == FSDP_STEPS  # the steps really differ
 
 
 # ---------------------------------------------------------------------------
