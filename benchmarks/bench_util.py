@@ -15,12 +15,33 @@ import time
 H100_BF16_PEAK = 989.4e12
 
 
+# IP-FaceDiff's edit at the reference's defaults (TokenFlow's config_pnp.yaml, preprocess.py):
+# the IP-FaceDiff projections and extrapolations are made to it.
+TOKENFLOW_REFERENCE = dict(
+    frames=40, size=512, latent=64, inversion_steps=500, steps=50, batch_size=8
+)
+
+
 def tokenflow_unet_evaluations(frames: int, batch_size: int, inversion_steps: int, steps: int):
   """UNet sample-evaluations of one IP-FaceDiff edit: inversion N per step; the edit per step
   3 n_kf (keyframe pass, 3 branches) + 3 N (batch passes), n_kf = N // B."""
   inversion = inversion_steps * frames
   edit = steps * (3 * (frames // batch_size) + 3 * frames)
   return {"inversion": inversion, "edit": edit, "total": inversion + edit}
+
+
+def lowered_flops(lowered, compile_if_missing: bool = True):
+  """(FLOPs, source) of a lowered JAX program: the unoptimised HLO's analysis, or, where the
+  backend gives none for it (jax 0.11's GPU returns None), the compiled program's; (None, why)
+  when neither is available."""
+  cost = lowered.cost_analysis()
+  source = "lowered.cost_analysis()"
+  if cost is None and compile_if_missing:
+    cost, source = lowered.compile().cost_analysis(), "compiled.cost_analysis()"
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or "flops" not in cost:
+    return None, "no cost analysis from this backend"
+  return float(cost["flops"]), source
 
 
 def set_cpu_threads(threads: int) -> None:

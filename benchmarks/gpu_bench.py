@@ -97,6 +97,12 @@ DRY_RUN_UNET = dict(
 )
 DRY_RUN_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
+# The ipfacediff item: the run it measures (512 px; dry: the tiny golden configs at their 32
+# px), and the reference's defaults it extrapolates to.
+SD_RUN = dict(frames=16, batch_size=8, inversion_steps=10, steps=5)
+SD_DRY_RUN = dict(frames=16, batch_size=8, inversion_steps=4, steps=2)
+SD_REFERENCE = {k: bench_util.TOKENFLOW_REFERENCE[k] for k in SD_RUN}
+
 # (name, kind, dtype, share of the budget it may use at most, seconds it needs at the least
 # on a GPU). The order is the priority: an item starts only with its minimum left, so later
 # items are the first to be skipped.
@@ -292,9 +298,12 @@ def headline(result: dict) -> dict:
     out[f"{what}: frames/s ({sd['inversion_steps']} inv + {sd['steps']} edit steps)"] = sd[
         "frames_per_s"
     ]
-    out[
-        f"IP-FaceDiff, 40 frames {sd['image_size']} px, 500 inv + 50 edit steps: s (extrapolated)"
-    ] = sd["reference_defaults_extrapolated_s"]
+    ref = SD_REFERENCE
+    what = (
+        f"IP-FaceDiff, {ref['frames']} frames {sd['image_size']} px, {ref['inversion_steps']} inv"
+        f" + {ref['steps']} edit steps"
+    )
+    out[f"{what}: s (extrapolated)"] = sd["reference_defaults_extrapolated_s"]
   remat = result.get("remat", {})
   if remat.get("peak_bytes_ratio"):
     what = "remat/no remat, " + ("same batch" if remat["same_batch"] else "batches differ")
@@ -565,19 +574,6 @@ def compiled_costs(compiled) -> dict:
       fields["argument_bytes"] + fields["output_bytes"] - fields["alias_bytes"]
   ) + fields["temp_bytes"]
   return fields
-
-
-def lowered_flops(lowered, compile_if_missing: bool = True):
-  """(FLOPs, source) of a lowered program: the unoptimised HLO's analysis, or, where the backend
-  gives none for it (jax 0.11's GPU returns None), the compiled program's; (None, why) else."""
-  cost = lowered.cost_analysis()
-  source = "lowered.cost_analysis()"
-  if cost is None and compile_if_missing:
-    cost, source = lowered.compile().cost_analysis(), "compiled.cost_analysis()"
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if not cost or "flops" not in cost:
-    return None, "no cost analysis from this backend"
-  return float(cost["flops"]), source
 
 
 def items_that_fit(points, memory_budget: float, multiple: int, max_items: int) -> int:
@@ -930,19 +926,12 @@ def edit_worker(spec, rec):
   def denoise(p, x, t, zf):
     return model.apply({"params": p}, x, t, zf, method="denoise")
 
-  unet_flops, source = lowered_flops(jax.jit(denoise).lower(params, x0, t, zf))
+  unet_flops, source = bench_util.lowered_flops(jax.jit(denoise).lower(params, x0, t, zf))
   rec.put(
       unet_forward_flops_source=source,
       unet_forward_flops_per_frame=unet_flops / frames,
       achieved_tflops=unet_flops * calls / total / 1e12,
   )
-
-
-# The reference's defaults (TokenFlow's config_pnp.yaml): what the ipfacediff item extrapolates to.
-SD_REFERENCE = dict(frames=40, batch_size=8, inversion_steps=500, steps=50)
-# The measured run: 512 px; dry: the tiny golden configs at their 32 px.
-SD_RUN = dict(frames=16, batch_size=8, inversion_steps=10, steps=5)
-SD_DRY_RUN = dict(frames=16, batch_size=8, inversion_steps=4, steps=2)
 
 
 def ipfacediff_worker(spec, rec):
@@ -1009,7 +998,7 @@ def ipfacediff_worker(spec, rec):
   x0, encode_s = timed(lambda: sd.encode_frames(frames))
   cond = sd.text_embeds([prompts[1]])
   timesteps = sd.scheduler.timesteps(run["steps"])
-  (_, saved), invert_s = timed(lambda: sd.invert(x0, cond, run["inversion_steps"], timesteps))
+  _, invert_s = timed(lambda: sd.invert(x0, cond, run["inversion_steps"], timesteps))
   _, decode_s = timed(lambda: sd.decode_latents(x0))
   edit_s = max(total_s - invert_s - encode_s - decode_s, 0.0)
   per_inversion_eval = invert_s / counts["inversion"]
@@ -1052,7 +1041,7 @@ def ipfacediff_worker(spec, rec):
       jax.ShapeDtypeStruct((), jnp.int32),
       jax.ShapeDtypeStruct((1, 77, configs[2].hidden_size), jnp.float32),
   )
-  per_sample_flops, source = lowered_flops(lowered, compile_if_missing=False)
+  per_sample_flops, source = bench_util.lowered_flops(lowered, compile_if_missing=False)
   recorded = ROOT / "benchmarks" / "results" / "ipfacediff.json"
   if per_sample_flops is None and not spec["dry_run"] and recorded.exists():
     projection = json.loads(recorded.read_text())["h100_projection"]

@@ -90,8 +90,7 @@ torch.set_num_interop_threads(1)
 H100_BF16_PEAK = bench_util.H100_BF16_PEAK
 PROMPT = "a man with blonde hair"  # the golden run's prompts
 SOURCE_PROMPT = "a man talking"
-# The reference's defaults (SPEC 8): TokenFlow's config_pnp.yaml and preprocess.py.
-REFERENCE = dict(frames=40, size=512, latent=64, inversion_steps=500, steps=50, batch_size=8)
+REFERENCE = bench_util.TOKENFLOW_REFERENCE  # SPEC 8: TokenFlow's config_pnp.yaml, preprocess.py
 BASELINE = (
     "the reference procedure = IP-FaceDiff's preprocess.py + edit_video.py (TokenFlow-PnP) on "
     "diffusers/transformers modules (s3jax.torch_twin.tokenflow, same weights, f32, same "
@@ -180,10 +179,10 @@ def timing(golden: pathlib.Path) -> dict:
 
 
 def cost_flops(fn, *args) -> float:
-  cost = jax.jit(fn).lower(*args).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost["flops"])
+  flops, source = bench_util.lowered_flops(jax.jit(fn).lower(*args))
+  if flops is None:
+    raise RuntimeError(f"no FLOP count for {fn}: {source}")
+  return flops
 
 
 def projection() -> dict:

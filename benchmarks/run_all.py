@@ -57,10 +57,6 @@ NOT_HEADLINE = re.compile(r"(^|\.)(config|threads|versions|machine|args)(\.|$)|_
 GPU_ONLY = ("gpu_bench.py",)
 
 
-def only_requested(args) -> bool:
-  return bool([n for n in args.only.split(",") if n])
-
-
 def discover(only=None) -> list[str]:
   # A benchmark is a script: helper modules (no __main__ block) are not run.
   names = sorted(
@@ -286,7 +282,8 @@ def main(argv=None) -> int:
     if not sep:
       raise SystemExit(f"--args expects NAME=ARGS, got {item!r}")
     extra[name] = val
-  names = discover([n for n in a.only.split(",") if n])
+  only = [n for n in a.only.split(",") if n]
+  names = discover(only)
   RESULTS.mkdir(parents=True, exist_ok=True)
   records = []
   for name in names:
@@ -298,7 +295,7 @@ def main(argv=None) -> int:
     print(f"[run_all] {name}: {rec['status']} in {rec['wall_s']}s", flush=True)
     records.append(rec)
   # GPU-only benchmarks never run here; the results a GPU machine wrote are summarised.
-  for gpu_name in ([] if only_requested(a) else [pathlib.Path(n).stem for n in GPU_ONLY]):
+  for gpu_name in [] if only else [pathlib.Path(n).stem for n in GPU_ONLY]:
     records.extend(r for r in collect_one(gpu_name) if r["status"] != "missing")
   summary = {
       "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
