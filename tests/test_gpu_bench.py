@@ -168,3 +168,39 @@ def test_peaks_by_device_kind():
   gpu_bench.add_mfu(run, gpu_bench.peaks_for("NVIDIA H200", False), "float32", "default")
   assert run["mfu_peak"]["name"] == "tf32" and run["mfu"] == pytest.approx(0.1)
   assert run["mfu_vs_fp32_peak"] == pytest.approx(49.47 / 67)
+
+
+def test_lowered_flops_falls_back_to_the_compiled_analysis():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((8, 16)), jnp.ones((16, 4)))
+  flops, source = gpu_bench.bench_util.lowered_flops(lowered)
+  assert flops == 2 * 8 * 16 * 4 and source == "lowered.cost_analysis()"
+
+  class NoLoweredAnalysis:  # what jax 0.11's GPU backend gives: None before compiling
+
+    def cost_analysis(self):
+      return None
+
+    def compile(self):
+      return lowered.compile()
+
+  flops, source = gpu_bench.bench_util.lowered_flops(NoLoweredAnalysis())
+  assert flops == 2 * 8 * 16 * 4 and source == "compiled.cost_analysis()"
+  flops, source = gpu_bench.bench_util.lowered_flops(NoLoweredAnalysis(), compile_if_missing=False)
+  assert flops is None and "no cost analysis" in source
+
+
+def test_run_all_summarises_the_gpu_results(tmp_path):
+  import run_all  # noqa: PLC0415  (benchmarks/run_all.py)
+
+  out = tmp_path / "summary.json"
+  assert run_all.main(["--collect-only", "--out", str(out)]) == 0
+  names = {r["name"] for r in json.loads(out.read_text())["benchmarks"]}
+  gpu_files = sorted(p.stem for p in (REPO / "benchmarks" / "results").glob("gpu_bench*.json"))
+  assert gpu_files and set(gpu_files) <= names, (gpu_files, names)
+  assert "ipfacediff" in names and "gpu_bench_h200_ipfacediff" in out.with_suffix(".md").read_text()
+  # --only asks for named benchmarks: the GPU results are not added to them.
+  assert run_all.main(["--collect-only", "--only", "blend", "--out", str(out)]) == 0
+  assert {r["name"] for r in json.loads(out.read_text())["benchmarks"]} == {"blend"}
